@@ -1,0 +1,136 @@
+"""``brainseg`` command line: argument parsing and printing over the library functions, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from brainseg_monai import __version__
+from brainseg_monai.errors import InputError
+
+
+def _channels(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    """``["t1=T1.*PRE", "flair=FLAIR"]`` -> ordered mapping; ``None`` when no pair was given."""
+    if not pairs:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, pattern = pair.partition("=")
+        if not sep or not name or not pattern:
+            raise argparse.ArgumentTypeError(f"--channel expects NAME=PATTERN but got {pair!r}")
+        out[name] = pattern
+    return out
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from brainseg_monai.synth import make_dataset
+
+    out = make_dataset(
+        args.out, args.format, cases=args.cases, seed=args.seed, size=tuple(args.size) if args.size else None,
+        oblique=args.oblique,
+    )
+    print(f"wrote {args.format} phantoms ({args.cases} cases, seed {args.seed}) to {out}")
+    return 0
+
+
+def _cmd_datalist(args: argparse.Namespace) -> int:
+    from brainseg_monai.datalist import build_datalist, write_datalist
+
+    dl = build_datalist(
+        args.source, args.root, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
+        channels=_channels(args.channel), label_pattern=args.label_pattern,
+    )
+    write_datalist(dl, args.out)
+    items = dl["training"] + dl["validation"] + dl.get("testing", [])
+    patients = {it["patient"] for it in items}
+    sets = {key: len(dl.get(key, [])) for key in ("training", "validation", "testing")}
+    print(f"{len(items)} items from {len(patients)} patients -> {args.out} ({json.dumps(sets)})")
+    for skipped in dl.get("skipped", []):
+        print(f"skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from brainseg_monai.inference.runner import InferenceSettings, run_inference
+
+    checkpoint = args.checkpoint or str(Path(args.bundle) / "models" / "model.pt")
+    settings = InferenceSettings(
+        checkpoint=checkpoint, tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
+        threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
+        keep_largest=True if args.keep_largest else None, channels=_channels(args.channel), progress=not args.no_progress,
+    )
+    rows = run_inference(args.inputs, args.out, settings)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"{len(rows) - len(failed)} ok, {len(failed)} failed -> {Path(args.out) / 'summary.csv'}")
+    for row in failed:
+        print(f"failed {row['case']} ({row['source']}): {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``brainseg`` argument parser with one sub-command per pipeline stage."""
+    parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"brainseg-monai {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write seeded synthetic phantoms with known truth")
+    p.add_argument("out", help="output folder (created; a non-empty folder of other files is refused)")
+    p.add_argument("--format", choices=["lgg", "pairs", "nifti", "dicom"], default="lgg")
+    p.add_argument("--cases", type=int, default=6, help="number of cases (patients)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs="+", help="image size: X Y for 2D formats, X Y Z for volumes")
+    p.add_argument("--oblique", action="store_true", help="tilted slice orientation (nifti, dicom)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("datalist", help="list a dataset as MONAI decathlon JSON with patient-level splits")
+    p.add_argument("root", help="dataset folder")
+    p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], required=True)
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--val", type=float, default=0.2, help="fraction of patients for validation")
+    p.add_argument("--test", type=float, default=0.0, help="fraction of patients held out for testing")
+    p.add_argument("--folds", type=int, help="K patient-level folds instead of a validation split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channel", action="append", metavar="NAME=PATTERN",
+                   help="a channel: glob on file names (nifti) or regex on SeriesDescription (dicom); repeat in order")
+    p.add_argument("--label-pattern", help="glob of the label file in a case folder (nifti, dicom)")
+    p.set_defaults(func=_cmd_datalist)
+
+    p = sub.add_parser("infer", help="segment images, volumes, LGG folders or DICOM trees; masks in the source geometry")
+    p.add_argument("inputs", nargs="+", help="image files, folders of slices, volumes, DICOM series or study trees")
+    p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv")
+    p.add_argument("--bundle", default="bundle", help="bundle folder whose models/model.pt is the default checkpoint")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
+    p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
+    p.add_argument("--resume", action="store_true", help="skip cases already complete in --out")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
+    p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
+    p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")
+    p.add_argument("--keep-largest", action="store_true", help="keep only the largest tumour component")
+    p.add_argument("--channel", action="append", metavar="NAME=REGEX",
+                   help="DICOM channel by SeriesDescription regex, in the model's channel order (repeat)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_infer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``brainseg`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (InputError, FileNotFoundError, ValueError, argparse.ArgumentTypeError) as err:
+        print(f"brainseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

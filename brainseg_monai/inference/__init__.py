@@ -1,0 +1,1 @@
+"""Inference: batched test-time augmentation, post-processing, writers in the source geometry, the batch job."""

@@ -1,0 +1,156 @@
+"""Post-processing of a probability map into a binary mask: threshold, size-adaptive opening, small-component removal.
+
+Connected components are labelled once per step with ``skimage.measure.label`` rather than with MONAI's
+``RemoveSmallObjects``: that transform passes skimage 0.26's deprecated ``min_size`` argument (a warning on every call)
+and fails on ``connectivity=None`` despite documenting it; one labelling also serves size filtering, ``keep_largest``
+and the choice of which components to open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from skimage.measure import label
+from skimage.morphology import ball, disk, opening
+
+__all__ = ["PostProcessing", "postprocess"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """
+    Turns a 2D or 3D probability map into a uint8 {0, 1} mask, in this order:
+
+    1. threshold: ``prob >= threshold`` (the same comparison as MONAI's ``AsDiscrete(threshold=...)``);
+    2. size-adaptive opening: a binary opening with a disk (2D) or ball (3D) of radius ``open_radius`` voxels, applied
+       only to components larger than ``open_above`` voxels, so it trims spurs and bridges from large tumours while
+       small tumours, which an opening would erase, are left untouched (``open_above=None`` disables it);
+    3. components smaller than ``min_size`` voxels are removed (including fragments the opening split off);
+    4. with ``keep_largest``, only the largest component is kept (of equal largest ones, the first in array order).
+
+    The settings are stored with a model (``to_dict`` / ``from_dict``), so inference reproduces the tuned threshold.
+
+    Args:
+        threshold: probability at or above which a voxel is foreground, in (0, 1).
+        min_size: components with fewer voxels are removed, >= 0 (0 keeps all).
+        open_above: components with more voxels are opened, >= 0; ``None`` opens none.
+        open_radius: radius in voxels of the opening's disk or ball, >= 1.
+        keep_largest: keep only the largest component (after the other steps).
+        connectivity: neighbourhood of a connected component, as in ``skimage.measure.label``: the number of
+            orthogonal hops, 1 (faces) up to the image's number of dimensions; ``None`` means full connectivity
+            (8 in 2D, 26 in 3D).
+
+    Raises:
+        ValueError: When an argument is out of its range or of the wrong type; the message names it.
+    """
+
+    threshold: float = 0.5
+    min_size: int = 0
+    open_above: int | None = None
+    open_radius: int = 1
+    keep_largest: bool = False
+    connectivity: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.floating)):
+            raise ValueError(f"threshold must be a number in (0, 1), got {self.threshold!r}.")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}.")
+        if not _is_int(self.min_size) or self.min_size < 0:
+            raise ValueError(f"min_size must be an integer >= 0, got {self.min_size!r}.")
+        if self.open_above is not None and (not _is_int(self.open_above) or self.open_above < 0):
+            raise ValueError(f"open_above must be None or an integer >= 0, got {self.open_above!r}.")
+        if not _is_int(self.open_radius) or self.open_radius < 1:
+            raise ValueError(f"open_radius must be an integer >= 1, got {self.open_radius!r}.")
+        if not isinstance(self.keep_largest, (bool, np.bool_)):
+            raise ValueError(f"keep_largest must be a bool, got {self.keep_largest!r}.")
+        if self.connectivity is not None and (not _is_int(self.connectivity) or self.connectivity < 1):
+            raise ValueError(f"connectivity must be None or an integer >= 1, got {self.connectivity!r}.")
+        # plain Python types, so to_dict() is JSON-serialisable whatever numpy scalars were given
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "keep_largest", bool(self.keep_largest))
+        for name in ("min_size", "open_above", "open_radius", "connectivity"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> PostProcessing:
+        """Settings from a dict such as the one stored with a model; missing keys take the defaults.
+
+        Raises:
+            ValueError: When ``settings`` has a key that is not a setting (the message lists the valid ones), or a
+                value is out of range.
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"settings has unknown keys {unknown}; valid keys are {names}.")
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings as a JSON-serialisable dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    def __call__(self, prob: np.ndarray) -> np.ndarray:
+        """
+        Args:
+            prob: probabilities, shape ``HW`` or ``HWD`` (no channel axis).
+
+        Returns:
+            uint8 mask of the same shape, values {0, 1}.
+
+        Raises:
+            ValueError: When ``prob`` is not 2D or 3D, or ``connectivity`` exceeds its number of dimensions.
+        """
+        prob = np.asarray(prob)
+        if prob.ndim not in (2, 3):
+            raise ValueError(f"prob must be a 2D or 3D array without channel axis, got shape {prob.shape}.")
+        if self.connectivity is not None and self.connectivity > prob.ndim:
+            raise ValueError(
+                f"connectivity must be at most the number of dimensions ({prob.ndim}) of prob, got {self.connectivity}."
+            )
+        mask = prob >= self.threshold
+        if self.open_above is not None:
+            labels, sizes = self._components(mask)
+            large = np.isin(labels, np.flatnonzero(sizes > self.open_above))
+            if large.any():
+                footprint = disk(self.open_radius) if mask.ndim == 2 else ball(self.open_radius)
+                mask = (mask & ~large) | opening(large, footprint)
+        if self.min_size > 0 or self.keep_largest:
+            labels, sizes = self._components(mask)
+            keep = sizes >= self.min_size
+            keep[0] = False
+            if self.keep_largest:
+                keep &= np.arange(len(sizes)) == np.argmax(sizes)
+            mask = keep[labels]
+        return mask.astype(np.uint8)
+
+    def _components(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Component labels of ``mask`` and the voxel count of each label (0 for the background label 0)."""
+        labels = label(mask, connectivity=self.connectivity)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        return labels, sizes
+
+
+def postprocess(
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    min_size: int = 0,
+    open_above: int | None = None,
+    open_radius: int = 1,
+    connectivity: int | None = None,
+    keep_largest: bool = False,
+) -> np.ndarray:
+    """uint8 {0, 1} mask of a 2D or 3D probability map; see :class:`PostProcessing` for the steps and arguments.
+
+    Raises:
+        ValueError: When an argument is out of range (the message names it) or ``prob`` is not 2D or 3D.
+    """
+    return PostProcessing(threshold, min_size, open_above, open_radius, keep_largest, connectivity)(prob)

@@ -1,0 +1,252 @@
+"""A trained model and how it predicts: 2D images, volumes slice by slice (2D models) or by sliding window (3D).
+
+The model's settings travel with its weights in a ``model.json`` beside ``model.pt`` (written when training starts),
+so a checkpoint is enough to rebuild the network, its pre-processing and its tuned post-processing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import (
+    DivisiblePad,
+    EnsureChannelFirst,
+    Invertd,
+    LoadImage,
+    NormalizeIntensity,
+)
+
+from brainseg_monai.datalist import DEFAULT_DICOM_CHANNELS
+from brainseg_monai.errors import InputError
+from brainseg_monai.inference.postprocess import PostProcessing
+from brainseg_monai.inference.tta import predict_with_tta
+from brainseg_monai.io import SimpleITKReader, check_image_values
+from brainseg_monai.networks import get_network
+from brainseg_monai.training import resolve_device
+from brainseg_monai.transforms import infer_transforms
+
+logger = logging.getLogger(__name__)
+
+MODEL_SIDECAR = "model.json"
+# Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
+_DIVISOR = 32
+
+
+@dataclass
+class ModelSpec:
+    """What is needed besides the weights to use a model: network, input layout and post-processing."""
+
+    network_name: str = "unet"
+    network_kwargs: dict = field(default_factory=dict)
+    spatial_dims: int = 2
+    in_channels: int = 3
+    roi_size: list[int] = field(default_factory=lambda: [128, 128])
+    pixdim: list[float] | None = None
+    channels: list[str] = field(default_factory=lambda: ["t1", "flair", "t1c"])
+    postprocessing: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
+        """Build from a ``model.json`` or a training run's ``config_resolved.json`` (unknown keys are ignored)."""
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values and values[k] is not None}
+        spec = cls(**known)
+        if spec.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3 but is {spec.spatial_dims!r}.")
+        if len(spec.channels) != spec.in_channels:
+            spec.channels = [f"channel{i}" for i in range(spec.in_channels)] if spec.in_channels != 3 else ["t1", "flair", "t1c"]
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def dicom_channels(self) -> dict[str, str]:
+        """SeriesDescription regex per channel from the defaults for known names (t1, flair, t1c); empty if unknown.
+
+        A 1-channel model with no known channel name takes every series (each one a case).
+        """
+        if not all(name in DEFAULT_DICOM_CHANNELS for name in self.channels):
+            return {}
+        return {name: DEFAULT_DICOM_CHANNELS[name] for name in self.channels}
+
+    def file_channels(self) -> dict[str, str]:
+        """File-name regex per channel for multi-channel volume folders (``<case>_<channel>.nii.gz``)."""
+        return {name: rf"[_-]{name}\.(nii|mha|mhd|nrrd)" for name in self.channels}
+
+
+def write_model_sidecar(ckpt_dir: str | os.PathLike, run_config: Mapping[str, Any], channels: Sequence[str] | None = None) -> Path:
+    """Write ``ckpt_dir/model.json`` from a training run's settings (called when training starts)."""
+    values = dict(run_config)
+    if channels is not None:
+        values["channels"] = list(channels)
+    spec = ModelSpec.from_dict(values)
+    path = Path(ckpt_dir) / MODEL_SIDECAR
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    if existing.get("postprocessing"):
+        spec.postprocessing = existing["postprocessing"]  # keep a tuned threshold across resumed runs
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def find_spec(checkpoint: str | os.PathLike) -> ModelSpec:
+    """The settings of ``checkpoint``: its ``model.json``, else the run's ``config_resolved.json`` one level up.
+
+    Raises:
+        InputError: when neither file is there (the message says where it looked).
+    """
+    ckpt = Path(checkpoint)
+    candidates = [ckpt.with_suffix(".json"), ckpt.parent / MODEL_SIDECAR, ckpt.parent.parent / "config_resolved.json"]
+    for candidate in candidates:
+        if candidate.is_file() and candidate != ckpt:
+            return ModelSpec.from_dict(json.loads(candidate.read_text()))
+    raise InputError(ckpt, f"no model settings found beside the checkpoint (looked for {', '.join(map(str, candidates))})")
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the network of ``checkpoint`` (best ``model.pt`` or a ``last_checkpoint``) in eval mode on ``device``.
+
+    Raises:
+        InputError: when the checkpoint is missing, unreadable, or does not fit the network its settings describe.
+    """
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "checkpoint not found (train a model first, or pass --checkpoint)")
+    spec = find_spec(ckpt)
+    dev = resolve_device(device)
+    network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
+    try:
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise InputError(ckpt, f"cannot read checkpoint: {err}") from err
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(ckpt, f"weights do not fit network '{spec.network_name}' ({spec.spatial_dims}D, "
+                               f"{spec.in_channels} channels): {str(err).splitlines()[0]}") from err
+    return network.to(dev).eval(), spec
+
+
+class Predictor:
+    """Probabilities for images and volumes from one model, with batched TTA and sliding windows.
+
+    Args:
+        network: the model in eval mode (1-channel logits).
+        spec: its settings (spatial dims, training patch size, channels).
+        device: where to run.
+        tta: ``"none"``, ``"flip"`` or ``"dihedral"``.
+        batch_size: images (2D) or slices per forward; each is multiplied by the number of TTA views.
+        amp: autocast on CUDA (default: on when the device is CUDA).
+    """
+
+    def __init__(self, network: torch.nn.Module, spec: ModelSpec, device: torch.device, tta: str = "dihedral",
+                 batch_size: int = 16, amp: bool | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 but is {batch_size}.")
+        self.network, self.spec, self.device = network, spec, torch.device(device)
+        self.tta, self.batch_size = tta, int(batch_size)
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        roi = list(spec.roi_size)
+        self.window = SlidingWindowInferer(roi_size=roi, sw_batch_size=self.batch_size, overlap=0.25, mode="gaussian")
+        self._normalise = NormalizeIntensity(nonzero=True, channel_wise=True)
+
+    def _network_fn(self, spatial_shape: Sequence[int]):
+        """The network itself, or a Gaussian sliding window when the image exceeds the training patch."""
+        if any(s > r for s, r in zip(spatial_shape, self.spec.roi_size)):
+            return lambda x: self.window(x, self.network)
+        return self.network
+
+    @torch.inference_mode()
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) normalised images -> (B, *spatial) tumour probabilities, TTA views in one stacked batch."""
+        spatial = images.shape[2:]
+        pad = DivisiblePad(k=_DIVISOR, mode="constant")
+        padded = torch.stack([pad(im) for im in images]) if any(s % _DIVISOR for s in spatial) else images
+        probs = predict_with_tta(self._network_fn(padded.shape[2:]), padded.to(self.device), self.tta,
+                                 self.spec.spatial_dims, amp=self.amp)
+        probs = probs[:, 0].float().cpu()
+        if probs.shape[1:] != spatial:
+            starts = [(p - s) // 2 for p, s in zip(probs.shape[1:], spatial)]
+            index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(starts, spatial))
+            probs = probs[index]
+        return probs
+
+    def _check_channels(self, image: torch.Tensor, source: str) -> None:
+        if image.shape[0] != self.spec.in_channels:
+            raise InputError(source, f"has {image.shape[0]} channel(s) but the model takes {self.spec.in_channels} "
+                                     f"({', '.join(self.spec.channels)})")
+
+    def predict_slices(self, images: Sequence[torch.Tensor], sources: Sequence[str]) -> list[np.ndarray]:
+        """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns (x, y) probabilities."""
+        for image, source in zip(images, sources):
+            self._check_channels(image, source)
+        out: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                probs = self.predict_batch(torch.stack([images[i] for i in chunk]))
+                for i, prob in zip(chunk, probs):
+                    out[i] = prob.numpy()
+        return out  # type: ignore[return-value]
+
+    def predict_volume_by_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
+        """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched."""
+        self._check_channels(volume, source)
+        slices = [self._normalise(volume[..., z]) for z in range(volume.shape[-1])]
+        probs = self.predict_slices([torch.as_tensor(s) for s in slices], [source] * len(slices))
+        return np.stack(probs, axis=-1)
+
+    def predict_volume_3d(self, data: dict, preprocessing: Any) -> np.ndarray:
+        """3D model: ``data`` from :func:`infer_transforms`; the probability is inverted back to the source grid."""
+        image = data["image"]
+        self._check_channels(image, str(image.meta.get("filename_or_obj", "")))
+        prob = self.predict_batch(image[None])[0]
+        data = dict(data)
+        data["pred"] = prob[None]
+        inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)
+        return np.asarray(inverted["pred"][0].detach().cpu().numpy(), dtype=np.float32)
+
+
+def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec) -> dict:
+    """Read a case's inputs the way the predictor needs them (runs in a background thread, overlapping compute).
+
+    Returns a dict with ``kind`` and either ``slices`` (normalised (C, x, y) tensors with their raw images and
+    affines) or ``volume`` (raw (C, x, y, z) tensor and affine) or ``data`` (3D-transformed dict).
+    """
+    if kind == "slices":
+        if spec.spatial_dims != 2:
+            raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
+        loader = infer_transforms(2)
+        slices = []
+        for path in images:
+            data = loader({"image": path})
+            check_image_values(data["image"], path)
+            slices.append(data["image"])
+        return {"kind": kind, "slices": slices}
+    if spec.spatial_dims == 3:
+        preprocessing = infer_transforms(3, spec.pixdim)
+        data = preprocessing({"image": list(images) if len(images) > 1 else images[0]})
+        check_image_values(data["image"], images[0])
+        return {"kind": kind, "data": data, "preprocessing": preprocessing}
+    # The reader is passed at call time: MONAI would otherwise fall back to other readers and hide our errors.
+    load = LoadImage(image_only=True)
+    volume = EnsureChannelFirst()(load(list(images) if len(images) > 1 else images[0], reader=SimpleITKReader()))
+    if volume.ndim == 3:  # a single 2D DICOM file or 2D image read as a volume case
+        volume = volume[..., None]
+    check_image_values(volume, images[0])
+    return {"kind": kind, "volume": volume}

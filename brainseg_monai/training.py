@@ -1,0 +1,217 @@
+"""Library side of the training bundle: data preparation, sampling, resume and TensorBoard overlays.
+
+``bundle/configs/train.json`` references these functions so that the JSON holds composition, not logic.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
+from torch.utils.data import WeightedRandomSampler
+
+from brainseg_monai import datalist as datalist_lib
+from brainseg_monai import synth
+from brainseg_monai.io import read_sitk
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT_PREFIX = "last"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but no CUDA GPU is available; use 'cpu' or 'auto'.")
+    return dev
+
+
+def prepare_data(
+    datalist: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike | None,
+    source: str,
+    output_dir: str | os.PathLike,
+    fold: int | None = None,
+    val: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict], list[str]]:
+    """The (training items, validation items, channel names) of a run.
+
+    With ``datalist`` (any file from ``brainseg datalist``) its split (or ``fold``) is used. Otherwise one is built
+    from ``dataset_dir`` with ``source`` and saved as ``output_dir/datalist.json``; an empty ``dataset_dir`` means
+    the embedded synthetic default, generated on first use.
+    """
+    if datalist:
+        dl = datalist_lib.load_datalist(datalist)
+        train, valid = datalist_lib.training_split(datalist, fold=fold)
+        return train, valid, list(dl.get("channels") or [])
+    if not dataset_dir:
+        dataset_dir = synth.default_dataset(source)
+        logger.info("no dataset_dir given: using the synthetic %s phantoms in %s", source, dataset_dir)
+    folds = None if fold is None else max(5, int(fold) + 1)
+    dl = datalist_lib.build_datalist(source, dataset_dir, val=0.0 if folds else val, folds=folds, seed=seed)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    datalist_lib.write_datalist(dl, Path(output_dir) / "datalist.json")
+    train, valid = datalist_lib.training_split(dl, fold=fold)
+    return train, valid, list(dl.get("channels") or [])
+
+
+def _has_tumour(label_path: str) -> bool:
+    return bool(sitk.GetArrayViewFromImage(read_sitk(label_path)).any())
+
+
+def tumour_weights(items: Sequence[Mapping], tumour_fraction: float = 0.5) -> list[float]:
+    """Per-item sampling weights so that about ``tumour_fraction`` of the draws hold tumour.
+
+    In LGG two thirds of the slices are tumour-free; uniform sampling would mostly teach the network to say no.
+    When all items (or none) hold tumour the weights are uniform.
+
+    Raises:
+        ValueError: when ``tumour_fraction`` is not in (0, 1).
+    """
+    if not 0.0 < tumour_fraction < 1.0:
+        raise ValueError(f"tumour_fraction must be in (0, 1) but is {tumour_fraction}.")
+    has = np.array([_has_tumour(str(it["label"])) for it in items], dtype=bool)
+    n_pos, n_neg = int(has.sum()), int((~has).sum())
+    if n_pos == 0 or n_neg == 0:
+        return [1.0] * len(items)
+    return np.where(has, tumour_fraction / n_pos, (1.0 - tumour_fraction) / n_neg).tolist()
+
+
+def tumour_weighted_sampler(items: Sequence[Mapping], tumour_fraction: float = 0.5, seed: int = 0) -> WeightedRandomSampler:
+    """A seeded sampler drawing ``len(items)`` items per epoch with :func:`tumour_weights`."""
+    weights = torch.as_tensor(tumour_weights(items, tumour_fraction), dtype=torch.double)
+    return WeightedRandomSampler(weights, len(items), True, torch.Generator().manual_seed(int(seed)))
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest ``last_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``."""
+    pattern = re.compile(rf"{LAST_CHECKPOINT_PREFIX}_checkpoint_epoch=(\d+)\.pt$")
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(str(ckpt_dir), "*.pt")) if (m := pattern.search(p))]
+    return max(found)[1] if found else None
+
+
+def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mapping[str, Any], device: Any = "cpu") -> list:
+    """``[CheckpointLoader]`` restoring network, optimizer, scheduler and epoch when ``resume``, else ``[]``.
+
+    Raises:
+        FileNotFoundError: when ``resume`` is set but ``ckpt_dir`` holds no last checkpoint.
+    """
+    if not resume:
+        return []
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: resume=true but no '{LAST_CHECKPOINT_PREFIX}_checkpoint_epoch=N.pt' is there; "
+            "point ckpt_dir/output_dir at the interrupted run or start without --resume."
+        )
+    logger.info("resuming from %s", path)
+    return [CheckpointLoader(load_path=path, load_dict=dict(load_dict), map_location=str(resolve_device(device)))]
+
+
+def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_rate") -> Callable:
+    """An ``epoch_event_writer`` for ``TensorBoardStatsHandler`` that logs the first parameter group's lr."""
+
+    def _write(engine: Engine, writer: Any) -> None:
+        writer.add_scalar(tag, optimizer.param_groups[0]["lr"], engine.state.epoch)
+        writer.flush()
+
+    return _write
+
+
+def _overlay_rgb(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
+    """(3, H, W) float in [0, 1]: grey image, truth in green, prediction in red (overlap yellow)."""
+    lo, hi = np.percentile(image, (1, 99)) if image.size else (0.0, 1.0)
+    grey = np.clip((image - lo) / (hi - lo + 1e-8), 0, 1)
+    rgb = np.stack([grey, grey, grey]) * 0.7
+    if truth is not None:
+        rgb[1] = np.where(truth > 0, 1.0, rgb[1])
+    rgb[0] = np.where(pred > 0, 1.0, rgb[0])
+    return rgb
+
+
+class TensorBoardOverlayHandler:
+    """Writes, at each validation, the validation sample with the most tumour as TensorBoard images.
+
+    Three images per validation: the input channel ``channel``, the truth and the prediction, and an overlay
+    (truth green, prediction red). For 3D the axial slice with the most truth (or prediction) is shown.
+    MONAI's ``TensorBoardImageHandler`` shows the last batch only and has no overlay, hence this handler.
+
+    Args:
+        log_dir: TensorBoard folder (a ``SummaryWriter`` is created there).
+        tag: prefix of the image tags.
+        channel: the input channel shown (1 = FLAIR for the 3-channel (t1, flair, t1c) layout; clamped).
+    """
+
+    def __init__(self, log_dir: str, tag: str = "val", channel: int = 1) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self.tag = tag
+        self.channel = int(channel)
+        self._best: tuple[float, np.ndarray, np.ndarray | None, np.ndarray] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._best = None
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for out in outputs:
+            image = out["image"].detach().cpu().numpy()
+            pred = out["pred"].detach().cpu().numpy()[0]
+            truth = out["label"].detach().cpu().numpy()[0] if out.get("label") is not None else None
+            ref = truth if truth is not None and truth.any() else pred
+            if ref.ndim == 3:
+                z = int(np.argmax(ref.reshape(-1, ref.shape[-1]).sum(0)))
+                image, pred, ref = image[..., z], pred[..., z], ref[..., z]
+                truth = None if truth is None else truth[..., z]
+            score = float(ref.sum())
+            if self._best is None or score > self._best[0]:
+                channel = image[min(self.channel, image.shape[0] - 1)]
+                self._best = (score, channel, truth, pred)
+
+    def _write(self, engine: Engine) -> None:
+        if self._best is None:
+            return
+        _, image, truth, pred = self._best
+        step = engine.state.epoch
+        # Arrays are in (x, y) order; TensorBoard wants rows first, hence the transposes.
+        grey = (image - image.min()) / (np.ptp(image) + 1e-8)
+        self.writer.add_image(f"{self.tag}/input", grey.T[None], step)
+        if truth is not None:
+            self.writer.add_image(f"{self.tag}/truth", truth.T[None].astype(np.float32), step)
+        self.writer.add_image(f"{self.tag}/prediction", pred.T[None].astype(np.float32), step)
+        self.writer.add_image(f"{self.tag}/overlay", _overlay_rgb(image, truth, pred).transpose(0, 2, 1), step)
+        self.writer.flush()
+
+
+def save_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any], name: str = "config_resolved.json") -> Path:
+    """Writes the run's resolved top-level settings next to its outputs (atomic), so a run can be reproduced."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(config), indent=2, default=str, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

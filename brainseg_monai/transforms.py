@@ -1,0 +1,172 @@
+"""Transform presets shared by training, validation and inference, for 2D slices and 3D volumes.
+
+Everything is MONAI dictionary transforms; files are read through :class:`brainseg_monai.io.SimpleITKReader`,
+so every format the reader knows works here. ``spatial_dims`` switches between the 2D and 3D variants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from monai.data import ImageReader
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    Rand2DElasticd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from brainseg_monai.io import SimpleITKReader
+
+__all__ = ["LoadImageSITKd", "load_transforms", "train_transforms", "val_transforms", "infer_transforms"]
+
+
+class LoadImageSITKd(LoadImaged):
+    """``LoadImaged`` that reads only through :class:`SimpleITKReader`.
+
+    MONAI's ``LoadImaged`` falls back to its other readers when the given reader raises, which would hide our
+    errors (a truncated PNG reports Pillow's message; ``ITKReader`` silently picks one of several DICOM series).
+    Passing the reader at call time has no fallback, so every error names the file and the reason.
+    """
+
+    def __init__(self, keys: Sequence[str] | str, image_only: bool = True, **reader_args) -> None:
+        self.sitk_reader = SimpleITKReader(**reader_args)
+        super().__init__(keys, reader=self.sitk_reader, image_only=image_only)
+
+    def __call__(self, data: Mapping, reader: ImageReader | None = None) -> dict:
+        """Load every key of ``data`` with SimpleITK (or ``reader``), as ``LoadImaged`` does."""
+        return super().__call__(data, reader=reader or self.sitk_reader)
+
+
+def _check_dims(spatial_dims: int, roi_size: Sequence[int] | None = None) -> None:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3 but is {spatial_dims!r}.")
+    if roi_size is not None and len(roi_size) != spatial_dims:
+        raise ValueError(f"roi_size must have {spatial_dims} entries for spatial_dims={spatial_dims} but is {list(roi_size)}.")
+
+
+def load_transforms(
+    spatial_dims: int = 2,
+    pixdim: Sequence[float] | None = None,
+    keys: Sequence[str] = ("image", "label"),
+    crop_foreground: bool = True,
+) -> list[MapTransform]:
+    """Deterministic part: read, channel first, (3D) RAS orientation, spacing and brain crop, binary label, z-score.
+
+    Labels become {0, 1} with ``label > 0`` semantics (BraTS labels 1-4 are whole tumour; LGG masks are {0, 255}).
+    Intensities are z-scored per channel over non-zero voxels (the brain), so a constant slice maps to zeros.
+
+    Args:
+        spatial_dims: 2 for slice models, 3 for volume models.
+        pixdim: target voxel spacing in mm for 3D (``None`` keeps the source spacing).
+        keys: the image key first, then optionally the label key.
+        crop_foreground: for 3D, crop to the bounding box of non-zero image voxels (inverted by ``Invertd``).
+    """
+    _check_dims(spatial_dims)
+    keys = list(keys)
+    image_key, label_keys = keys[0], keys[1:]
+    xforms: list[MapTransform] = [
+        LoadImageSITKd(keys),
+        EnsureChannelFirstd(keys),
+        EnsureTyped(image_key, dtype="float32", track_meta=True),
+    ]
+    if spatial_dims == 3:
+        xforms.append(Orientationd(keys, axcodes="RAS"))
+        if pixdim is not None:
+            modes = ["bilinear"] + ["nearest"] * len(label_keys)
+            xforms.append(Spacingd(keys, pixdim=pixdim, mode=modes))
+        if crop_foreground:
+            xforms.append(CropForegroundd(keys, source_key=image_key, margin=4, allow_smaller=True))
+    if label_keys:
+        xforms.append(AsDiscreted(label_keys, threshold=0.5))
+    xforms.append(NormalizeIntensityd(image_key, nonzero=True, channel_wise=True))
+    return xforms
+
+
+def train_transforms(
+    spatial_dims: int = 2,
+    roi_size: Sequence[int] = (128, 128),
+    pixdim: Sequence[float] | None = None,
+    pos_neg_ratio: float = 2.0,
+    elastic: bool = True,
+) -> Compose:
+    """Training preset: the deterministic part, then tumour-centred crops and augmentation.
+
+    Crops are centred on tumour ``pos_neg_ratio`` times as often as on background, so tumour stays frequent
+    even though most slices and most of each volume are tumour-free. Augmentation: flips on every axis, 90-degree
+    rotations in the slice plane, small rotations and zoom, elastic deformation (2D) or affine (3D), intensity
+    scale, shift and noise.
+
+    Args:
+        spatial_dims: 2 or 3.
+        roi_size: training patch size; images smaller than it are zero-padded.
+        pixdim: target voxel spacing for 3D, ``None`` keeps the source spacing.
+        pos_neg_ratio: tumour-centred over background-centred crops.
+        elastic: add 2D elastic deformation (ignored for 3D, where a random affine is used instead).
+
+    Raises:
+        ValueError: when ``spatial_dims`` is not 2 or 3, ``roi_size`` has the wrong length or the ratio is negative.
+    """
+    _check_dims(spatial_dims, roi_size)
+    if pos_neg_ratio < 0:
+        raise ValueError(f"pos_neg_ratio must be >= 0 but is {pos_neg_ratio}.")
+    keys = ["image", "label"]
+    roi = [int(r) for r in roi_size]
+    xforms: list[MapTransform] = load_transforms(spatial_dims, pixdim, keys)
+    xforms += [
+        SpatialPadd(keys, spatial_size=roi),
+        RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=roi, pos=pos_neg_ratio, neg=1.0, num_samples=1,
+            image_key="image", image_threshold=0, allow_smaller=False,
+        ),
+    ]
+    xforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    xforms.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    small_angle = math.radians(15)
+    rotate_range = small_angle if spatial_dims == 2 else (small_angle, 0.0, 0.0)
+    xforms.append(
+        RandAffined(
+            keys, prob=0.3, rotate_range=rotate_range, scale_range=0.1, mode=["bilinear", "nearest"],
+            padding_mode="zeros",
+        )
+    )
+    if spatial_dims == 2 and elastic:
+        xforms.append(
+            Rand2DElasticd(
+                keys, spacing=(24, 24), magnitude_range=(1, 2), prob=0.2, mode=["bilinear", "nearest"],
+                padding_mode="zeros",
+            )
+        )
+    xforms += [
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandGaussianNoised("image", prob=0.15, std=0.05),
+        EnsureTyped(keys, dtype="float32", track_meta=False),
+    ]
+    return Compose(xforms)
+
+
+def val_transforms(spatial_dims: int = 2, pixdim: Sequence[float] | None = None) -> Compose:
+    """Validation preset: the deterministic part only; whole images go through sliding-window inference."""
+    return Compose(load_transforms(spatial_dims, pixdim, ("image", "label")))
+
+
+def infer_transforms(spatial_dims: int = 2, pixdim: Sequence[float] | None = None) -> Compose:
+    """Inference preset: the deterministic part on the image alone, kept invertible for ``Invertd``."""
+    return Compose(load_transforms(spatial_dims, pixdim, ("image",)))

@@ -1,0 +1,168 @@
+"""The training bundle run as MONAI runs it: ConfigWorkflow on train.json (+ overrides), 2D and 3D, resume, gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from brainseg_monai.synth import make_dataset
+from brainseg_monai.training import latest_checkpoint
+from conftest import REPO_ROOT, shared_path
+
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+
+
+@pytest.fixture(scope="module")
+def lgg_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("lgg") / "data", "lgg", cases=4, seed=3, size=(64, 64, 6))
+
+
+@pytest.fixture(scope="module")
+def nifti_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("nifti") / "data", "nifti", cases=3, seed=4, size=(48, 48, 32))
+
+
+def _workflow(config_file: str | list[str], out: Path, **overrides) -> ConfigWorkflow:
+    settings = {"bundle_root": str(REPO_ROOT / "bundle"), "output_dir": str(out), "device": "cpu", "num_workers": 0}
+    settings.update(overrides)
+    return ConfigWorkflow(config_file=config_file, workflow_type="train", **settings)
+
+
+def _tags(log_dir: Path) -> tuple[set[str], set[str]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    return set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+
+
+def _messages(err: BaseException) -> str:
+    """The messages of an exception and its causes: the bundle parser wraps the library's error."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+def _run(wf: ConfigWorkflow) -> None:
+    wf.initialize()
+    assert wf.check_properties() in (None, [])
+    wf.run()
+    wf.finalize()
+
+
+def test_train_2d_writes_tensorboard_checkpoints_and_config(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=2, roi_size=[64, 64], batch_size=4)
+    _run(wf)
+    scalars, images = _tags(out)
+    assert {"train_loss", "val_dice", "val_mean_dice", "val_mean_iou", "learning_rate"} <= scalars
+    assert {"val/input", "val/truth", "val/prediction", "val/overlay"} <= images
+    assert (out / "models" / "model.pt").is_file()
+    last = latest_checkpoint(out / "models")
+    assert last is not None and last.endswith("epoch=2.pt")
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+    saved = json.loads((out / "config_resolved.json").read_text())
+    assert saved["max_epochs"] == 2 and saved["spatial_dims"] == 2 and saved["network_name"] == "unet"
+    datalist = json.loads((out / "datalist.json").read_text())
+    train_patients = {it["patient"] for it in datalist["training"]}
+    val_patients = {it["patient"] for it in datalist["validation"]}
+    assert train_patients and val_patients and not train_patients & val_patients
+
+
+def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
+    _run(_workflow(TRAIN, out, max_epochs=2, **common))
+    before = torch.load(latest_checkpoint(out / "models"), map_location="cpu", weights_only=False)
+
+    wf = _workflow(TRAIN, out, max_epochs=3, resume=True, **common)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    epochs_run: list[int] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: epochs_run.append(engine.state.epoch))
+    wf.run()
+    assert epochs_run == [3]
+    assert trainer.state.epoch == 3
+    after = torch.load(latest_checkpoint(out / "models"), map_location="cpu", weights_only=False)
+    # Adam's step counter carried on from the first run: 2 epochs' steps plus one more epoch.
+    steps_before = next(iter(before["optimizer"]["state"].values()))["step"]
+    steps_after = next(iter(after["optimizer"]["state"].values()))["step"]
+    per_epoch = steps_before / 2
+    assert float(steps_after) == pytest.approx(float(steps_before + per_epoch))
+
+
+def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: Path) -> None:
+    wf = _workflow(TRAIN, tmp_path / "empty", dataset_dir=str(lgg_phantoms), resume=True, max_epochs=1)
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert "no 'last_checkpoint_epoch=N.pt'" in _messages(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"network_name": "resnet-unknown"}, "resnet-unknown"),
+        ({"loss_name": "not_a_loss"}, "not_a_loss"),
+        ({"spatial_dims": 4}, "spatial_dims"),
+        ({"roi_size": [64, 64, 64]}, "roi_size"),
+        ({"tumour_fraction": 1.5}, "tumour_fraction"),
+    ],
+)
+def test_bad_config_values_fail_clearly(lgg_phantoms: Path, tmp_path: Path, override: dict, message: str) -> None:
+    wf = _workflow(TRAIN, tmp_path / "run", dataset_dir=str(lgg_phantoms), max_epochs=1, **override)
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    assert message in _messages(info.value)
+
+
+def test_train_3d_on_volumes(nifti_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run3d"
+    wf = _workflow(
+        [TRAIN, str(REPO_ROOT / "configs" / "brats_3d.json")], out, dataset_dir=str(nifti_phantoms), in_channels=3,
+        max_epochs=1, roi_size=[32, 32, 32], batch_size=2, network_name="unet",
+    )
+    _run(wf)
+    scalars, images = _tags(out)
+    assert "val_mean_dice" in scalars and "val/overlay" in images
+    assert (out / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_brats_3d_config_on_shared_brats(tmp_path: Path) -> None:
+    brats = shared_path("brats2015")
+    out = tmp_path / "brats"
+    wf = _workflow(
+        [TRAIN, str(REPO_ROOT / "configs" / "brats_3d.json")], out, dataset_dir=str(brats), max_epochs=1,
+        roi_size=[64, 64, 64], network_name="unet",
+    )
+    _run(wf)
+    assert "val_mean_dice" in _tags(out)[0]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    configs = [TRAIN, str(CONFIGS / "multi_gpu_train.json")]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs),
+        "--bundle_root", str(REPO_ROOT / "bundle"), "--output_dir", str(out), "--dataset_dir", str(lgg_phantoms),
+        "--max_epochs", "1", "--roi_size", "[64, 64]", "--batch_size", "2", "--device", "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file()
+    assert latest_checkpoint(out / "models") is not None

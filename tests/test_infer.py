@@ -1,0 +1,222 @@
+"""``brainseg infer`` end to end: masks in the source geometry, DICOM SEG, overlays, failures, resume, sharding."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigWorkflow
+
+from brainseg_monai.cli import main as cli_main
+from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec
+from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.networks import get_network
+from brainseg_monai.synth import make_dataset
+from conftest import REPO_ROOT, shared_path
+
+SIZE = (64, 64, 12)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2D U-Net trained for a few epochs on LGG-layout phantoms (the same generator as the DICOM studies)."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_dataset(root / "lgg", "lgg", cases=10, seed=21, size=SIZE)
+    wf = ConfigWorkflow(
+        config_file=str(REPO_ROOT / "bundle" / "configs" / "train.json"), workflow_type="train",
+        bundle_root=str(REPO_ROOT / "bundle"), output_dir=str(root / "run"), dataset_dir=str(data), device="cpu",
+        max_epochs=12, roi_size=[64, 64], batch_size=8, learning_rate=0.003, val_fraction=0.2,
+        network_kwargs={"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1},
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return root / "run" / "models" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def dicom_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dicom") / "studies", "dicom", cases=2, seed=22, size=SIZE, oblique=True)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def _geometry(image: sitk.Image) -> tuple:
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
+
+
+def _read_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def _summary(out: Path) -> list[dict]:
+    with (out / "summary.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("summary.csv", "case.json")
+    }
+
+
+@pytest.mark.slow
+def test_oblique_dicom_studies_masks_in_series_geometry(trained_checkpoint: Path, dicom_studies: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    rows = run_inference([dicom_studies], out, InferenceSettings(str(trained_checkpoint), tta="flip", progress=False))
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    for row in rows:
+        study = dicom_studies / row["case"]
+        series = _read_series(study / "T1_PRE")
+        assert not np.allclose(np.reshape(series.GetDirection(), (3, 3)), np.eye(3)), "phantom should be oblique"
+        mask = sitk.ReadImage(str(out / row["case"] / "mask.nii.gz"))
+        _assert_same_geometry(mask, series)
+        truth = sitk.ReadImage(str(study / f"{row['case']}_seg.nii.gz"))
+        _assert_same_geometry(truth, series)
+        dice = _dice(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(truth))
+        if sitk.GetArrayViewFromImage(truth).any():
+            assert dice > 0.5, f"{row['case']}: Dice {dice:.3f} against the known phantom mask"
+        assert int(row["tumour_voxels"]) == int(sitk.GetArrayViewFromImage(mask).sum())
+        seg_path = out / row["case"] / "seg.dcm"
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(seg_path))
+        source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (study / "T1_PRE").iterdir()}
+        referenced = {ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence}
+        assert referenced == source_uids
+        assert (out / row["case"] / "overlay.png").is_file()
+
+
+@pytest.mark.slow
+def test_failed_case_is_recorded_and_others_go_on(trained_checkpoint: Path, dicom_studies: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    studies = tmp_path / "studies"
+    shutil.copytree(dicom_studies, studies)
+    broken = studies / "SYN_0002" / "FLAIR"
+    for dcm in broken.iterdir():  # truncated transfer: every file of one series cut to its first 300 bytes
+        dcm.write_bytes(dcm.read_bytes()[:300])
+    out = tmp_path / "pred"
+    code = cli_main(["infer", str(studies), "--out", str(out), "--checkpoint", str(trained_checkpoint), "--tta", "none",
+                     "--no-progress"])
+    assert code != 0
+    rows = {r["case"]: r for r in _summary(out)}
+    assert rows["SYN_0001"]["status"] == "ok"
+    assert rows["SYN_0002"]["status"] == "failed" and rows["SYN_0002"]["error"]
+    assert not (out / "SYN_0002").exists()
+    assert "SYN_0002" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_rebuilds_a_deleted_case_byte_for_byte(trained_checkpoint: Path, dicom_studies: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    settings = InferenceSettings(str(trained_checkpoint), tta="flip", progress=False)
+    run_inference([dicom_studies], out, settings)
+    before = _hashes(out)
+    kept_marker = (out / "SYN_0001" / "case.json").stat().st_mtime_ns
+    shutil.rmtree(out / "SYN_0002")
+    settings.resume = True
+    rows = run_inference([dicom_studies], out, settings)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert _hashes(out) == before
+    assert (out / "SYN_0001" / "case.json").stat().st_mtime_ns == kept_marker, "a finished case was redone"
+
+
+@pytest.mark.slow
+def test_lgg_patient_folder_gives_one_png_per_slice(trained_checkpoint: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=23, size=(64, 48, 5))
+    patient = next(p for p in data.iterdir() if p.is_dir())
+    out = tmp_path / "pred"
+    rows = run_inference([patient], out, InferenceSettings(str(trained_checkpoint), tta="dihedral", progress=False))
+    assert rows[0]["status"] == "ok" and rows[0]["case"] == patient.name
+    slices = sorted(p for p in patient.glob("*.tif") if not p.stem.endswith("_mask"))
+    preds = sorted((out / patient.name).glob("*_pred.png"))
+    assert {p.name for p in preds} == {f"{s.stem}_pred.png" for s in slices}
+    for source in slices:
+        pred = sitk.ReadImage(str(out / patient.name / f"{source.stem}_pred.png"))
+        assert pred.GetSize() == sitk.ReadImage(str(source)).GetSize()
+        assert set(np.unique(sitk.GetArrayViewFromImage(pred))) <= {0, 255}
+
+
+def _untrained_one_channel_model(folder: Path) -> Path:
+    """A 1-channel 2D U-Net with random weights: enough to check geometry end to end."""
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=1, roi_size=[256, 256], channels=["image"],
+                     network_kwargs={"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    net = get_network(spec.network_name, 2, 1, 1, **spec.network_kwargs)
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / MODEL_SIDECAR).write_text(json.dumps(spec.to_dict()))
+    return folder / "model.pt"
+
+
+@pytest.mark.realdata
+def test_real_oblique_series_end_to_end_one_channel(tmp_path: Path) -> None:
+    series_dir = shared_path("dicom", "C3L-03728_AX_T1_SE")
+    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    out = tmp_path / "pred"
+    rows = run_inference([series_dir], out, InferenceSettings(str(checkpoint), tta="none", threshold=0.5, progress=False))
+    assert rows[0]["status"] == "ok", rows
+    mask = sitk.ReadImage(str(out / rows[0]["case"] / "mask.nii.gz"))
+    _assert_same_geometry(mask, _read_series(series_dir))
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out / rows[0]["case"] / "seg.dcm"))
+    assert seg.Modality == "SEG"
+
+
+def test_missing_checkpoint_and_input_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m.pt")]) == 2
+    assert "m.pt" in capsys.readouterr().err
+    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    assert cli_main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--checkpoint", str(checkpoint)]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_output_folder_of_other_files_is_never_replaced(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=24, size=(32, 32, 4))
+    patient = next(p for p in data.iterdir() if p.is_dir())
+    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
+    spec.update(in_channels=3, channels=["t1", "flair", "t1c"])
+    net = get_network("unet", 2, 3, 1, **spec["network_kwargs"])
+    torch.save(net.state_dict(), checkpoint)
+    (checkpoint.parent / MODEL_SIDECAR).write_text(json.dumps(spec))
+    before = _hashes(data)
+    rows = run_inference([patient], data, InferenceSettings(str(checkpoint), tta="none", progress=False))
+    assert rows[0]["status"] == "failed" and "refusing" in rows[0]["error"]
+    after = {k: v for k, v in _hashes(data).items() if not k.startswith("summary")}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_two_processes_shard_cases(trained_checkpoint: Path, dicom_studies: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "brainseg_monai.cli", "infer", str(dicom_studies), "--out", str(out), "--checkpoint",
+           str(trained_checkpoint), "--tta", "none", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _summary(out)
+    assert [r["case"] for r in rows] == ["SYN_0001", "SYN_0002"] and {r["status"] for r in rows} == {"ok"}
+    assert not list(out.glob(".summary.rank*"))
