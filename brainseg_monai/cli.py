@@ -71,6 +71,51 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from brainseg_monai.evaluation import evaluate_predictions
+    from brainseg_monai.report import write_report
+
+    result = evaluate_predictions(args.pred_dir, args.truth, args.source, args.spacing, split=args.split, fold=args.fold)
+    files = write_report(result, args.out, train_dir=args.train_dir, model=args.model, n_worst=args.n_worst)
+    summary = result["summary"]
+
+    def fmt(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"{summary.get('patients', len(result['per_patient']))} patients: patient Dice mean {fmt('patient_dice_mean')}, "
+          f"median {fmt('patient_dice_median')}; global Dice {fmt('global_dice')}; "
+          f"missing predictions {summary.get('missing_predictions', 0)}")
+    print(f"report: {files['html']}")
+    return 0
+
+
+def _cmd_tune_threshold(args: argparse.Namespace) -> int:
+    from brainseg_monai.datalist import training_split
+    from brainseg_monai.tuning import plot_threshold_curve, tune_model_threshold
+
+    items = training_split(args.datalist, args.fold)[1]
+    result = tune_model_threshold(
+        args.checkpoint, items, tta=args.tta, device=args.device, batch_size=args.batch_size,
+        thresholds=args.thresholds, write=not args.dry_run,
+    )
+    plot = plot_threshold_curve(result["threshold_curve"], result["threshold"],
+                                Path(args.checkpoint).parent / "threshold_curve.png", previous=result["previous_threshold"])
+    print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f}); before: "
+          f"{result['previous_threshold']} ({result['previous_dice']:.4f}); curve: {plot}")
+    print(f"stored in {result['sidecar']}" if result["sidecar"] else "dry run: nothing stored")
+    return 0
+
+
+def _cmd_aggregate_folds(args: argparse.Namespace) -> int:
+    from brainseg_monai.report import write_folds_report
+    from brainseg_monai.tuning import aggregate_folds
+
+    files = write_folds_report(aggregate_folds(args.metrics), args.out)
+    print(f"report: {files['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``brainseg`` argument parser with one sub-command per pipeline stage."""
     parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
@@ -117,6 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM channel by SeriesDescription regex, in the model's channel order (repeat)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser("evaluate", help="score brainseg infer outputs against truth; metrics.json and a report")
+    p.add_argument("pred_dir", help="the --out folder of brainseg infer")
+    p.add_argument("--truth", required=True, help="dataset root (with --source) or a datalist JSON")
+    p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], help="layout of a truth root (default: detected)")
+    p.add_argument("--split", choices=["training", "validation", "testing", "all"], help="datalist split to score")
+    p.add_argument("--fold", type=int, help="with a K-fold datalist: score fold K's validation patients")
+    p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm for 2D distances (default 1)")
+    p.add_argument("--out", required=True, help="report folder: metrics.json, report.md, report.html, plots")
+    p.add_argument("--train-dir", help="a training output folder: its TensorBoard curves go into the report")
+    p.add_argument("--model", help="checkpoint or model.json whose threshold tuning curve goes into the report")
+    p.add_argument("--n-worst", type=int, default=4, help="worst patients shown as overlays")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("tune-threshold", help="pick the threshold maximising per-patient Dice; store it with the model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--datalist", required=True, help="datalist whose validation items (or --fold) are used")
+    p.add_argument("--fold", type=int)
+    p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
+                   help="tune with the TTA you infer with (default dihedral, as brainseg infer)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--thresholds", type=float, nargs="+", help="candidate thresholds (default 0.05 to 0.95 by 0.05)")
+    p.add_argument("--dry-run", action="store_true", help="report the best threshold without storing it")
+    p.set_defaults(func=_cmd_tune_threshold)
+
+    p = sub.add_parser("aggregate-folds", help="mean and spread of K folds' metrics.json, pooled per-patient Dice")
+    p.add_argument("metrics", nargs="+", help="metrics.json files or report folders, one per fold")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_aggregate_folds)
     return parser
 
 

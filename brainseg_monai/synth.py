@@ -602,13 +602,14 @@ def default_dataset(fmt: str = "lgg", root: str | os.PathLike | None = None) -> 
         root: cache folder; defaults to ``$BRAINSEG_DATA_DIR`` or ``~/.cache/brainseg-monai``.
 
     Returns:
-        ``<root>/synth-<fmt>-seed0`` holding :data:`DEFAULT_CASES` cases of the format's default size.
+        ``<root>/synth-v<GENERATOR_VERSION>-<fmt>-seed0`` holding :data:`DEFAULT_CASES` cases of the format's
+        default size; the version in the name means a newer generator makes a new folder instead of failing.
 
     Raises:
         ValueError: for a bad ``fmt``.
-        InputError: when that folder holds something else (e.g. made by an older generator version).
+        InputError: when that folder holds something else.
     """
     fmt = look_up_option(fmt, FORMATS)
     if root is None:
         root = os.environ.get("BRAINSEG_DATA_DIR") or Path.home() / ".cache" / "brainseg-monai"
-    return make_dataset(Path(root).expanduser() / f"synth-{fmt}-seed0", fmt, cases=DEFAULT_CASES[fmt], seed=0)
+    return make_dataset(Path(root).expanduser() / f"synth-v{GENERATOR_VERSION}-{fmt}-seed0", fmt, cases=DEFAULT_CASES[fmt], seed=0)

@@ -30,6 +30,21 @@ logger = logging.getLogger(__name__)
 LAST_CHECKPOINT_PREFIX = "last"
 
 
+def as_bool(value: bool | str | int, name: str = "value") -> bool:
+    """A flag from a config or the command line: ``python -m monai.bundle run --resume false`` passes a string.
+
+    Raises:
+        ValueError: for anything but a bool, 0/1 or true/false/yes/no/1/0 (any case).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"{name} must be true or false but is {value!r}.")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
     if isinstance(device, torch.device):
@@ -40,6 +55,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but no CUDA GPU is available; use 'cpu' or 'auto'.")
     return dev
+
+
+def resolve_amp(amp: bool | str, device: torch.device) -> bool:
+    """Mixed precision: ``"auto"`` turns it on for CUDA only; otherwise the flag (AMP needs CUDA here)."""
+    if isinstance(amp, str) and amp.strip().lower() == "auto":
+        return device.type == "cuda"
+    wanted = as_bool(amp, "amp")
+    if wanted and device.type != "cuda":
+        raise ValueError(f"amp=true needs a CUDA device but the device is {device}; use amp=auto or false.")
+    return wanted
 
 
 def prepare_data(
@@ -113,7 +138,7 @@ def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mappin
     Raises:
         FileNotFoundError: when ``resume`` is set but ``ckpt_dir`` holds no last checkpoint.
     """
-    if not resume:
+    if not as_bool(resume, "resume"):
         return []
     path = latest_checkpoint(ckpt_dir)
     if path is None:

@@ -32,10 +32,10 @@ def nifti_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("nifti") / "data", "nifti", cases=3, seed=4, size=(48, 48, 32))
 
 
-def _workflow(config_file: str | list[str], out: Path, **overrides) -> ConfigWorkflow:
+def _workflow(config_file: str | list[str], out: Path, workflow_type: str = "train", **overrides) -> ConfigWorkflow:
     settings = {"bundle_root": str(REPO_ROOT / "bundle"), "output_dir": str(out), "device": "cpu", "num_workers": 0}
     settings.update(overrides)
-    return ConfigWorkflow(config_file=config_file, workflow_type="train", **settings)
+    return ConfigWorkflow(config_file=config_file, workflow_type=workflow_type, **settings)
 
 
 def _tags(log_dir: Path) -> tuple[set[str], set[str]]:
@@ -77,6 +77,19 @@ def test_train_2d_writes_tensorboard_checkpoints_and_config(lgg_phantoms: Path, 
     train_patients = {it["patient"] for it in datalist["training"]}
     val_patients = {it["patient"] for it in datalist["validation"]}
     assert train_patients and val_patients and not train_patients & val_patients
+
+    # evaluate.json: the best checkpoint scores the validation split and MetricsSaver writes the metrics
+    evaluate = _workflow(
+        [TRAIN, str(CONFIGS / "evaluate.json")], out, "eval", dataset_dir=str(lgg_phantoms), roi_size=[64, 64],
+    )
+    evaluate.initialize()
+    assert evaluate.check_properties() in (None, [])
+    evaluate.run()
+    scores = (out / "eval" / "metrics.csv").read_text().splitlines()
+    assert any(line.startswith("val_dice") for line in scores)
+    dice = float(next(line for line in scores if line.startswith("val_dice")).split(",")[1])
+    assert 0.0 <= dice <= 1.0
+    assert (out / "eval" / "val_mean_dice_raw.csv").is_file()
 
 
 def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_path: Path) -> None:
@@ -166,3 +179,19 @@ def test_two_process_gloo_run(lgg_phantoms: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
     assert latest_checkpoint(out / "models") is not None
+
+
+@pytest.mark.parametrize("flag", ["false", "False", False, 0])
+def test_resume_flag_from_the_command_line_is_a_bool(lgg_phantoms: Path, tmp_path: Path, flag: object) -> None:
+    wf = _workflow(TRAIN, tmp_path / "run", dataset_dir=str(lgg_phantoms), max_epochs=1, resume=flag)
+    wf.initialize()
+    assert wf.parser.get_parsed_content("train#resume_handlers") == []
+
+
+def test_amp_on_cpu_is_refused_and_auto_is_off(lgg_phantoms: Path, tmp_path: Path) -> None:
+    wf = _workflow(TRAIN, tmp_path / "run", dataset_dir=str(lgg_phantoms), max_epochs=1)
+    assert wf.parser.get_parsed_content("use_amp") is False
+    wf = _workflow(TRAIN, tmp_path / "run2", dataset_dir=str(lgg_phantoms), max_epochs=1, amp="true")
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("use_amp")
+    assert "amp=true needs a CUDA device" in _messages(info.value)

@@ -220,3 +220,19 @@ def test_two_processes_shard_cases(trained_checkpoint: Path, dicom_studies: Path
     rows = _summary(out)
     assert [r["case"] for r in rows] == ["SYN_0001", "SYN_0002"] and {r["status"] for r in rows} == {"ok"}
     assert not list(out.glob(".summary.rank*"))
+
+
+def test_noise_only_slices_are_found_and_not_segmented() -> None:
+    from brainseg_monai.inference.predictor import Predictor, noise_only_slices
+
+    rng = np.random.default_rng(0)
+    volume = rng.rayleigh(3.0, size=(3, 32, 32, 5)).astype(np.float32)  # background noise everywhere
+    volume[:, 8:24, 8:24, 1:4] += 400.0  # the head is in slices 1-3
+    assert noise_only_slices(volume) == [0, 4]
+    spec = ModelSpec(network_name="unet", in_channels=3, roi_size=[32, 32],
+                     network_kwargs={"channels": [8, 16], "strides": [2], "num_res_units": 1})
+    net = get_network("unet", 2, 3, 1, **spec.network_kwargs).eval()
+    probs = Predictor(net, spec, torch.device("cpu"), tta="none").predict_volume_by_slices(torch.as_tensor(volume), "v")
+    assert probs.shape == (32, 32, 5)
+    assert (probs[..., 1:4] > 0).all(), "a sigmoid is never exactly 0 on a predicted slice"
+    assert not probs[..., 0].any() and not probs[..., 4].any()

@@ -20,6 +20,7 @@ from brainseg_monai.synth import (
     CHANNELS,
     DICOM_FOLDERS,
     DICOM_SERIES,
+    GENERATOR_VERSION,
     default_dataset,
     make_dataset,
     phantom_volume,
@@ -285,13 +286,13 @@ def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None
 def test_default_dataset_made_once_under_env_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAINSEG_DATA_DIR", str(tmp_path / "cache"))
     out = default_dataset("pairs")
-    assert out == tmp_path / "cache" / "synth-pairs-seed0"
+    assert out == tmp_path / "cache" / f"synth-v{GENERATOR_VERSION}-pairs-seed0"
     marker = json.loads((out / "synth.json").read_text())
     assert marker["seed"] == 0 and marker["cases"] == 12 and marker["format"] == "pairs"
     stamp = (out / "synth.json").stat().st_mtime_ns
     assert default_dataset("pairs") == out and (out / "synth.json").stat().st_mtime_ns == stamp
-    assert default_dataset("pairs", root=tmp_path / "other") == tmp_path / "other" / "synth-pairs-seed0"
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["synth-pairs-seed0"]
+    assert default_dataset("pairs", root=tmp_path / "other") == tmp_path / "other" / f"synth-v{GENERATOR_VERSION}-pairs-seed0"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"synth-v{GENERATOR_VERSION}-pairs-seed0"]
 
 
 # --- cross-check through the project's reader

@@ -93,8 +93,9 @@ def write_model_sidecar(ckpt_dir: str | os.PathLike, run_config: Mapping[str, An
     existing = json.loads(path.read_text()) if path.is_file() else {}
     if existing.get("postprocessing"):
         spec.postprocessing = existing["postprocessing"]  # keep a tuned threshold across resumed runs
+    values = {**existing, **spec.to_dict()}  # keep other blocks (e.g. the threshold "tuning" record)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -137,6 +138,21 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
         raise InputError(ckpt, f"weights do not fit network '{spec.network_name}' ({spec.spatial_dims}D, "
                                f"{spec.in_channels} channels): {str(err).splitlines()[0]}") from err
     return network.to(dev).eval(), spec
+
+
+def noise_only_slices(volume: torch.Tensor | np.ndarray, fraction: float = 0.1) -> list[int]:
+    """Axial slices (last axis) of a (C, x, y, z) volume whose brightest content is below ``fraction`` of the volume's.
+
+    The 99th percentile per slice (brightest channel) against the volume's: a slice above or below the head is
+    background noise only.
+    """
+    values = np.asarray(volume, dtype=np.float32)
+    flat = values.reshape(values.shape[0], -1, values.shape[-1])
+    per_slice = np.percentile(flat, 99, axis=1).max(axis=0)
+    overall = float(np.percentile(flat, 99, axis=(1, 2)).max())
+    if overall <= 0:
+        return list(range(values.shape[-1]))
+    return [int(z) for z in np.flatnonzero(per_slice < fraction * overall)]
 
 
 class Predictor:
@@ -205,11 +221,18 @@ class Predictor:
         return out  # type: ignore[return-value]
 
     def predict_volume_by_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
-        """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched."""
+        """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched.
+
+        Slices outside the head hold only noise; z-scoring them per slice (as training does) would blow that noise
+        up into texture the network was never shown, so they get probability 0 (see :func:`noise_only_slices`).
+        """
         self._check_channels(volume, source)
-        slices = [self._normalise(volume[..., z]) for z in range(volume.shape[-1])]
-        probs = self.predict_slices([torch.as_tensor(s) for s in slices], [source] * len(slices))
-        return np.stack(probs, axis=-1)
+        probs = np.zeros(tuple(volume.shape[1:]), dtype=np.float32)
+        keep = [z for z in range(volume.shape[-1]) if z not in set(noise_only_slices(volume))]
+        slices = [torch.as_tensor(self._normalise(volume[..., z])) for z in keep]
+        for z, prob in zip(keep, self.predict_slices(slices, [source] * len(slices))):
+            probs[..., z] = prob
+        return probs
 
     def predict_volume_3d(self, data: dict, preprocessing: Any) -> np.ndarray:
         """3D model: ``data`` from :func:`infer_transforms`; the probability is inverted back to the source grid."""

@@ -1,0 +1,512 @@
+"""Score what ``brainseg infer`` wrote against the truth: per image (slice), per patient (stacked volume) and pooled.
+
+Predictions are found where the runner puts them: ``PRED_DIR/<case>/<image stem>_pred.png`` for 2D images and
+``PRED_DIR/<case>/mask.nii.gz`` for volumes. A truth item without a prediction is listed in ``missing`` and scored
+as an empty prediction, so a case the model (or the batch job) missed lowers the scores instead of vanishing.
+
+Per-patient metrics are those of the patient's slices stacked in slice order (`metrics.patient_metrics`): Dice is
+the sum of intersections over the sum of sizes, not the mean of slice Dices. A volume's per-image records are its
+slices along the third axis (the acquisition slices). The returned dict is JSON-ready: nan and inf are ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from brainseg_monai.datalist import (
+    DEFAULT_LABEL_PATTERN,
+    IMAGE_SUFFIXES_2D,
+    SOURCES,
+    build_datalist,
+    load_datalist,
+    training_split,
+)
+from brainseg_monai.errors import InputError
+from brainseg_monai.io import READ_SUFFIXES, find_dicom_series, read_sitk
+from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metrics, summarise
+
+__all__ = [
+    "MISSING_POLICY",
+    "PRED_SUFFIX",
+    "SPLITS",
+    "VOLUME_MASK",
+    "evaluate_predictions",
+    "image_stem",
+    "json_ready",
+    "write_metrics_json",
+]
+
+logger = logging.getLogger(__name__)
+
+PRED_SUFFIX = "_pred.png"
+"""What ``brainseg infer`` appends to a 2D input's stem."""
+VOLUME_MASK = "mask.nii.gz"
+"""The mask ``brainseg infer`` writes for a volume or DICOM case."""
+MISSING_POLICY = "scored as an empty prediction (all background)"
+SPLITS = ("training", "validation", "testing", "all")
+
+_STEM_SUFFIXES = sorted(READ_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".gz"-less ".nii"
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without its image suffix (``a.nii.gz`` -> ``a``): the rule ``brainseg infer`` names outputs by."""
+    name = Path(path).name
+    for suffix in _STEM_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def evaluate_predictions(
+    pred_dir: str | os.PathLike,
+    truth: str | os.PathLike,
+    source: str | None = None,
+    spacing: float | Sequence[float] | None = None,
+    *,
+    split: str | None = None,
+    fold: int | None = None,
+) -> dict[str, Any]:
+    """Score the masks ``brainseg infer`` wrote into ``pred_dir`` against ``truth``.
+
+    Matching. 2D images: the prediction of truth image ``<stem>.<ext>`` of patient P is ``pred_dir/P/<stem>_pred.png``
+    (an LGG patient folder is the case ``P``); otherwise the one ``pred_dir/*/<stem>_pred.png`` there is (a single
+    image is the case ``<stem>``, a folder of pairs the case named after the folder); a stem found in several case
+    folders and none of them P is ambiguous and an error. Volumes: ``pred_dir/<case>/mask.nii.gz`` with the case the
+    patient (case folder, DICOM study), else the image's file stem or series folder (cases of a 1-channel model);
+    several of these holding a mask is an error.
+
+    Args:
+        pred_dir: the output folder of ``brainseg infer``.
+        truth: a dataset folder (read as ``source``) or a datalist JSON file: a decathlon datalist (its
+            ``split``, or fold ``fold``'s validation patients) or a JSON list of items ``{"image", "label",
+            "patient"}``; items without a patient are their own patient (the image stem).
+        source: ``lgg``, ``pairs``, ``nifti`` or ``dicom`` for a dataset folder; None: recognised from its layout.
+        spacing: mm per axis (x, y[, z]); one number is isotropic. None: 2D images in pixels (slice step 1),
+            volumes at the truth file's spacing.
+        split: the datalist list to score, one of ``SPLITS``; default ``validation`` (datalist JSON only).
+        fold: score the validation patients of this fold of a datalist built with folds (datalist JSON only).
+
+    Returns:
+        ``{"summary", "per_patient", "per_image", "missing", "skipped", "settings"}``: ``summary`` is
+        `metrics.summarise` plus ``missing_predictions`` and ``unmatched_predictions`` (prediction files of no truth
+        item); ``per_patient`` records ``{"patient", "images", "stacked", "missing_predictions", <metrics>}`` (a
+        patient whose images differ in size, or who has several volumes, is not stacked: its ratios come from the
+        pooled confusion and HD95/ASD are None); ``per_image`` records ``{"patient", "image", "label",
+        "prediction"[, "slice"], <metrics>}`` (a volume's image is its FLAIR channel when a file or folder is named
+        so, else its first); ``missing`` lists ``{"patient", "image", "label", "expected"}``; ``skipped`` lists
+        items without a label.
+
+    Raises:
+        ValueError: for a bad ``source``, ``spacing``, ``split`` or ``fold``.
+        InputError: a missing folder or file, no labelled item, an unreadable mask, a prediction whose size (or, for
+            volumes, geometry) differs from its truth (the message names both files), an ambiguous prediction.
+    """
+    pred_root = Path(pred_dir).expanduser().resolve()
+    if not pred_root.is_dir():
+        raise InputError(pred_root, "prediction folder does not exist (the --out folder of brainseg infer)")
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)} or None but is {source!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} or None but is {split!r}")
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))):
+        raise ValueError(f"fold must be an integer or None but is {fold!r}")
+    spacing_values = _check_spacing(spacing)
+
+    items, source, truth_path, split = _truth_items(Path(truth).expanduser().resolve(), source, split, fold)
+    labelled = [it for it in items if it.get("label")]
+    skipped = [{"image": _first(it.get("image")), "patient": it.get("patient"), "reason": "no label"}
+               for it in items if not it.get("label")]
+    if not labelled:
+        raise InputError(truth_path, "holds no labelled item to score")
+    kind = _kind(labelled, source, truth_path)
+    for item in labelled:
+        if not item.get("patient"):
+            item["patient"] = image_stem(_first(item["image"]))
+
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    for item in labelled:
+        by_patient.setdefault(str(item["patient"]), []).append(item)
+    if kind == "slices":
+        scored = _SliceScorer(pred_root, spacing_values)
+    else:
+        scored = _VolumeScorer(pred_root, spacing_values)
+    per_patient, per_image = [], []
+    for patient, patient_items in by_patient.items():
+        patient_record, image_records = scored.patient(patient, patient_items)
+        per_patient.append(patient_record)
+        per_image.extend(image_records)
+
+    summary = summarise(per_image, per_patient)
+    summary["missing_predictions"] = len(scored.missing)
+    summary["unmatched_predictions"] = len(scored.unmatched())
+    if scored.missing:
+        logger.warning("%d of %d truth items have no prediction in %s; %s",
+                       len(scored.missing), len(labelled), pred_root, MISSING_POLICY)
+    settings = {
+        "pred_dir": str(pred_root),
+        "truth": str(truth_path),
+        "source": source,
+        "kind": kind,
+        "split": split,
+        "fold": fold,
+        "spacing": None if spacing_values is None else list(spacing_values),
+        "distance_unit": "pixel" if kind == "slices" and spacing_values is None else "mm",
+        "missing_policy": MISSING_POLICY,
+        "items": len(labelled),
+    }
+    result = {
+        "summary": summary,
+        "per_patient": per_patient,
+        "per_image": per_image,
+        "missing": scored.missing,
+        "skipped": skipped,
+        "settings": settings,
+    }
+    return json_ready(result)
+
+
+def write_metrics_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``result`` as strict JSON (nan and inf as null), atomically: a temporary file then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would end up on the output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers, paths as strings and non-finite floats as None."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------- truth
+
+
+def _truth_items(
+    truth: Path, source: str | None, split: str | None, fold: int | None
+) -> tuple[list[dict[str, Any]], str | None, Path, str | None]:
+    """(items, source, truth path, the datalist list scored) from a dataset folder or a datalist JSON."""
+    if truth.is_dir():
+        if split is not None or fold is not None:
+            raise ValueError(f"split and fold apply to a datalist JSON, not to the dataset folder {truth}")
+        source = source or _detect_source(truth)
+        if source == "dicom":
+            return _dicom_truth_items(truth), source, truth, None
+        datalist = build_datalist(source, truth, val=0.0, check=False)
+        return [dict(it) for it in datalist["training"]], source, truth, None
+    if not truth.is_file():
+        raise InputError(truth, "truth does not exist: give a dataset folder or a datalist JSON")
+    try:
+        loaded = json.loads(truth.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(truth, f"not a readable JSON datalist ({e})") from None
+    if isinstance(loaded, list):
+        if split is not None or fold is not None:
+            raise ValueError(f"split and fold apply to a decathlon datalist, but {truth} is a list of items")
+        items = loaded
+    else:
+        datalist = load_datalist(truth)
+        source = source or datalist.get("source")
+        split = split or "validation"
+        if fold is not None:
+            if split != "validation":
+                raise ValueError(f"fold={fold} scores the fold's validation patients; split must be validation or "
+                                 f"None but is {split!r}")
+            items = training_split(datalist, fold)[1]
+        elif split == "all":
+            items = [*datalist["training"], *datalist.get("validation", []), *datalist.get("testing", [])]
+        else:
+            items = list(datalist.get(split, []))
+            if not items:
+                folds = datalist.get("folds")
+                hint = f" (this datalist has {folds} folds: pass fold=0..{folds - 1})" if folds else ""
+                raise InputError(truth, f"the {split} list is empty{hint}")
+    bad = [i for i, it in enumerate(items) if not isinstance(it, Mapping) or "image" not in it]
+    if bad:
+        raise InputError(truth, f"item {bad[0]} is not an object with an 'image' (and 'label', 'patient')")
+    return [dict(it) for it in items], source, truth, split
+
+
+def _detect_source(root: Path) -> str:
+    """The datalist source a dataset folder's layout matches."""
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "pairs"
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    names = [f.name.lower() for folder in folders for f in folder.iterdir() if f.is_file()]
+    if any(re.search(r"_mask\.tiff?$", n) for n in names):
+        return "lgg"
+    label = DEFAULT_LABEL_PATTERN.lower()
+    if any(n.endswith((".nii", ".nii.gz")) and not Path(n).match(label) for n in names):
+        return "nifti"
+    if any(Path(n).match(label) for n in names):
+        return "dicom"
+    raise InputError(root, "cannot tell the layout (lgg, pairs, nifti, dicom): pass source=")
+
+
+def _dicom_truth_items(root: Path) -> list[dict[str, Any]]:
+    """One item per study folder holding a label: the datalist's DICOM source attaches a study's label only when the
+    study has one series or channel patterns are given, while scoring needs the label alone (and the series, for
+    the overlay and the case ids of 1-channel models)."""
+    items = []
+    for study in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key):
+        labels = sorted(p for p in study.iterdir() if p.is_file() and p.match(DEFAULT_LABEL_PATTERN))
+        if len(labels) > 1:
+            raise InputError(study, f"several label files: {', '.join(p.name for p in labels)}")
+        series = find_dicom_series(study, recursive=True)
+        folders = sorted({str(Path(s.folder).resolve()) for s in series})
+        items.append({"image": folders or [str(study)], "label": str(labels[0]) if labels else None,
+                      "patient": study.name})
+    if not items:
+        raise InputError(root, "no study folders found: expected ROOT/<study>/<series>/*.dcm and <study>_seg.nii.gz")
+    return items
+
+
+def _kind(items: Sequence[Mapping[str, Any]], source: str | None, truth: Path) -> str:
+    """``slices`` (2D images, one ``_pred.png`` each) or ``volumes`` (one ``mask.nii.gz`` per case)."""
+    if source in ("lgg", "pairs"):
+        return "slices"
+    if source in ("nifti", "dicom"):
+        return "volumes"
+    kinds = {"slices" if str(it["label"]).lower().endswith(IMAGE_SUFFIXES_2D) else "volumes" for it in items}
+    if len(kinds) > 1:
+        raise InputError(truth, "mixes 2D labels (PNG/TIF/JPG) with volume labels; evaluate them separately")
+    return kinds.pop()
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class _Scorer:
+    """Shared bookkeeping: missing predictions and the prediction files used."""
+
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+        self.pred_root = pred_root
+        self.spacing = spacing
+        self.missing: list[dict[str, Any]] = []
+        self.used: set[Path] = set()
+
+    def _case_dirs(self) -> list[Path]:
+        """Case folders of the prediction folder; hidden ones are the runner's unfinished temporaries."""
+        return [p for p in self.pred_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    def _record_missing(self, item: Mapping[str, Any], expected: Any) -> None:
+        self.missing.append({"patient": item["patient"], "image": _first(item["image"]), "label": item["label"],
+                             "expected": expected})
+
+
+class _SliceScorer(_Scorer):
+    """2D images: ``<case>/<stem>_pred.png`` PNGs on the truth's pixel grid."""
+
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+        super().__init__(pred_root, spacing)
+        self.index: dict[str, list[Path]] = {}
+        for case in self._case_dirs():
+            for path in case.glob(f"*{PRED_SUFFIX}"):
+                self.index.setdefault(path.name[: -len(PRED_SUFFIX)], []).append(path)
+
+    def unmatched(self) -> list[Path]:
+        return [p for paths in self.index.values() for p in paths if p not in self.used]
+
+    def _prediction(self, item: Mapping[str, Any]) -> Path | None:
+        stem = image_stem(_first(item["image"]))
+        own = self.pred_root / str(item["patient"]) / f"{stem}{PRED_SUFFIX}"
+        if own.is_file():
+            return own
+        found = self.index.get(stem, [])
+        if len(found) > 1:
+            listing = ", ".join(sorted(str(p.relative_to(self.pred_root)) for p in found))
+            raise InputError(self.pred_root, f"{stem}{PRED_SUFFIX} of {_first(item['image'])} is in several case "
+                                             f"folders ({listing}) and none is its patient {item['patient']!r}")
+        if not found:
+            self._record_missing(item, str(own))
+            return None
+        return found[0]
+
+    def patient(self, patient: str, items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        items = sorted(items, key=lambda it: _natural_key(Path(_first(it["image"]))))
+        truths, preds, records = [], [], []
+        spacing_2d = None if self.spacing is None else self.spacing[:2]
+        for item in items:
+            label = Path(item["label"])
+            truth, _ = _read_mask(label, "truth", dims=2)
+            pred_path = self._prediction(item)
+            if pred_path is None:
+                pred = np.zeros_like(truth)
+            else:
+                self.used.add(pred_path)
+                pred, _ = _read_mask(pred_path, "prediction", dims=2)
+                if pred.shape != truth.shape:
+                    raise InputError(pred_path, f"prediction size {pred.shape} differs from the truth {label} "
+                                                f"size {truth.shape} (x, y)")
+            truths.append(truth)
+            preds.append(pred)
+            records.append({"patient": patient, "image": _first(item["image"]), "label": str(label),
+                            "prediction": None if pred_path is None else str(pred_path),
+                            **image_metrics(pred, truth, spacing_2d)})
+        # slices are stacked one step apart unless a third spacing is given
+        spacing_3d = None if self.spacing is None else (*self.spacing[:2], (*self.spacing, 1.0)[2])
+        if len({t.shape for t in truths}) == 1:
+            metrics, stacked = patient_metrics(preds, truths, spacing_3d), True
+        else:
+            metrics, stacked = _pooled_patient(records), False
+        return _patient_record(patient, len(items), stacked, records, metrics), records
+
+
+class _VolumeScorer(_Scorer):
+    """Volumes: ``<case>/mask.nii.gz`` on the truth's grid; per-image records are the slices along the third axis."""
+
+    def unmatched(self) -> list[Path]:
+        masks = (case / VOLUME_MASK for case in self._case_dirs())
+        return [p for p in masks if p.is_file() and p not in self.used]
+
+    def _prediction(self, item: Mapping[str, Any]) -> Path | None:
+        patient = str(item["patient"])
+        candidates = [patient]
+        for image in _as_list(item["image"]):
+            path = Path(image)
+            candidates.append(image_stem(path))
+            if path.is_dir():  # a DICOM series folder: the runner's ids join the folders below the input root
+                candidates.append(f"{patient}_{path.name}")
+        candidates = list(dict.fromkeys(candidates))
+        found = [self.pred_root / c / VOLUME_MASK for c in candidates if (self.pred_root / c / VOLUME_MASK).is_file()]
+        if len(found) > 1:
+            listing = ", ".join(str(p.relative_to(self.pred_root)) for p in found)
+            raise InputError(self.pred_root, f"several predictions match patient {patient!r} ({listing}); keep one")
+        if not found:
+            self._record_missing(item, [str(self.pred_root / c / VOLUME_MASK) for c in candidates])
+            return None
+        return found[0]
+
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+        if spacing is not None and len(spacing) != 3:
+            raise ValueError(f"spacing of volumes must be one or three numbers (x, y, z) but is {spacing!r}")
+        super().__init__(pred_root, spacing)
+
+    def patient(self, patient: str, items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        truths, preds, records, spacings = [], [], [], []
+        for item in items:
+            label = Path(item["label"])
+            truth, truth_image = _read_mask(label, "truth", dims=3)
+            pred_path = self._prediction(item)
+            if pred_path is None:
+                pred = np.zeros_like(truth)
+            else:
+                self.used.add(pred_path)
+                pred, pred_image = _read_mask(pred_path, "prediction", dims=3)
+                problem = _grid_difference(pred_image, truth_image)
+                if problem:
+                    raise InputError(pred_path, f"prediction grid differs from the truth {label}: {problem}")
+            spacing = self.spacing or tuple(float(s) for s in truth_image.GetSpacing())
+            truths.append(truth)
+            preds.append(pred)
+            spacings.append(spacing)
+            base = {"patient": patient, "image": _shown_channel(item["image"]), "label": str(label),
+                    "prediction": None if pred_path is None else str(pred_path)}
+            for z in range(truth.shape[2]):
+                records.append({**base, "slice": z, **image_metrics(pred[..., z], truth[..., z], spacing[:2])})
+        if len(items) == 1:
+            metrics, stacked = patient_metrics(preds[0], truths[0], spacings[0]), True
+        else:
+            metrics, stacked = _pooled_patient(records), False
+        return _patient_record(patient, len(items), stacked, records, metrics), records
+
+
+def _patient_record(
+    patient: str, n_images: int, stacked: bool, records: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    missing = len({r["label"] for r in records if r["prediction"] is None})
+    return {"patient": patient, "images": n_images, "stacked": stacked, "missing_predictions": missing, **metrics}
+
+
+def _pooled_patient(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A patient that cannot be stacked: ratios of the pooled confusion (still sum of intersections over sum of
+    sizes); surface distances across separate images are undefined."""
+    out = pooled_metrics(records)
+    out.pop("pooled_over")
+    out["hd95"] = out["asd"] = float("nan")
+    out["missed"] = out["truth_size"] > 0 and out["pred_size"] == 0
+    out["slices"] = len(records)
+    out["slices_with_tumour"] = sum(1 for r in records if r["truth_size"] > 0)
+    return out
+
+
+def _read_mask(path: Path, role: str, dims: int) -> tuple[np.ndarray, sitk.Image]:
+    """A one-component mask as a boolean array in reader axis order (x, y[, z]), nonzero = tumour, and its image."""
+    image = read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"{role} mask has {image.GetNumberOfComponentsPerPixel()} components; expected one")
+    if image.GetDimension() != dims:
+        raise InputError(path, f"{role} mask is {image.GetDimension()}D (size {image.GetSize()}); expected {dims}D")
+    return sitk.GetArrayViewFromImage(image).T > 0, image
+
+
+def _grid_difference(pred: sitk.Image, truth: sitk.Image) -> str:
+    """What differs between two grids (size, spacing, origin, direction), or an empty string."""
+    if pred.GetSize() != truth.GetSize():
+        return f"size {pred.GetSize()} != {truth.GetSize()}"
+    for name, tolerance in (("spacing", 1e-3), ("origin", 1e-2), ("direction", 1e-4)):
+        a, b = getattr(pred, f"Get{name.capitalize()}")(), getattr(truth, f"Get{name.capitalize()}")()
+        if not np.allclose(a, b, rtol=0.0, atol=tolerance):
+            shown_a, shown_b = (tuple(round(v, 4) for v in x) for x in (a, b))
+            return f"{name} {shown_a} != {shown_b}"
+    return ""
+
+
+def _check_spacing(spacing: float | Sequence[float] | None) -> tuple[float, ...] | None:
+    if spacing is None:
+        return None
+    values = np.ravel(np.asarray(spacing, dtype=np.float64))
+    if values.size not in (1, 2, 3) or not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"spacing must be one to three positive numbers (mm per axis x, y[, z]) but is {spacing!r}")
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    return tuple(float(v) for v in values)
+
+
+def _as_list(image: Any) -> list[str]:
+    return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
+
+
+def _shown_channel(image: Any) -> str:
+    """The channel a volume's records name (and its overlay shows): FLAIR when a file or folder is named so."""
+    channels = _as_list(image)
+    return next((c for c in channels if "flair" in Path(c).name.lower()), channels[0])
+
+
+def _first(image: Any) -> str:
+    return _as_list(image)[0]
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key ordering digit runs as integers (``x_2`` before ``x_10``): LGG slice order."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]

@@ -1,0 +1,325 @@
+"""Choices made on validation data after training: the probability threshold, and the aggregate of K folds.
+
+The tuned threshold is stored in the checkpoint's ``model.json``: ``postprocessing.threshold`` (what ``brainseg
+infer`` applies by default) and a ``tuning`` block with the curve, the data it came from and the previous threshold.
+The curve lives outside ``postprocessing`` because that block holds exactly the `PostProcessing` settings.
+
+K-fold, the documented way: ``brainseg datalist --folds K`` writes ``dl.json``; train fold k with ``--fold k
+--datalist dl.json`` into its own folder; predict fold k's validation patients with that fold's model; evaluate them
+with ``brainseg evaluate PRED_k --truth dl.json --fold k``; then `aggregate_folds` over the K ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.figure import Figure
+
+from brainseg_monai.datalist import IMAGE_SUFFIXES_2D
+from brainseg_monai.errors import InputError
+from brainseg_monai.evaluation import json_ready
+from brainseg_monai.inference.postprocess import PostProcessing
+from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, load_for_case, load_model
+from brainseg_monai.io import read_sitk
+from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, pooled_metrics, tune_threshold
+from brainseg_monai.training import resolve_device
+
+__all__ = [
+    "TUNING_KEY",
+    "aggregate_folds",
+    "load_tuning",
+    "model_sidecar_path",
+    "plot_threshold_curve",
+    "tune_model_threshold",
+]
+
+logger = logging.getLogger(__name__)
+
+TUNING_KEY = "tuning"
+"""Key of the tuning block in ``model.json``."""
+_FOLD_METRICS = "metrics.json"
+
+
+def model_sidecar_path(checkpoint: str | os.PathLike) -> Path:
+    """The ``model.json`` that `brainseg_monai.inference.predictor.find_spec` reads first for ``checkpoint``: the
+    JSON of the same name (``model.pt`` -> ``model.json``), else ``model.json`` beside it (which may not exist yet)."""
+    ckpt = Path(checkpoint)
+    if ckpt.suffix == ".json":
+        return ckpt
+    same_name = ckpt.with_suffix(".json")
+    return same_name if same_name.is_file() else ckpt.parent / MODEL_SIDECAR
+
+
+def load_tuning(checkpoint_or_sidecar: str | os.PathLike) -> dict[str, Any] | None:
+    """The tuning block of a model (checkpoint, its ``model.json``, or the folder holding them), or None."""
+    path = Path(checkpoint_or_sidecar)
+    sidecar = path / MODEL_SIDECAR if path.is_dir() else model_sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        tuning = json.loads(sidecar.read_text(encoding="utf-8")).get(TUNING_KEY)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise InputError(sidecar, f"not a readable model.json ({e})") from None
+    return tuning if isinstance(tuning, dict) and tuning.get("threshold_curve") else None
+
+
+def tune_model_threshold(
+    checkpoint: str | os.PathLike,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    tta: str = "none",
+    device: str = "auto",
+    batch_size: int = 16,
+    thresholds: Sequence[float] | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Pick the probability threshold that maximises the mean per-patient Dice on ``items`` and store it with the model.
+
+    Each item is predicted as ``brainseg infer`` predicts it (2D images one by one, volumes slice by slice with a 2D
+    model or by sliding window with a 3D one), then `metrics.tune_threshold` sweeps ``thresholds`` over the
+    probabilities grouped by patient. Other post-processing steps (opening, size filter) are not part of the sweep.
+
+    Args:
+        checkpoint: the model (``model.pt``) with its ``model.json`` (or the run's ``config_resolved.json``).
+        items: validation items ``{"image", "label", "patient"}`` (patients never seen in training), e.g.
+            ``datalist.training_split(dl, fold)[1]``.
+        tta: ``none``, ``flip`` or ``dihedral``, as at inference (tune with the TTA you will predict with).
+        device: ``auto``, ``cpu`` or ``cuda[:n]``.
+        batch_size: images or slices per forward pass.
+        thresholds: candidate thresholds in (0, 1); default 0.05 to 0.95 by 0.05.
+        write: store the result in ``model.json`` (``postprocessing.threshold`` and ``tuning``); other keys kept.
+
+    Returns:
+        ``{"threshold", "threshold_curve" ([[t, mean patient Dice], ...]), "dice", "previous_threshold",
+        "previous_dice", "patients", "items", "tta", "metric", "sidecar"}`` (``sidecar`` None unless written).
+
+    Raises:
+        ValueError: for empty ``items``, an item without image, label or patient, or bad thresholds.
+        InputError: an unreadable checkpoint, image or label; a label whose size differs from its image.
+    """
+    if isinstance(items, (str, os.PathLike)) or not items:
+        raise ValueError(f"items must be a non-empty sequence of {{'image', 'label', 'patient'}} dicts, got {items!r}")
+    for index, item in enumerate(items):
+        missing = [key for key in ("image", "label", "patient") if not isinstance(item, Mapping) or not item.get(key)]
+        if missing:
+            raise ValueError(f"items[{index}] lacks {', '.join(missing)}: {item!r}")
+    grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+
+    network, spec = load_model(checkpoint, device)
+    predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
+    by_patient: dict[str, list[Mapping[str, Any]]] = {}
+    for item in items:
+        by_patient.setdefault(str(item["patient"]), []).append(item)
+    probs: dict[str, list[np.ndarray]] = {}
+    truths: dict[str, list[np.ndarray]] = {}
+    for patient, patient_items in by_patient.items():
+        probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
+        logger.info("patient %s: %d maps predicted", patient, len(probs[patient]))
+    best, curve = tune_threshold(probs, truths, grid)
+
+    previous = PostProcessing.from_dict(spec.postprocessing).threshold
+    values = dict(curve)
+    result: dict[str, Any] = {
+        "threshold": best,
+        "threshold_curve": [[t, d] for t, d in curve],
+        "dice": values[best],
+        "previous_threshold": previous,
+        "previous_dice": values.get(round(previous, 6)),
+        "patients": len(by_patient),
+        "items": len(items),
+        "tta": tta,
+        "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold",
+        "sidecar": None,
+    }
+    if write:
+        result["sidecar"] = str(_store(checkpoint, spec.to_dict(), result))
+    logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f)", best, values[best], previous)
+    return result
+
+
+def plot_threshold_curve(
+    curve: Sequence[Sequence[float]], best: float, path: str | os.PathLike, *, previous: float | None = None
+) -> Path:
+    """Write a PNG of mean per-patient Dice against threshold, the chosen one (and the previous one) marked."""
+    points = np.asarray(curve, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
+        raise ValueError(f"curve must be a non-empty list of (threshold, dice) pairs, got shape {points.shape}")
+    figure = Figure(figsize=(5.5, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(points[:, 0], points[:, 1], marker="o", markersize=3, color="tab:blue")
+    at_best = points[np.argmin(np.abs(points[:, 0] - best)), 1]
+    axes.axvline(best, color="tab:red", linestyle="--", label=f"chosen {best:.2f} (Dice {at_best:.3f})")
+    if previous is not None and not np.isclose(previous, best):
+        axes.axvline(previous, color="grey", linestyle=":", label=f"previous {previous:.2f}")
+    axes.set_xlabel("probability threshold")
+    axes.set_ylabel("mean per-patient Dice")
+    axes.set_xlim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower center", fontsize=8)
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically (no pyplot: no global state, no display needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=110, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Mean and spread over K folds of their evaluation metrics, and the per-patient Dice pooled over all folds.
+
+    Args:
+        fold_dirs_or_metrics: each fold's ``metrics.json`` (from ``brainseg evaluate``) or the folder holding it.
+
+    Returns:
+        ``{"folds": [{"fold", "path", "patients", "patient_dice_mean", "patient_dice_median", "global_dice"}],
+        "metrics": {summary key: `metrics.describe` over folds}`` for every number of the summaries,
+        ``"pooled": {"patients", "patient_dice": describe over every fold's patients, "global_<ratio>" from the
+        confusion matrices of all patients summed}}``.
+
+    Raises:
+        ValueError: when fewer than two folds are given.
+        InputError: a missing or unreadable metrics.json, or a patient scored in two folds (folds must be disjoint).
+    """
+    if isinstance(fold_dirs_or_metrics, (str, os.PathLike)) or len(fold_dirs_or_metrics) < 2:
+        raise ValueError(
+            f"fold_dirs_or_metrics must list at least two folds' metrics.json, got {fold_dirs_or_metrics!r}"
+        )
+    folds = []
+    seen: dict[str, Path] = {}
+    for raw in fold_dirs_or_metrics:
+        path = Path(raw)
+        path = path / _FOLD_METRICS if path.is_dir() else path
+        metrics = _read_metrics(path)
+        for record in metrics["per_patient"]:
+            patient = str(record["patient"])
+            if patient in seen:
+                raise InputError(path, f"patient {patient!r} is also scored in {seen[patient]}; folds must be disjoint")
+            seen[patient] = path
+        folds.append((path, metrics))
+
+    keys = [k for k, v in folds[0][1]["summary"].items() if _is_number(v)]
+    per_metric = {key: describe(_number(m["summary"].get(key)) for _, m in folds) for key in keys}
+    patients = [record for _, m in folds for record in m["per_patient"]]
+    pooled = pooled_metrics(patients)
+    return json_ready({
+        "folds": [
+            {"fold": index, "path": str(path), "patients": m["summary"].get("patients"),
+             "patient_dice_mean": m["summary"].get("patient_dice_mean"),
+             "patient_dice_median": m["summary"].get("patient_dice_median"),
+             "global_dice": m["summary"].get("global_dice")}
+            for index, (path, m) in enumerate(folds)
+        ],
+        "metrics": per_metric,
+        "pooled": {
+            "patients": len(patients),
+            "patient_dice": describe(_number(r.get("dice")) for r in patients),
+            **{f"global_{name}": pooled[name] for name in RATIO_METRICS if name != "f1"},
+        },
+        "per_patient": [{"fold": index, "patient": r["patient"], "dice": r.get("dice")}
+                        for index, (_, m) in enumerate(folds) for r in m["per_patient"]],
+    })  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _predict_patient(
+    predictor: Predictor, spec: Any, items: Sequence[Mapping[str, Any]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Probability maps and true masks (reader axis order) of one patient's items; its 2D images in one batch."""
+    slices = [it for it in items if _is_2d(it["image"])]
+    scored: list[tuple[Mapping[str, Any], np.ndarray]] = []
+    if slices:
+        images = [str(it["image"]) for it in slices]
+        scored.extend(zip(slices, predictor.predict_slices(load_for_case("slices", images, spec)["slices"], images)))
+    for item in (it for it in items if not _is_2d(it["image"])):
+        images = [str(p) for p in item["image"]] if isinstance(item["image"], (list, tuple)) else [str(item["image"])]
+        loaded = load_for_case("volume", images, spec)
+        if "data" in loaded:
+            scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"])))
+        else:
+            scored.append((item, predictor.predict_volume_by_slices(loaded["volume"], images[0])))
+    truths = []
+    for item, prob in scored:
+        truth = _read_truth(Path(item["label"]))
+        if truth.shape != prob.shape:
+            raise InputError(item["label"], f"label size {truth.shape} differs from the size {prob.shape} of its "
+                                            f"image {item['image']}")
+        truths.append(truth)
+    return [prob for _, prob in scored], truths
+
+
+def _is_2d(image: Any) -> bool:
+    return isinstance(image, (str, os.PathLike)) and str(image).lower().endswith(IMAGE_SUFFIXES_2D)
+
+
+def _read_truth(path: Path) -> np.ndarray:
+    image = read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"label has {image.GetNumberOfComponentsPerPixel()} components; expected one")
+    return sitk.GetArrayFromImage(image).T > 0
+
+
+def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result: Mapping[str, Any]) -> Path:
+    """Write the threshold and the tuning block into the checkpoint's model.json, keeping every other key."""
+    sidecar = model_sidecar_path(checkpoint)
+    if sidecar.is_file():
+        try:
+            values = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(sidecar, f"not a readable model.json ({e})") from None
+    else:  # the settings came from config_resolved.json: write them beside the checkpoint with the threshold
+        values = dict(spec_values)
+    values["postprocessing"] = {**(values.get("postprocessing") or {}), "threshold": result["threshold"]}
+    values[TUNING_KEY] = {key: result[key] for key in (
+        "threshold", "threshold_curve", "dice", "previous_threshold", "previous_dice", "patients", "items", "tta",
+        "metric")}  # fmt: skip
+    fd, tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", suffix=".tmp", dir=sidecar.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, sidecar)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sidecar
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "metrics.json not found (run brainseg evaluate on this fold first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"not a readable metrics.json ({e})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("summary"), dict) \
+            or not isinstance(metrics.get("per_patient"), list):
+        raise InputError(path, "not a metrics.json of brainseg evaluate: expected 'summary' and 'per_patient'")
+    return metrics
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)

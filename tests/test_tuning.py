@@ -1,0 +1,222 @@
+"""Threshold tuning with a stub network whose probabilities are known, so the best threshold and the whole curve are
+known; K-fold aggregation on hand-made metrics.json files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from brainseg_monai import tuning
+from brainseg_monai.datalist import training_split
+from brainseg_monai.errors import InputError
+from brainseg_monai.inference.postprocess import PostProcessing
+from brainseg_monai.evaluation import evaluate_predictions
+from brainseg_monai.inference.predictor import ModelSpec, find_spec
+from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.synth import make_dataset
+from brainseg_monai.tuning import aggregate_folds, load_tuning, plot_threshold_curve, tune_model_threshold
+from conftest import REPO_ROOT
+
+# Regions of every image, from the darkest intensity level to the brightest, and the probability the stub gives each.
+LEVELS = (20, 60, 100, 150, 200)
+PROBABILITIES = torch.tensor([0.02, 0.17, 0.32, 0.57, 0.82])
+TUMOUR_FROM = 2  # levels 2, 3, 4 are tumour: thresholds in (0.17, 0.32] give a perfect mask, the tie goes to 0.3
+
+
+class LevelNet(torch.nn.Module):
+    """Stub network: the k-th smallest distinct value of each image's channel 0 gets logit(PROBABILITIES[k]).
+
+    Intensity normalisation is a per-image increasing affine map, so the ranks of the levels survive it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], 1, *x.shape[2:])
+        for b in range(x.shape[0]):
+            channel = x[b, 0].contiguous()
+            rank = torch.searchsorted(torch.unique(channel), channel)
+            out[b, 0] = torch.logit(PROBABILITIES[rank].double()).float()
+        return out
+
+
+def level_map(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Level indices 0..4 in random blocks of 4 pixels, every level present."""
+    blocks = rng.integers(0, len(LEVELS), size=tuple(s // 4 for s in shape))
+    blocks.flat[: len(LEVELS)] = np.arange(len(LEVELS))
+    out = blocks
+    for axis in range(len(shape)):
+        out = np.repeat(out, 4, axis=axis)
+    return out
+
+
+def expected_curve(levels_by_patient: dict[str, list[np.ndarray]], thresholds: np.ndarray) -> np.ndarray:
+    """Mean over patients of the stacked Dice at each threshold, from the level maps alone."""
+    probs = PROBABILITIES.numpy()
+    curve = []
+    for t in thresholds:
+        dices = []
+        for maps in levels_by_patient.values():
+            predicted = [probs[m] >= t for m in maps]
+            truths = [m >= TUMOUR_FROM for m in maps]
+            inter = sum(np.count_nonzero(p & q) for p, q in zip(predicted, truths))
+            sizes = sum(np.count_nonzero(p) + np.count_nonzero(q) for p, q in zip(predicted, truths))
+            dices.append(2 * inter / sizes)
+        curve.append(np.mean(dices))
+    return np.array(curve)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A checkpoint folder with a model.json holding other keys; load_model returns the stub."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(b"weights are not read: load_model is the stub")
+    spec = ModelSpec(network_name="unet", roi_size=[32, 32], postprocessing={"threshold": 0.5, "min_size": 3})
+    (folder / "model.json").write_text(json.dumps({**spec.to_dict(), "trained_on": "phantoms"}, indent=2))
+
+    def fake_load_model(checkpoint: Path, device: str = "auto") -> tuple[torch.nn.Module, ModelSpec]:
+        return LevelNet().eval(), find_spec(checkpoint)
+
+    monkeypatch.setattr(tuning, "load_model", fake_load_model)
+    return folder
+
+
+def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    items, levels_by_patient = [], {}
+    for patient in ("P1", "P2", "P3"):
+        for k in range(2):
+            levels = level_map(rng, (32, 32))  # (x, y)
+            image = np.stack([np.asarray(LEVELS, dtype=np.uint8)[levels]] * 3, axis=-1)  # RGB, all channels alike
+            path = tmp_path / "data" / f"{patient}_{k}.tif"
+            path.parent.mkdir(exist_ok=True)
+            tifffile.imwrite(path, np.ascontiguousarray(image.transpose(1, 0, 2)), photometric="rgb")  # rows = y
+            label = path.with_name(f"{patient}_{k}_mask.png")
+            Image.fromarray(((levels >= TUMOUR_FROM) * 255).astype(np.uint8).T).save(label)
+            items.append({"image": str(path), "label": str(label), "patient": patient})
+            levels_by_patient.setdefault(patient, []).append(levels)
+
+    before = (model_dir / "model.json").read_text()
+    dry = tune_model_threshold(model_dir / "model.pt", items, device="cpu", write=False)
+    assert (model_dir / "model.json").read_text() == before and dry["sidecar"] is None
+
+    result = tune_model_threshold(model_dir / "model.pt", items, device="cpu")
+    assert result["threshold"] == pytest.approx(0.3)
+    grid = np.array([t for t, _ in result["threshold_curve"]])
+    np.testing.assert_allclose(grid, np.round(np.arange(0.05, 0.96, 0.05), 6))
+    np.testing.assert_allclose([d for _, d in result["threshold_curve"]], expected_curve(levels_by_patient, grid),
+                               atol=1e-9)
+    assert result["dice"] == pytest.approx(1.0) and result["previous_threshold"] == 0.5
+    assert result["previous_dice"] == pytest.approx(expected_curve(levels_by_patient, np.array([0.5]))[0])
+    assert result["patients"] == 3 and result["items"] == 6
+
+    stored = json.loads((model_dir / "model.json").read_text())
+    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3}
+    assert stored["trained_on"] == "phantoms" and stored["roi_size"] == [32, 32]
+    assert stored["tuning"]["threshold_curve"] == result["threshold_curve"]
+    # what brainseg infer builds from the model: the tuned threshold, the other settings kept
+    post = PostProcessing.from_dict(find_spec(model_dir / "model.pt").postprocessing)
+    assert post.threshold == 0.3 and post.min_size == 3
+    assert load_tuning(model_dir)["threshold"] == 0.3 and load_tuning(model_dir / "model.pt")["dice"] == 1.0
+
+    plot = plot_threshold_curve(result["threshold_curve"], result["threshold"], tmp_path / "curve.png", previous=0.5)
+    with Image.open(plot) as png:
+        assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_tuning_volumes_with_a_2d_model(model_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    items, levels_by_patient = [], {}
+    for patient in ("V1", "V2"):
+        levels = np.stack([level_map(rng, (32, 32)) for _ in range(3)], axis=-1)  # every slice holds every level
+        for name, array in (("flair", np.asarray(LEVELS, dtype=np.float32)[levels]),
+                            ("seg", (levels >= TUMOUR_FROM).astype(np.uint8))):
+            image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+            image.SetSpacing((1.0, 1.0, 2.0))
+            sitk.WriteImage(image, str(tmp_path / f"{patient}_{name}.nii.gz"))
+        items.append({"image": [str(tmp_path / f"{patient}_flair.nii.gz")],
+                      "label": str(tmp_path / f"{patient}_seg.nii.gz"), "patient": patient})
+        levels_by_patient[patient] = [levels]
+    spec = json.loads((model_dir / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps({**spec, "in_channels": 1, "channels": ["flair"]}))
+
+    result = tune_model_threshold(model_dir / "model.pt", items, device="cpu", thresholds=[0.1, 0.2, 0.3, 0.6])
+    assert result["threshold"] == pytest.approx(0.3)
+    np.testing.assert_allclose([d for _, d in result["threshold_curve"]],
+                               expected_curve(levels_by_patient, np.array([0.1, 0.2, 0.3, 0.6])), atol=1e-9)
+
+
+def test_tuning_argument_errors(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="items must be a non-empty sequence"):
+        tune_model_threshold(model_dir / "model.pt", [])
+    with pytest.raises(ValueError, match=r"items\[0\] lacks label"):
+        tune_model_threshold(model_dir / "model.pt", [{"image": "a.png", "patient": "p"}])
+    with pytest.raises(ValueError, match="curve must be"):
+        plot_threshold_curve([], 0.5, tmp_path / "x.png")
+
+
+def _metrics(folder: Path, summary: dict, patients: dict[str, float | None]) -> Path:
+    folder.mkdir(parents=True)
+    per_patient = [{"patient": p, "dice": d, "tp": 8, "fp": 2, "fn": 0 if d else 8, "tn": 90}
+                   for p, d in patients.items()]
+    path = folder / "metrics.json"
+    path.write_text(json.dumps({"summary": summary, "per_patient": per_patient, "per_image": []}))
+    return path
+
+
+def test_aggregate_folds_mean_spread_and_pooled(tmp_path: Path) -> None:
+    first = _metrics(tmp_path / "f0", {"patients": 2, "patient_dice_mean": 0.8, "global_dice": 0.7, "detection": {}},
+                     {"a": 0.7, "b": 0.9})
+    _metrics(tmp_path / "f1", {"patients": 2, "patient_dice_mean": 0.6, "global_dice": None}, {"c": 0.6, "d": None})
+    result = aggregate_folds([first, tmp_path / "f1"])  # a metrics.json or the folder holding it
+    assert result["metrics"]["patient_dice_mean"]["mean"] == pytest.approx(0.7)
+    assert result["metrics"]["patient_dice_mean"]["std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert result["metrics"]["global_dice"]["mean"] == 0.7 and result["metrics"]["global_dice"]["undefined"] == 1
+    assert "detection" not in result["metrics"]
+    pooled = result["pooled"]
+    assert pooled["patients"] == 4
+    assert pooled["patient_dice"]["mean"] == pytest.approx(np.mean([0.7, 0.9, 0.6]))
+    assert pooled["patient_dice"]["undefined"] == 1
+    # confusions summed over all patients: tp 32, fp 8, fn 8 -> 64 / 80
+    assert pooled["global_dice"] == pytest.approx(2 * 32 / (2 * 32 + 8 + 8))
+    assert [f["fold"] for f in result["folds"]] == [0, 1] and result["folds"][1]["global_dice"] is None
+
+    _metrics(tmp_path / "f2", {"patients": 1}, {"a": 0.5})
+    with pytest.raises(InputError, match="'a' is also scored"):
+        aggregate_folds([first, tmp_path / "f2"])
+    with pytest.raises(InputError, match="metrics.json not found"):
+        aggregate_folds([first, tmp_path / "nowhere"])
+    with pytest.raises(ValueError, match="at least two folds"):
+        aggregate_folds([first])
+
+
+@pytest.mark.slow
+def test_tuned_threshold_is_what_infer_applies(tmp_path: Path) -> None:
+    """Train a tiny model, tune on its validation patients, predict them with brainseg infer's runner and evaluate:
+    the evaluated mean patient Dice is the tuned one (the same predictions, thresholded at the stored threshold)."""
+    data = make_dataset(tmp_path / "lgg", "lgg", cases=5, seed=21, size=(64, 64, 8))
+    workflow = ConfigWorkflow(
+        config_file=str(REPO_ROOT / "bundle" / "configs" / "train.json"), workflow_type="train",
+        bundle_root=str(REPO_ROOT / "bundle"), output_dir=str(tmp_path / "run"), dataset_dir=str(data), device="cpu",
+        max_epochs=2, roi_size=[64, 64], batch_size=8, learning_rate=0.003, val_fraction=0.4,
+        network_kwargs={"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+    )  # fmt: skip
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    checkpoint = tmp_path / "run" / "models" / "model.pt"
+    validation = training_split(tmp_path / "run" / "datalist.json")[1]
+
+    tuned = tune_model_threshold(checkpoint, validation, device="cpu")
+    run_inference([str(data)], tmp_path / "pred",
+                  InferenceSettings(checkpoint=str(checkpoint), tta="none", device="cpu", progress=False))
+    result = evaluate_predictions(tmp_path / "pred", tmp_path / "run" / "datalist.json")
+    assert result["settings"]["split"] == "validation" and result["summary"]["patients"] == tuned["patients"] == 2
+    assert result["summary"]["patient_dice_mean"] == pytest.approx(tuned["dice"], abs=1e-3)
