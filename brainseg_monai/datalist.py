@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import find_dicom_series, read_header, read_sitk
+from brainseg_monai.io import find_dicom_series, read_header, read_sitk, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +136,7 @@ def build_datalist(
 
 def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``datalist`` as pretty JSON, atomically (a temporary file beside ``path`` then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(datalist, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = write_text_atomic(path, json.dumps(datalist, indent=2) + "\n")
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from brainseg_monai.datalist import (
     training_split,
 )
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import READ_SUFFIXES, find_dicom_series, read_sitk
+from brainseg_monai.io import READ_SUFFIXES, find_dicom_series, read_sitk, write_text_atomic
 from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metrics, summarise
 
 __all__ = [
@@ -177,19 +176,7 @@ def evaluate_predictions(
 
 def write_metrics_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``result`` as strict JSON (nan and inf as null), atomically: a temporary file then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would end up on the output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
 
 
 def json_ready(value: Any) -> Any:

@@ -10,7 +10,6 @@ import html
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready, write_metrics_json
 from brainseg_monai.inference.predictor import MODEL_SIDECAR
 from brainseg_monai.inference.writers import write_overlay_png
-from brainseg_monai.io import read_sitk
+from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.tuning import load_tuning, plot_threshold_curve, save_figure
 
 __all__ = ["TRAINING_TAGS", "read_training_scalars", "write_folds_report", "write_report"]
@@ -134,8 +133,8 @@ def write_report(
         _settings(result["settings"]),
     ]
     title = f"Evaluation of {Path(str(result['settings'].get('pred_dir', 'predictions'))).name}"
-    files["markdown"] = _write_text(out / "report.md", _markdown(title, sections))
-    files["html"] = _write_text(out / "report.html", _html(title, sections))
+    files["markdown"] = write_text_atomic(out / "report.md", _markdown(title, sections))
+    files["html"] = write_text_atomic(out / "report.html", _html(title, sections))
     logger.info("report written to %s", files["html"])
     return files
 
@@ -196,8 +195,8 @@ def write_folds_report(aggregate: Mapping[str, Any], out_dir: str | os.PathLike)
     else:
         plot.note("Not available: no patient has a defined Dice.")
     sections = [overview, folds, spread, plot]
-    files["markdown"] = _write_text(out / "folds.md", _markdown("K-fold evaluation", sections))
-    files["html"] = _write_text(out / "folds.html", _html("K-fold evaluation", sections))
+    files["markdown"] = write_text_atomic(out / "folds.md", _markdown("K-fold evaluation", sections))
+    files["html"] = write_text_atomic(out / "folds.html", _html("K-fold evaluation", sections))
     return files
 
 
@@ -526,17 +525,7 @@ def _html(title: str, sections: Sequence[_Section]) -> str:
     return "\n".join(parts)
 
 
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
 
 
 # ---------------------------------------------------------------- overlays

@@ -23,7 +23,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
 from brainseg_monai import synth
-from brainseg_monai.io import read_sitk
+from brainseg_monai.io import read_sitk, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -233,10 +233,5 @@ class TensorBoardOverlayHandler:
 
 def save_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any], name: str = "config_resolved.json") -> Path:
     """Writes the run's resolved top-level settings next to its outputs (atomic), so a run can be reproduced."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(config), indent=2, default=str, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(dict(config), indent=2, default=str, sort_keys=True) + "\n"
+    return write_text_atomic(Path(output_dir) / name, text)

@@ -28,7 +28,7 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, load_for_case, load_model
-from brainseg_monai.io import read_sitk
+from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, pooled_metrics, tune_threshold
 from brainseg_monai.training import resolve_device
 
@@ -292,16 +292,7 @@ def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result
     values[TUNING_KEY] = {key: result[key] for key in (
         "threshold", "threshold_curve", "dice", "previous_threshold", "previous_dice", "patients", "items", "tta",
         "metric")}  # fmt: skip
-    fd, tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", suffix=".tmp", dir=sidecar.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, sidecar)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return sidecar
+    return write_text_atomic(sidecar, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

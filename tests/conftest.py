@@ -15,4 +15,4 @@ def shared_path(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (it lives in ../shared/data beside the repo)")
-    return path
+    return path.resolve()

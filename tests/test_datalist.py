@@ -571,7 +571,7 @@ def test_real_brats_nifti() -> None:
 
 @pytest.mark.realdata
 def test_real_dicom_series_without_channels() -> None:
-    root = shared_path("dicom")
+    root = shared_path("dicom").resolve()
     dl = build_datalist("dicom", root, val=0.5, seed=0)
     items = _all_items(dl)
     assert sorted(it["image"] for it in items) == [str(root / "C3L-03728_AX_T1_SE"), str(root / "HF1139_AXIAL_FLAIR")]

@@ -236,3 +236,17 @@ def test_noise_only_slices_are_found_and_not_segmented() -> None:
     assert probs.shape == (32, 32, 5)
     assert (probs[..., 1:4] > 0).all(), "a sigmoid is never exactly 0 on a predicted slice"
     assert not probs[..., 0].any() and not probs[..., 4].any()
+
+
+def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
+    studies = make_dataset(tmp_path / "studies", "dicom", cases=2, seed=25, size=(32, 32, 4))
+    shutil.rmtree(studies / "SYN_0002" / "FLAIR")
+    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
+    spec.update(in_channels=3, channels=["t1", "flair", "t1c"], roi_size=[32, 32])
+    torch.save(get_network("unet", 2, 3, 1, **spec["network_kwargs"]).state_dict(), checkpoint)
+    (checkpoint.parent / MODEL_SIDECAR).write_text(json.dumps(spec))
+    rows = {r["case"]: r for r in run_inference([studies], tmp_path / "pred", InferenceSettings(str(checkpoint), tta="none", progress=False))}
+    assert rows["SYN_0001"]["status"] == "ok"
+    assert rows["SYN_0002"]["status"] == "failed"
+    assert "flair" in rows["SYN_0002"]["error"] and "AX T1 PRE" in rows["SYN_0002"]["error"]
