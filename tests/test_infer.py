@@ -250,3 +250,19 @@ def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
     assert rows["SYN_0001"]["status"] == "ok"
     assert rows["SYN_0002"]["status"] == "failed"
     assert "flair" in rows["SYN_0002"]["error"] and "AX T1 PRE" in rows["SYN_0002"]["error"]
+
+
+def test_inference_bundle_config_runs_the_batch_job(tmp_path: Path) -> None:
+    """bundle/configs/inference.json over train.json: the same batch job as 'brainseg infer'."""
+    studies = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=26, size=(32, 32, 4))
+    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    configs = [str(REPO_ROOT / "bundle" / "configs" / name) for name in ("train.json", "inference.json")]
+    wf = ConfigWorkflow(config_file=configs, workflow_type="infer", bundle_root=str(REPO_ROOT / "bundle"),
+                        input=str(studies), checkpoint=str(checkpoint), output_dir=str(tmp_path / "pred"), tta="none")
+    wf.initialize()
+    wf.run()
+    rows = _summary(tmp_path / "pred")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}  # one-channel model: each series is a case
+    for row in rows:
+        mask = sitk.ReadImage(str(tmp_path / "pred" / row["case"] / "mask.nii.gz"))
+        _assert_same_geometry(mask, _read_series(Path(row["source"])))
