@@ -116,6 +116,14 @@ def _cmd_aggregate_folds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from brainseg_monai.webapp import serve  # needs fastapi/uvicorn: imported only for this sub-command
+
+    checkpoint = args.checkpoint or str(Path(args.bundle) / "models" / "model.pt")
+    serve(checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``brainseg`` argument parser with one sub-command per pipeline stage."""
     parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
@@ -192,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", help="metrics.json files or report folders, one per fold")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_aggregate_folds)
+
+    p = sub.add_parser("serve", help="local web app: upload a scan, see the tumour outlined, read its size")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--bundle", default="bundle", help="bundle folder whose models/model.pt is the default checkpoint")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

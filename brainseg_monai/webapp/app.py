@@ -1,0 +1,153 @@
+"""``brainseg serve``: a local web page to upload MR images and see, measure and download the tumour segmentation.
+
+FastAPI serves one static page and a JSON API; the work is `brainseg_monai.webapp.service.Segmenter`. A refused
+or broken upload is answered with a message naming the file and the reason, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import FormData
+from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from brainseg_monai.errors import InputError
+from brainseg_monai.webapp.service import Segmenter, Upload
+from brainseg_monai.webapp.uploads import UploadTooLarge
+
+__all__ = ["create_app", "serve"]
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+#: Room for the multipart framing and form fields on top of the files' own size limit.
+_FORM_OVERHEAD = 1 << 20
+
+
+class _BodyLimit:
+    """ASGI middleware refusing request bodies over a limit: by Content-Length at once, else while they stream in.
+
+    Starlette spools a multipart body to disk before the endpoint runs, so the limit must act here, before that.
+    """
+
+    def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
+        self.app, self.limit_bytes = app, limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit_bytes + _FORM_OVERHEAD:
+            await _too_large(self.limit_bytes)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit_bytes + _FORM_OVERHEAD:
+                raise UploadTooLarge(self.limit_bytes)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit_bytes: int) -> JSONResponse:
+    return JSONResponse({"error": f"upload refused: {UploadTooLarge(limit_bytes)}"}, status_code=413)
+
+
+def _error(err: InputError | ValueError, status: int) -> JSONResponse:
+    file = getattr(err, "path", None)
+    reason = getattr(err, "reason", str(err))
+    return JSONResponse({"error": f"{file}: {reason}" if file else reason, "file": file, "reason": reason},
+                        status_code=status)
+
+
+def _threshold(value: str) -> float | None:
+    if value.strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError as err:
+        raise ValueError(f"threshold must be a number in (0, 1) but is {value!r}.") from err
+
+
+def _uploads(form: FormData, field: str) -> list[Upload]:
+    return [Upload(item.filename or field, item.file) for item in form.getlist(field)
+            if isinstance(item, StarletteUpload) and item.filename]
+
+
+async def _segment_form(segmenter: Segmenter, form: FormData) -> JSONResponse:
+    """Answer one ``/api/segment`` form: the result, a list of cases to choose from, or an error naming the file."""
+    uploads, truths = _uploads(form, "files"), _uploads(form, "truth")
+    try:
+        result = await run_in_threadpool(
+            segmenter.segment, uploads, truths[0] if truths else None, str(form.get("tta") or "flip"),
+            _threshold(str(form.get("threshold") or "")), str(form.get("case") or "") or None)
+    except UploadTooLarge as err:
+        return JSONResponse({"error": f"upload refused: {err}"}, status_code=413)
+    except InputError as err:
+        logger.info("refused: %s", err)
+        return _error(err, 422)
+    except ValueError as err:
+        return _error(err, 400)
+    except Exception as err:  # the server keeps serving whatever one request hits
+        logger.exception("segmentation failed")
+        names = ", ".join(u.filename for u in uploads)
+        return JSONResponse({"error": f"{names}: could not be segmented ({type(err).__name__}: {err})"},
+                            status_code=500)
+    return JSONResponse(result)
+
+
+def create_app(segmenter: Segmenter) -> FastAPI:
+    """The web app around ``segmenter``: ``GET /`` (page), ``GET /api/info``, ``POST /api/segment`` (multipart:
+    ``files`` one or more, optional ``truth``, ``tta``, ``threshold``, ``case``)."""
+    app = FastAPI(title="brainseg-monai", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, limit_bytes=segmenter.max_upload_bytes)
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/info")
+    async def info() -> dict[str, Any]:
+        return segmenter.info()
+
+    @app.post("/api/segment")
+    async def segment(request: Request) -> JSONResponse:
+        try:
+            form = await request.form(max_files=100_000)
+        except UploadTooLarge as err:
+            return _too_large(err.limit_bytes)
+        except Exception as err:  # python-multipart's and Starlette's parse errors share no base class
+            return JSONResponse({"error": f"the upload is not a readable multipart form ({err})"}, status_code=400)
+        try:
+            return await _segment_form(segmenter, form)
+        finally:
+            await form.close()
+
+    return app
+
+
+def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 512,
+          device: str = "auto") -> None:
+    """Load the model and serve the app until interrupted (``brainseg serve``).
+
+    Raises:
+        InputError: when the checkpoint is missing or unreadable.
+    """
+    import uvicorn
+
+    app = create_app(Segmenter(checkpoint, max_upload_mb=max_upload_mb, device=device))
+    logger.info("serving on http://%s:%d", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info")

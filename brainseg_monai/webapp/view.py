@@ -1,0 +1,168 @@
+"""What the result page shows for one case: per-slice image and mask layers as PNG data URLs, statistics, metrics.
+
+The layers are composited in the browser (grey image, red prediction at the chosen opacity, green truth outline), so
+changing the opacity or the slice needs no request. Statistics are those ``brainseg infer`` wrote in its summary
+row; Dice and IoU come from `brainseg_monai.metrics`. Planes are shown with rows = y and columns = x, as the
+overlay PNG of the writers shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.transforms import EnsureChannelFirst, LoadImage
+from PIL import Image
+from skimage.segmentation import find_boundaries
+
+from brainseg_monai.errors import InputError
+from brainseg_monai.inference.runner import _stem  # the runner's own naming of ``<stem>_pred.png``; never a copy
+from brainseg_monai.io import SimpleITKReader
+from brainseg_monai.metrics import image_metrics, patient_metrics
+
+__all__ = ["case_view", "read_channels_first"]
+
+_MIME = {".png": "image/png", ".nii.gz": "application/gzip", ".dcm": "application/dicom"}
+_RED = (255, 0, 0, 255)
+_GREEN = (0, 255, 0, 255)
+
+
+def read_channels_first(paths: Sequence[str | Path]) -> Any:
+    """(C, x, y[, z]) image from one file or folder, or channels stacked from several, read as inference reads them."""
+    load = LoadImage(image_only=True)
+    items = [str(p) for p in paths]
+    return EnsureChannelFirst()(load(items if len(items) > 1 else items[0], reader=SimpleITKReader()))
+
+
+def _spacing(image: Any, dims: int) -> list[float]:
+    affine = np.asarray(getattr(image, "affine", np.eye(dims + 1)), dtype=np.float64)
+    return np.linalg.norm(affine[:dims, :dims], axis=0).tolist()
+
+
+def _data_url(pixels: np.ndarray, mime: str = "image/png") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def _file_url(path: Path) -> str:
+    mime = next((m for s, m in _MIME.items() if path.name.lower().endswith(s)), "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _window(values: np.ndarray) -> tuple[float, float]:
+    """1st-99th percentile grey window; one per case so the brightness holds steady along the slice slider."""
+    low, high = np.percentile(values, [1.0, 99.0])
+    return float(low), float(high) if high > low else float(low) + 1.0
+
+
+def _layers(plane: np.ndarray, window: tuple[float, float], pred: np.ndarray, truth: np.ndarray | None) -> dict:
+    """Data URLs of one (x, y) plane: grey image, red prediction (opaque, faded in the page) and green truth outline."""
+    low, high = window
+    grey = (np.clip((plane.astype(np.float64) - low) / (high - low), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    red = np.zeros(pred.shape + (4,), dtype=np.uint8)
+    red[pred] = _RED
+    layers = {"image": _data_url(grey.T), "pred": _data_url(red.transpose(1, 0, 2)), "truth": None}
+    if truth is not None:
+        green = np.zeros(truth.shape + (4,), dtype=np.uint8)
+        green[find_boundaries(truth, mode="inner")] = _GREEN
+        layers["truth"] = _data_url(green.transpose(1, 0, 2))
+    layers["tumour_pixels"] = int(pred.sum())
+    return layers
+
+
+def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
+    """A mask file as a boolean (x, y[, z]) array; any nonzero value (in any channel) is tumour."""
+    values = np.asarray(read_channels_first([path])).max(axis=0) > 0
+    if values.ndim == 3 and len(shape) == 2 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.shape != shape:
+        raise InputError(path.name, f"truth mask has shape {values.shape} but {image_name} has {shape}")
+    return values
+
+
+def _display_channel(channel_names: Sequence[str]) -> int:
+    return list(channel_names).index("flair") if "flair" in channel_names else 0
+
+
+def _stats(row: Mapping[str, Any]) -> dict:
+    keys = ("tumour_voxels", "tumour_ml", "slices_with_tumour", "coverage_pct")
+    return {k: float(row[k]) if "." in str(row[k]) else int(row[k]) for k in keys if str(row.get(k, "")) != ""}
+
+
+def _metrics(values: Mapping[str, Any]) -> dict:
+    return {"dice": float(values["dice"]), "iou": float(values["iou"])}
+
+
+def case_view(
+    kind: str,
+    images: Sequence[Any],
+    sources: Sequence[str],
+    case_dir: Path,
+    row: Mapping[str, Any],
+    truths: Sequence[Path | None],
+    channel_names: Sequence[str],
+) -> dict:
+    """The result page's data for one case predicted into ``case_dir`` by ``run_inference``.
+
+    Args:
+        kind: the case kind, ``"slices"`` or a volume kind (``"volume"``, ``"dicom"``).
+        images: raw (C, x, y) images (slices) or one (C, x, y, z) volume, as the gate read them.
+        sources: the input file of each slice (its ``<stem>_pred.png`` is read), or the volume's first input.
+        case_dir: ``<out>/<case>`` as written by ``run_inference``.
+        row: the case's summary row.
+        truths: per slice (or for the volume) a truth mask file, or None.
+        channel_names: the model's channels; FLAIR is shown when there is one.
+
+    Raises:
+        InputError: when a truth mask does not match its image's shape.
+    """
+    channel = _display_channel(channel_names)
+    stats = _stats(row)
+    if kind == "slices":
+        preds, refs, layers = [], [], []
+        area_mm2 = 0.0
+        for image, source, truth_path in zip(images, sources, truths):
+            plane = np.asarray(image[channel])
+            pred = _binary(case_dir / f"{_stem(source)}_pred.png", plane.shape, Path(source).name)
+            truth = None if truth_path is None else _binary(truth_path, plane.shape, Path(source).name)
+            area_mm2 += float(pred.sum()) * float(np.prod(_spacing(image, 2)))
+            layers.append({"name": Path(source).name, **_layers(plane, _window(plane), pred, truth)})
+            if truth is not None:
+                preds.append(pred)
+                refs.append(truth)
+        stats["area_mm2"] = round(area_mm2, 3)
+        metrics = None
+        if refs and len({r.shape for r in refs}) == 1:
+            values = image_metrics(preds[0], refs[0]) if len(refs) == 1 else patient_metrics(preds, refs)
+            metrics = {**_metrics(values), "slices_with_truth": len(refs)}
+        downloads = sorted(case_dir.glob("*_pred.png"))
+    else:
+        volume = np.asarray(images[0][channel])
+        pred = _binary(case_dir / "mask.nii.gz", volume.shape, Path(sources[0]).name)
+        truth = None if truths[0] is None else _binary(truths[0], volume.shape, Path(sources[0]).name)
+        window = _window(volume)
+        layers = [
+            {"name": f"z = {z}", **_layers(volume[..., z], window, pred[..., z],
+                                           None if truth is None else truth[..., z])}
+            for z in range(volume.shape[-1])
+        ]
+        metrics = None
+        if truth is not None:
+            metrics = _metrics(image_metrics(pred, truth, _spacing(images[0], 3)))
+        downloads = [case_dir / "mask.nii.gz", case_dir / "seg.dcm"]
+    counts = [layer["tumour_pixels"] for layer in layers]
+    downloads = [p for p in downloads + [case_dir / "overlay.png"] if p.is_file()]
+    return {
+        "case": row["case"],
+        "kind": "slices" if kind == "slices" else "volume",
+        "slices": layers,
+        "start": int(np.argmax(counts)) if any(counts) else len(layers) // 2,
+        "stats": stats,
+        "metrics": metrics,
+        "downloads": [{"name": p.name, "url": _file_url(p)} for p in downloads],
+    }
