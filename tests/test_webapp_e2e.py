@@ -1,5 +1,7 @@
-"""``brainseg serve`` in a real browser: headless Chromium uploads a slice with a known mask and reads the coverage.
+"""``brainseg serve`` in a real browser: headless Chromium uploads inputs with known results and reads the page.
 
+Covered: a slice with a known mask (overlay, coverage), a zipped DICOM study (slice slider, tumour volume in mL,
+downloadable mask) and a corrupt file (error naming it, then a good upload in the same page).
 Needs Debian's ``chromium`` (``apt-get install chromium``) and Python Playwright (``pip install playwright``; never
 ``playwright install``: the system browser is used). Skips with the reason when either is missing.
 Set ``BRAINSEG_WEBAPP_SCREENSHOT=PATH`` to keep the screenshot (docs/webapp.png is made this way).
@@ -7,15 +9,20 @@ Set ``BRAINSEG_WEBAPP_SCREENSHOT=PATH`` to keep the screenshot (docs/webapp.png 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 pytest.importorskip("fastapi", reason="the web app needs fastapi, uvicorn and python-multipart")
 uvicorn = pytest.importorskip("uvicorn", reason="the web app needs uvicorn")
@@ -23,11 +30,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test n
 from test_webapp import SLICE_SHAPE, FlairAbove, flair_model, known_slice, png_bytes  # noqa: E402
 
 from brainseg_monai.networks import NETWORKS  # noqa: E402
+from brainseg_monai.synth import make_dataset  # noqa: E402
 from brainseg_monai.webapp import Segmenter, create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+READY = '#view[data-ready="1"]'
+#: Slices of the synthetic DICOM study; small so the browser round trip stays quick.
+STUDY_SIZE = (48, 48, 8)
 
 
 def _free_port() -> int:
@@ -55,35 +66,130 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: Path) -> None:
+@contextmanager
+def browser_page(server: str) -> Iterator[sync_api.Page]:
+    """The app's page open in headless Chromium (skips when the browser is not installed)."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
-    rgb, mask = known_slice()
-    (tmp_path / "slice.png").write_bytes(png_bytes(rgb))
-    (tmp_path / "slice_mask.png").write_bytes(png_bytes(mask))
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(server)
-            assert "not a medical device" in page.inner_text("#notice")
-            page.set_input_files("#files", [str(tmp_path / "slice.png"), str(tmp_path / "slice_mask.png")])
-            page.wait_for_selector('#view[data-ready="1"]', timeout=60_000)
-            assert page.inner_text("#error") == ""
-            coverage = float(page.get_attribute("#coverage", "data-value"))
-            assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
-            assert "Dice" in page.inner_text("#stats")
-            # The canvas shows red where the known tumour is: sample its centre pixel in the page.
-            red = page.evaluate(
-                """([row, col, rows]) => { const c = document.getElementById('view');
-                     const s = c.height / rows; const p = c.getContext('2d').getImageData(col * s, row * s, 1, 1).data;
-                     return [p[0], p[1], p[2]]; }""",
-                [26, 35, SLICE_SHAPE[0]])
-            assert red[0] > red[1] + 50, f"no red overlay at the tumour: {red}"
-            shot = tmp_path / "webapp.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            if os.environ.get("BRAINSEG_WEBAPP_SCREENSHOT"):
-                shutil.copyfile(shot, os.environ["BRAINSEG_WEBAPP_SCREENSHOT"])
+            yield page
         finally:
             browser.close()
+
+
+def stat_row(page: sync_api.Page, name: str) -> str:
+    """The value cell of the result table's row ``name``."""
+    return page.evaluate(
+        """(name) => Array.from(document.getElementById('stats').rows)
+                         .find(r => r.cells[0].textContent === name).cells[1].textContent""", name)
+
+
+def read_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def expected_flair_mask(flair: np.ndarray) -> np.ndarray:
+    """What `FlairAbove` (gain 1, offset 1, threshold 0.5) predicts on an (x, y, z) FLAIR volume, found independently:
+    each axial slice z-scored over its nonzero voxels, tumour where the z-score exceeds 1."""
+    mask = np.zeros(flair.shape, dtype=bool)
+    for z in range(flair.shape[-1]):
+        plane = flair[..., z].astype(np.float64)
+        inside = plane != 0
+        score = (plane - plane[inside].mean()) / plane[inside].std()
+        mask[..., z] = inside & (score > 1.0)
+    return mask
+
+
+def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: Path) -> None:
+    rgb, mask = known_slice()
+    (tmp_path / "slice.png").write_bytes(png_bytes(rgb))
+    (tmp_path / "slice_mask.png").write_bytes(png_bytes(mask))
+    with browser_page(server) as page:
+        assert "not a medical device" in page.inner_text("#notice")
+        page.set_input_files("#files", [str(tmp_path / "slice.png"), str(tmp_path / "slice_mask.png")])
+        page.wait_for_selector(READY, timeout=60_000)
+        assert page.inner_text("#error") == ""
+        coverage = float(page.get_attribute("#coverage", "data-value"))
+        assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
+        assert "Dice" in page.inner_text("#stats")
+        # The canvas shows red where the known tumour is: sample its centre pixel in the page.
+        red = page.evaluate(
+            """([row, col, rows]) => { const c = document.getElementById('view');
+                 const s = c.height / rows; const p = c.getContext('2d').getImageData(col * s, row * s, 1, 1).data;
+                 return [p[0], p[1], p[2]]; }""",
+            [26, 35, SLICE_SHAPE[0]])
+        assert red[0] > red[1] + 50, f"no red overlay at the tumour: {red}"
+        shot = tmp_path / "webapp.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("BRAINSEG_WEBAPP_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["BRAINSEG_WEBAPP_SCREENSHOT"])
+
+
+def test_browser_zipped_dicom_study_shows_slider_and_known_volume(server: str, tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "dicom", "dicom", cases=1, seed=9, size=STUDY_SIZE)
+    study = root / "SYN_0001"
+    archive = tmp_path / "SYN_0001.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(study.rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(root))
+    flair_image = read_series(study / "FLAIR")
+    flair = sitk.GetArrayFromImage(flair_image).transpose(2, 1, 0)  # (x, y, z)
+    expected = expected_flair_mask(flair)
+    per_slice = expected.sum(axis=(0, 1))
+    assert expected.any() and np.count_nonzero(per_slice == per_slice.max()) == 1, "the phantom needs one busiest slice"
+    voxel_ml = float(np.prod(flair_image.GetSpacing())) / 1000.0
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study / "SYN_0001_seg.nii.gz"))).transpose(2, 1, 0) > 0
+    dice = 2.0 * np.logical_and(expected, truth).sum() / (expected.sum() + truth.sum())
+
+    with browser_page(server) as page:
+        page.set_input_files("#files", str(archive))
+        page.wait_for_selector(READY, timeout=60_000)
+        assert page.inner_text("#error") == ""
+        assert page.inner_text("#case-id") == "SYN_0001"
+        slider = page.locator("#slice")
+        assert slider.is_visible(), "a volume must show its slice slider"
+        assert int(slider.get_attribute("max")) == STUDY_SIZE[2] - 1
+        start = int(slider.input_value())
+        assert start == int(np.argmax(per_slice)), "the slider should open on the slice with the most tumour"
+        assert page.inner_text("#slicename") == f"z = {start} ({per_slice[start]} tumour pixels)"
+        shown_ml = float(stat_row(page, "Tumour volume").removesuffix(" mL"))
+        assert shown_ml == pytest.approx(expected.sum() * voxel_ml, abs=0.02)
+        assert float(stat_row(page, "Dice")) == pytest.approx(dice, abs=0.002), "the study's _seg.nii.gz is its truth"
+        # The mask offered for download is the expected one, in the series' geometry.
+        href = page.get_attribute('#downloads a[download="mask.nii.gz"]', "href")
+        (tmp_path / "mask.nii.gz").write_bytes(base64.b64decode(href.split(",", 1)[1]))
+        downloaded = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+        assert downloaded.GetSpacing() == pytest.approx(flair_image.GetSpacing())
+        got = sitk.GetArrayFromImage(downloaded).transpose(2, 1, 0) > 0
+        assert np.count_nonzero(got != expected) <= 0.001 * got.size
+        # Moving the slider redraws the chosen slice without a new request.
+        slider.fill("0")
+        assert page.inner_text("#slicename") == f"z = 0 ({per_slice[0]} tumour pixels)"
+
+
+def test_browser_corrupt_file_is_named_then_good_upload_works(server: str, tmp_path: Path) -> None:
+    corrupt = tmp_path / "scan_0042.png"
+    corrupt.write_bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    rgb, mask = known_slice()
+    (tmp_path / "good.png").write_bytes(png_bytes(rgb))
+    with browser_page(server) as page:
+        page.set_input_files("#files", str(corrupt))
+        page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
+        error = page.inner_text("#error")
+        assert error.startswith("scan_0042.png:") and "cannot read" in error, error
+        assert "brainseg-serve" not in error, "the request's temporary folder leaked into the message"
+        assert not page.locator("#result").is_visible()
+        page.set_input_files("#files", str(tmp_path / "good.png"))
+        page.wait_for_selector(READY, timeout=60_000)
+        assert page.inner_text("#error") == ""
+        assert page.inner_text("#case-id") == "good"
+        coverage = float(page.get_attribute("#coverage", "data-value"))
+        assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
