@@ -124,6 +124,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from brainseg_monai.benchmark import format_table, run_benchmark
+
+    result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=args.bundle)
+    print(format_table(result))
+    print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``brainseg`` argument parser with one sub-command per pipeline stage."""
     parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
@@ -209,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("benchmark", help="speed against MONAI's TestTimeAugmentation and the machine's matmul rate")
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--data", help="LGG patient folders to use instead of synthetic phantoms")
+    p.add_argument("--bundle", default="bundle", help="bundle folder (its train.json times the data pipeline)")
+    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p.set_defaults(func=_cmd_benchmark)
     return parser
 
 
