@@ -86,8 +86,8 @@ class BenchmarkSizes:
 
     image_size: int = 256
     slices: int = 16
-    cases: int = 1
-    repeats: int = 5
+    cases: int = 2
+    repeats: int = 3
     scaling_cases: int = 1
     scaling_repeats: int = 1
     batch_size: int = 16
@@ -115,7 +115,7 @@ class BenchmarkSizes:
 
 
 QUICK = BenchmarkSizes()
-FULL = BenchmarkSizes(cases=3, repeats=5, scaling_cases=2, scaling_repeats=2, train_cases=8, train_steps=12,
+FULL = BenchmarkSizes(cases=4, repeats=5, scaling_cases=2, scaling_repeats=2, train_cases=8, train_steps=12,
                       matmul_size=4096)
 
 
@@ -230,7 +230,8 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: s
 
 def _stats(values: Sequence[float]) -> dict:
     """Median, min and max of repeated measurements (and how many there were)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": [round(v, 6) for v in values]}
 
 
 def _sync(device: torch.device) -> None:
@@ -473,9 +474,11 @@ def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, w
     }
     runs: dict[str, list[float]] = {name: [] for name in parts}
     peaks: dict[str, PeakMemory] = {}
+    names = list(parts)
     for repeat in range(sizes.repeats + 1):  # the first round warms up (allocator, oneDNN kernels, file cache)
-        for name, run in parts.items():  # interleaved, so a change in machine load hits every part alike
-            seconds, peak = run()
+        # interleaved, so a change in machine load hits every part alike; the order rotates, so does what runs before
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            seconds, peak = parts[name]()
             if repeat == 0:
                 continue
             runs[name].append(seconds)
