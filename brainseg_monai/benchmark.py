@@ -533,11 +533,16 @@ def _bundle_training(bundle: Path, dataset_dir: Path, out: Path, device: torch.d
         "bundle_root": str(bundle), "output_dir": str(out), "dataset_dir": str(dataset_dir), "device": str(device),
         "roi_size": list(sizes.train_roi), "network_kwargs": dict(sizes.network_kwargs),
     })
-    return {key: parser.get_parsed_content(key) for key in ("train#dataloader", "network", "loss", "optimizer", "batch_size")}
+    keys = ("train#dataloader", "train#prepare_batch", "network", "loss", "optimizer", "batch_size")
+    return {key: parser.get_parsed_content(key) for key in keys}
 
 
 def _bench_training(sizes: BenchmarkSizes, device: torch.device, data: Path | None, work: Path, bundle: Path) -> dict:
-    """Training steps through the bundle's data pipeline against the same steps on batches already in memory."""
+    """Training steps through the bundle's data pipeline against the same steps on batches already in memory.
+
+    The pipeline arm is what ``SupervisedTrainer`` does: the loader, then the trainer's ``prepare_batch`` (to the
+    device and the batch augmentation), then the step; the in-memory arm steps on batches already prepared.
+    """
     cases = _lgg_cases(sizes, data, work, sizes.train_cases, "lgg_train")
     root = work / "train_data"
     root.mkdir(exist_ok=True)
@@ -546,21 +551,21 @@ def _bench_training(sizes: BenchmarkSizes, device: torch.device, data: Path | No
         if not link.exists():
             link.symlink_to(case.resolve(), target_is_directory=True)
     parts = _bundle_training(bundle, root, work / "train_run", device, sizes)
-    loader, network, loss_fn, optimizer = (parts[k] for k in ("train#dataloader", "network", "loss", "optimizer"))
+    loader, prepare, network, loss_fn, optimizer = (
+        parts[k] for k in ("train#dataloader", "train#prepare_batch", "network", "loss", "optimizer"))
     network.train()
 
     def batches() -> Iterator[dict]:
         while True:
             yield from loader
 
-    def step(batch: Mapping) -> None:  # SupervisedTrainer's iteration without AMP
-        images, labels = batch["image"].to(device), batch["label"].to(device)
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:  # SupervisedTrainer's iteration without AMP
         optimizer.zero_grad(set_to_none=True)
         loss_fn(network(images), labels).backward()
         optimizer.step()
 
     stream = batches()
-    step(next(stream))  # warm-up
+    step(*prepare(next(stream), device))  # warm-up
     steps = sizes.train_steps
     runs: dict[str, list[float]] = {"pipeline": [], "memory": []}
     peaks: dict[str, PeakMemory] = {}
@@ -569,16 +574,16 @@ def _bench_training(sizes: BenchmarkSizes, device: torch.device, data: Path | No
             _sync(device)
             started = time.perf_counter()
             for _ in range(steps):
-                step(next(stream))
+                step(*prepare(next(stream), device))
             _sync(device)
             runs["pipeline"].append(time.perf_counter() - started)
         peaks["pipeline"] = peak
-        in_memory = [{k: v.to(device) for k, v in next(stream).items() if k in ("image", "label")} for _ in range(steps)]
+        in_memory = [prepare(next(stream), device) for _ in range(steps)]
         with PeakMemory(device) as peak:
             _sync(device)
             started = time.perf_counter()
-            for batch in in_memory:
-                step(batch)
+            for images, labels in in_memory:
+                step(images, labels)
             _sync(device)
             runs["memory"].append(time.perf_counter() - started)
         peaks["memory"] = peak
