@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Patient-level 5-fold cross-validation on the LGG set: for each fold, train configs/lgg_2d.json on the other four,
+# predict the held-out patients with brainseg infer (its default TTA and post-processing) and score them; then
+# aggregate the folds. Out-of-fold per-patient Dice is the figure bundle/docs/README.md reports.
+#
+#   bash scripts/cv_lgg.sh            # all five folds
+#   bash scripts/cv_lgg.sh 0 3        # some folds (runs of other folds already under OUT are aggregated too)
+#
+# Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
+# EPOCHS (default 25), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
+# INFER_ARGS (extra brainseg infer options, e.g. "--tta none").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ -n "${VIRTUAL_ENV:-}" ]] || source .venv/bin/activate
+
+DATA=${DATA:-../shared/data/lgg/kaggle_3m}
+OUT=${OUT:-runs/cv}
+NAME=${NAME:-unet}
+EPOCHS=${EPOCHS:-25}
+FOLDS=("$@")
+[[ ${#FOLDS[@]} -gt 0 ]] || FOLDS=(0 1 2 3 4)
+
+if [[ ! -d "$DATA" ]]; then
+    echo "LGG data not found at $DATA (set DATA=...; see ../shared/data/DATA.md)" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+datalist="$OUT/folds5.json"
+[[ -f "$datalist" ]] || brainseg datalist "$DATA" --source lgg --folds 5 --seed 0 --out "$datalist"
+
+for k in "${FOLDS[@]}"; do
+    run="$OUT/${NAME}_f$k"
+    # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
+    python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/lgg_2d.json']" \
+        --bundle_root bundle --datalist "$datalist" --fold "$k" --max_epochs "$EPOCHS" --output_dir "$run" \
+        ${TRAIN_ARGS:-}
+    # a folder with links to the held-out patients only, so inference does no more than scoring needs
+    python - "$datalist" "$k" "$run/heldout" <<'EOF'
+import json, os, sys
+from pathlib import Path
+
+datalist, fold, target = json.load(open(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3])
+target.mkdir(parents=True, exist_ok=True)
+for folder in sorted({Path(item["image"]).parent for item in datalist["training"] if item["fold"] == fold}):
+    link = target / folder.name
+    if not link.exists():
+        os.symlink(folder.resolve(), link, target_is_directory=True)
+EOF
+    # shellcheck disable=SC2086
+    brainseg infer "$run/heldout" --checkpoint "$run/models/model.pt" --out "$run/oof" --no-progress ${INFER_ARGS:-}
+    brainseg evaluate "$run/oof" --truth "$datalist" --fold "$k" --out "$run/report" --train-dir "$run" \
+        --model "$run/models/model.pt"
+done
+brainseg aggregate-folds "$OUT/${NAME}"_f*/report/metrics.json --out "$OUT/${NAME}_summary"
