@@ -26,6 +26,14 @@ def _channels(pairs: Sequence[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _bundle(arg: str | None) -> Path:
+    """``--bundle``, else ``./bundle`` when there is one, else the bundle shipped beside the package (its model)."""
+    if arg:
+        return Path(arg)
+    here = Path("bundle")
+    return here if (here / "configs").is_dir() else Path(__file__).resolve().parents[1] / "bundle"
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from brainseg_monai.synth import make_dataset
 
@@ -57,7 +65,7 @@ def _cmd_datalist(args: argparse.Namespace) -> int:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from brainseg_monai.inference.runner import InferenceSettings, run_inference
 
-    checkpoint = args.checkpoint or str(Path(args.bundle) / "models" / "model.pt")
+    checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
     settings = InferenceSettings(
         checkpoint=checkpoint, tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
@@ -119,7 +127,7 @@ def _cmd_aggregate_folds(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from brainseg_monai.webapp import serve  # needs fastapi/uvicorn: imported only for this sub-command
 
-    checkpoint = args.checkpoint or str(Path(args.bundle) / "models" / "model.pt")
+    checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
     serve(checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
     return 0
 
@@ -127,7 +135,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from brainseg_monai.benchmark import format_table, run_benchmark
 
-    result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=args.bundle)
+    result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=_bundle(args.bundle))
     print(format_table(result))
     print(f"written: {args.out}")
     return 0
@@ -165,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="segment images, volumes, LGG folders or DICOM trees; masks in the source geometry")
     p.add_argument("inputs", nargs="+", help="image files, folders of slices, volumes, DICOM series or study trees")
     p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv")
-    p.add_argument("--bundle", default="bundle", help="bundle folder whose models/model.pt is the default checkpoint")
+    p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
+                   "if present, else the bundle installed with the package)")
     p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -213,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="local web app: upload a scan, see the tumour outlined, read its size")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--bundle", default="bundle", help="bundle folder whose models/model.pt is the default checkpoint")
+    p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
+                   "if present, else the bundle installed with the package)")
     p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -223,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data", help="LGG patient folders to use instead of synthetic phantoms")
-    p.add_argument("--bundle", default="bundle", help="bundle folder (its train.json times the data pipeline)")
+    p.add_argument("--bundle", help="bundle folder (its train.json times the data pipeline; default as for infer)")
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.set_defaults(func=_cmd_benchmark)
     return parser

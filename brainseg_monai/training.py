@@ -22,7 +22,7 @@ from monai.handlers import CheckpointLoader
 from torch.utils.data import WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
-from brainseg_monai import synth
+from brainseg_monai import synth, transforms
 from brainseg_monai.io import read_sitk, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,23 @@ def prepare_data(
     datalist_lib.write_datalist(dl, Path(output_dir) / "datalist.json")
     train, valid = datalist_lib.training_split(dl, fold=fold)
     return train, valid, list(dl.get("channels") or [])
+
+
+def with_normalisation(
+    data: tuple[list[dict], list[dict], list[str]], normalisation: str = "slice", spatial_dims: int = 2
+) -> tuple[list[dict], list[dict], list[str]]:
+    """``data`` from :func:`prepare_data`, its items carrying their patient's intensity statistics for "case".
+
+    With "slice" it is returned as it is. With "case" every training and validation item gets its patient's
+    per-channel ``norm_mean``/``norm_std`` (:func:`brainseg_monai.transforms.case_statistics`), the statistics
+    inference computes over a patient's slices.
+    """
+    train, valid, channels = data
+    if normalisation == "slice":
+        return train, valid, channels
+    if normalisation != "case":
+        raise ValueError(f"normalisation must be 'slice' or 'case' but is {normalisation!r}.")
+    return transforms.case_statistics(train, spatial_dims), transforms.case_statistics(valid, spatial_dims), channels
 
 
 def _has_tumour(label_path: str) -> bool:

@@ -6,6 +6,9 @@
 #   bash scripts/cv_lgg.sh            # all five folds
 #   bash scripts/cv_lgg.sh 0 3        # some folds (runs of other folds already under OUT are aggregated too)
 #
+# A fold whose training finished is not trained again (delete OUT/NAME_fK/trained to retrain); an interrupted one
+# resumes from its last checkpoint, so the script can be run again after a stop.
+#
 # Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
 # EPOCHS (default 25), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
 # INFER_ARGS (extra brainseg infer options, e.g. "--tta none").
@@ -30,10 +33,15 @@ datalist="$OUT/folds5.json"
 
 for k in "${FOLDS[@]}"; do
     run="$OUT/${NAME}_f$k"
-    # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
-    python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/lgg_2d.json']" \
-        --bundle_root bundle --datalist "$datalist" --fold "$k" --max_epochs "$EPOCHS" --output_dir "$run" \
-        ${TRAIN_ARGS:-}
+    if [[ ! -f "$run/trained" ]]; then  # a finished fold is kept; an interrupted one resumes from its last checkpoint
+        resume=false
+        compgen -G "$run/models/last_checkpoint_epoch=*.pt" >/dev/null && resume=true
+        # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
+        python -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/lgg_2d.json']" \
+            --bundle_root bundle --datalist "$datalist" --fold "$k" --max_epochs "$EPOCHS" --output_dir "$run" \
+            --resume "$resume" ${TRAIN_ARGS:-}
+        touch "$run/trained"
+    fi
     # a folder with links to the held-out patients only, so inference does no more than scoring needs
     python - "$datalist" "$k" "$run/heldout" <<'EOF'
 import json, os, sys
@@ -51,4 +59,9 @@ EOF
     brainseg evaluate "$run/oof" --truth "$datalist" --fold "$k" --out "$run/report" --train-dir "$run" \
         --model "$run/models/model.pt"
 done
-brainseg aggregate-folds "$OUT/${NAME}"_f*/report/metrics.json --out "$OUT/${NAME}_summary"
+reports=("$OUT/${NAME}"_f*/report/metrics.json)
+if [[ ${#reports[@]} -ge 2 ]]; then
+    brainseg aggregate-folds "${reports[@]}" --out "$OUT/${NAME}_summary"
+else
+    echo "one fold scored so far (${reports[0]}); the summary over folds needs two or more"
+fi

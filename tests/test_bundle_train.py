@@ -195,3 +195,14 @@ def test_amp_on_cpu_is_refused_and_auto_is_off(lgg_phantoms: Path, tmp_path: Pat
     with pytest.raises(Exception) as info:
         wf.parser.get_parsed_content("use_amp")
     assert "amp=true needs a CUDA device" in _messages(info.value)
+
+
+def test_case_normalisation_trains_and_travels_with_the_model(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "case"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=1, roi_size=[64, 64], batch_size=4,
+                   normalisation="case")
+    _run(wf)
+    items = wf.parser.get_parsed_content("data")[0]
+    assert all(len(item["norm_mean"]) == 3 for item in items)
+    assert json.loads((out / "models" / "model.json").read_text())["normalisation"] == "case"
+    assert (out / "models" / "model.pt").is_file()

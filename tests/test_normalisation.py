@@ -1,0 +1,101 @@
+"""Intensity normalisation per slice or per case: the same statistics in training and inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, NormalizeIntensity
+
+from brainseg_monai.datalist import build_datalist
+from brainseg_monai.inference.predictor import ModelSpec, load_for_case, normalise_slices
+from brainseg_monai.synth import make_dataset
+from brainseg_monai.training import with_normalisation
+from brainseg_monai.transforms import NormaliseCased, case_statistics, channel_statistics, load_transforms, normalise_with
+
+
+@pytest.fixture(scope="module")
+def lgg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("norm") / "data", "lgg", cases=2, seed=5, size=(48, 48, 5))
+
+
+def _pooled(images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the non-zero pixels of all images, with numpy."""
+    means, stds = [], []
+    for c in range(images[0].shape[0]):
+        values = np.concatenate([np.asarray(im[c]).ravel() for im in images])
+        values = values[values != 0]
+        means.append(values.mean())
+        stds.append(values.std())
+    return np.array(means), np.array(stds)
+
+
+def test_channel_statistics_pool_the_nonzero_pixels_of_all_images() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 10, 12, generator=generator), torch.rand(2, 7, 7, generator=generator) * 3
+    a[:, :4] = 0
+    stats = channel_statistics([a, b])
+    mean, std = _pooled([a, b])
+    assert np.allclose(stats["norm_mean"], mean) and np.allclose(stats["norm_std"], std)
+    assert channel_statistics([torch.zeros(1, 4, 4)]) == {"norm_mean": [0.0], "norm_std": [1.0]}
+
+
+def test_an_image_without_case_statistics_is_normalised_on_its_own_as_monai_does() -> None:
+    image = torch.rand(3, 16, 16) * 100
+    image[:, :3] = 0
+    ours = NormaliseCased("image")({"image": image})["image"]
+    theirs = NormalizeIntensity(nonzero=True, channel_wise=True)(image)
+    assert torch.allclose(ours, torch.as_tensor(theirs), atol=1e-5)
+
+
+def test_case_statistics_are_shared_by_a_patients_slices_and_z_score_them(lgg: Path) -> None:
+    items = build_datalist("lgg", lgg, val=0.0)["training"]
+    with_stats = case_statistics(items)
+    by_patient: dict[str, list[dict]] = {}
+    for item in with_stats:
+        by_patient.setdefault(item["patient"], []).append(item)
+    assert len(by_patient) == 2
+    reader = Compose(load_transforms(2, keys=("image",), normalisation=None))
+    for patient_items in by_patient.values():
+        assert len({tuple(i["norm_mean"]) for i in patient_items}) == 1
+        stats = patient_items[0]
+        normalised = [normalise_with(reader({"image": i["image"]})["image"], stats["norm_mean"], stats["norm_std"]) for i in patient_items]
+        mean, std = _pooled(normalised)
+        assert np.allclose(mean, 0, atol=1e-4) and np.allclose(std, 1, atol=1e-4)
+    assert "norm_mean" not in items[0]  # the input items are left as they were
+
+
+def test_training_items_get_statistics_only_for_case_normalisation(lgg: Path) -> None:
+    items = build_datalist("lgg", lgg, val=0.0)["training"]
+    train, valid, _ = with_normalisation((items, items[:2], ["t1", "flair", "t1c"]), "case")
+    assert all("norm_mean" in i for i in train + valid)
+    assert with_normalisation((items, [], []), "slice")[0] is items
+    with pytest.raises(ValueError, match="normalisation"):
+        with_normalisation((items, [], []), "volume")
+
+
+def test_inference_uses_the_statistics_of_the_whole_patient(lgg: Path) -> None:
+    patient = sorted(p for p in lgg.iterdir() if p.is_dir())[0]
+    images = sorted(str(p) for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif"))
+    case = load_for_case("slices", images, ModelSpec(normalisation="case"))["slices"]
+    mean, std = _pooled([torch.as_tensor(s) for s in case])
+    assert np.allclose(mean, 0, atol=1e-4) and np.allclose(std, 1, atol=1e-4)
+    stats = case_statistics([{"image": p, "patient": "p"} for p in images])[0]  # what training attaches
+    reader = Compose(load_transforms(2, keys=("image",), normalisation="case"))
+    for path, slice_ in zip(images, case):
+        trained_on = reader({"image": path, "norm_mean": stats["norm_mean"], "norm_std": stats["norm_std"]})["image"]
+        assert torch.allclose(torch.as_tensor(trained_on), torch.as_tensor(slice_), atol=1e-5)
+    alone = load_for_case("slices", images[:1], ModelSpec(normalisation="case"))["slices"][0]
+    per_slice = load_for_case("slices", images[:1], ModelSpec(normalisation="slice"))["slices"][0]
+    assert torch.allclose(torch.as_tensor(alone), torch.as_tensor(per_slice), atol=1e-5)  # a slice alone: its own
+
+
+def test_a_volume_through_a_case_normalised_2d_model_uses_the_volume_statistics() -> None:
+    volume = torch.rand(2, 8, 8, 4) + 0.5
+    stats = channel_statistics([volume])
+    slices = normalise_slices(volume, stats)
+    assert slices.shape == (4, 2, 8, 8)
+    mean, std = _pooled(list(slices))
+    assert np.allclose(mean, 0, atol=1e-5) and np.allclose(std, 1, atol=1e-5)
