@@ -10,7 +10,7 @@
 # resumes from its last checkpoint, so the script can be run again after a stop.
 #
 # Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
-# EPOCHS (default 25), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
+# EPOCHS (default 40, as configs/lgg_2d.json), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
 # INFER_ARGS (extra brainseg infer options, e.g. "--tta none").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lgg/kaggle_3m}
 OUT=${OUT:-runs/cv}
 NAME=${NAME:-unet}
-EPOCHS=${EPOCHS:-25}
+EPOCHS=${EPOCHS:-40}
 FOLDS=("$@")
 [[ ${#FOLDS[@]} -gt 0 ]] || FOLDS=(0 1 2 3 4)
 

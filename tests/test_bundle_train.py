@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import latest_checkpoint
 from conftest import REPO_ROOT, shared_path
@@ -206,3 +208,22 @@ def test_case_normalisation_trains_and_travels_with_the_model(lgg_phantoms: Path
     assert all(len(item["norm_mean"]) == 3 for item in items)
     assert json.loads((out / "models" / "model.json").read_text())["normalisation"] == "case"
     assert (out / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.json")))
+def test_experiment_configs_override_only_keys_the_bundle_has(name: str) -> None:
+    """A typo in an override (``train#augment#rot9_prob``) would silently add a key nothing reads."""
+    base = ConfigParser()
+    base.read_config(str(TRAIN))
+    overrides = json.loads((REPO_ROOT / "configs" / name).read_text())
+    for key in overrides:
+        parent, _, leaf = key.rpartition("#")
+        if parent:
+            assert isinstance(base[parent], dict), f"{name}: {parent} is not a config section"
+            known = base[parent]
+            if known.get("_target_", "").endswith("BatchAugment"):
+                assert leaf in inspect.signature(BatchAugment).parameters, f"{name}: {key} is not a BatchAugment argument"
+            else:
+                assert leaf in known, f"{name}: {key} is not in train.json"
+        else:
+            assert key in base.get(), f"{name}: top-level key {key} is not in train.json"

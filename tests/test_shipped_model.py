@@ -1,0 +1,80 @@
+"""The LGG model shipped in bundle/models: loadable with its settings, accurate on patients it never saw, exportable.
+
+Nothing here trains; the figures of the model are in bundle/docs/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainseg_monai.evaluation import evaluate_predictions
+from brainseg_monai.inference.predictor import MODEL_SIDECAR, load_for_case, load_model
+from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from conftest import REPO_ROOT, shared_path
+
+BUNDLE = REPO_ROOT / "bundle"
+MODEL = BUNDLE / "models" / "model.pt"
+#: Two of the patients held out from the shipped model's training (its fold), chosen before scoring: the first two
+#: of that fold, in name order, with 20 slices.
+UNSEEN = ("TCGA_CS_4944_20010208", "TCGA_HT_7884_19980913")
+#: Per-patient Dice bar: well above chance (an empty or all-brain mask scores about 0 to 0.1 here) and below what
+#: the model measured on these patients, so that only a broken model or pipeline fails it.
+DICE_BAR = 0.75
+
+
+def test_the_shipped_model_loads_with_its_settings() -> None:
+    assert MODEL.is_file(), "bundle/models/model.pt is missing"
+    assert MODEL.stat().st_size <= 25 * 2**20
+    network, spec = load_model(MODEL, "cpu")
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    channel_def = meta["network_data_format"]["inputs"]["image"]["channel_def"]
+    assert spec.spatial_dims == 2 and spec.in_channels == 3 == len(channel_def)
+    assert 0.0 < spec.postprocessing["threshold"] < 1.0  # the tuned threshold travels with the model
+    assert "lgg" in meta["changelog"][meta["version"]].lower()
+    sidecar = json.loads((MODEL.parent / MODEL_SIDECAR).read_text())
+    assert sidecar["network_name"] == spec.network_name
+    with torch.no_grad():
+        out = network(torch.zeros(1, 3, 256, 256))
+    assert out.shape == (1, 1, 256, 256) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_unseen_lgg_patients_are_segmented_well_by_default(tmp_path: Path) -> None:
+    root = shared_path("lgg", "kaggle_3m")
+    patients = tmp_path / "patients"
+    patients.mkdir()
+    for name in UNSEEN:
+        (patients / name).symlink_to(root / name, target_is_directory=True)
+    rows = run_inference([patients], tmp_path / "pred", InferenceSettings(str(MODEL), device="cpu", progress=False))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    result = evaluate_predictions(tmp_path / "pred", patients, source="lgg")
+    dice = {p["patient"]: p["dice"] for p in result["per_patient"]}
+    assert set(dice) == set(UNSEEN)
+    assert min(dice.values()) >= DICE_BAR, dice
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_torchscript_export_gives_the_same_masks(tmp_path: Path) -> None:
+    slices = [str(p) for p in sorted(shared_path("lgg", "kaggle_3m", UNSEEN[0]).glob("*_1[0-4].tif"))]
+    exported = tmp_path / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+           "--ckpt_file", str(MODEL), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+           "--config_file", str(BUNDLE / "configs" / "train.json"), "--bundle_root", str(BUNDLE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    network, spec = load_model(MODEL, "cpu")
+    scripted = torch.jit.load(str(exported), map_location="cpu").eval()
+    batch = torch.stack([torch.as_tensor(s) for s in load_for_case("slices", slices, spec)["slices"]])  # as infer reads
+    with torch.no_grad():
+        ours, theirs = torch.sigmoid(network(batch)), torch.sigmoid(scripted(batch))
+    threshold = spec.postprocessing["threshold"]
+    assert torch.equal(ours >= threshold, theirs >= threshold)
+    assert (ours - theirs).abs().max() < 1e-4
