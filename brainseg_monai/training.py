@@ -106,11 +106,10 @@ def with_normalisation(
     per-channel ``norm_mean``/``norm_std`` (:func:`brainseg_monai.transforms.case_statistics`), the statistics
     inference computes over a patient's slices.
     """
+    transforms.check_normalisation(normalisation)
     train, valid, channels = data
     if normalisation == "slice":
         return train, valid, channels
-    if normalisation != "case":
-        raise ValueError(f"normalisation must be 'slice' or 'case' but is {normalisation!r}.")
     return transforms.case_statistics(train, spatial_dims), transforms.case_statistics(valid, spatial_dims), channels
 
 

@@ -21,6 +21,7 @@ from monai.transforms import (
     FgBgToIndicesd,
     LoadImaged,
     MapTransform,
+    NormalizeIntensity,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -35,8 +36,8 @@ from brainseg_monai.io import SimpleITKReader
 warnings.filterwarnings("ignore", message="Num foregrounds 0", module="monai")
 
 __all__ = [
-    "LoadImageSITKd", "NormaliseCased", "case_statistics", "channel_statistics", "infer_transforms", "load_transforms",
-    "normalise_with", "train_transforms", "val_transforms",
+    "LoadImageSITKd", "NormaliseCased", "case_statistics", "channel_statistics", "check_normalisation",
+    "infer_transforms", "load_transforms", "normalise_with", "train_transforms", "val_transforms",
 ]
 
 
@@ -70,7 +71,8 @@ NORMALISATIONS = ("slice", "case")
 STATS_KEYS = ("norm_mean", "norm_std")
 
 
-def _check_normalisation(normalisation: str) -> None:
+def check_normalisation(normalisation: str) -> None:
+    """Raise ``ValueError`` unless ``normalisation`` is one of ``NORMALISATIONS``."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS} but is {normalisation!r}.")
 
@@ -117,6 +119,7 @@ class NormaliseCased(MapTransform):
 
     def __init__(self, keys: Sequence[str] | str = "image") -> None:
         super().__init__(keys)
+        self.own = NormalizeIntensity(nonzero=True, channel_wise=True)
 
     def __call__(self, data: Mapping) -> dict:
         """Normalised copy of ``data`` without the statistics keys."""
@@ -125,9 +128,9 @@ class NormaliseCased(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             mean, std = stats[STATS_KEYS[0]], stats[STATS_KEYS[1]]
-            if mean is None or std is None:
-                own = channel_statistics([image])
-                mean, std = own[STATS_KEYS[0]], own[STATS_KEYS[1]]
+            if mean is None or std is None:  # an image alone
+                d[key] = self.own(image)
+                continue
             if len(mean) != image.shape[0] or len(std) != image.shape[0]:
                 raise ValueError(f"case statistics have {len(mean)} channel(s) but the image has {image.shape[0]}.")
             d[key] = normalise_with(image, mean, std)
@@ -173,7 +176,7 @@ def load_transforms(
     """
     _check_dims(spatial_dims)
     if normalisation is not None:
-        _check_normalisation(normalisation)
+        check_normalisation(normalisation)
     keys = list(keys)
     image_key, label_keys = keys[0], keys[1:]
     xforms: list[MapTransform] = [
