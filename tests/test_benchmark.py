@@ -14,9 +14,16 @@ import torch
 from monai.transforms import NormalizeIntensity
 
 from brainseg_monai.benchmark import BenchmarkSizes, PeakMemory, format_table, run_benchmark, run_command
-from brainseg_monai.inference.predictor import ModelSpec, Predictor, inference_network, normalise_slices
+from brainseg_monai.inference.predictor import (
+    ModelSpec,
+    Predictor,
+    inference_network,
+    normalise_images,
+    normalise_slices,
+)
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.networks import get_network
+from brainseg_monai.transforms import channel_statistics, normalise_with
 from conftest import REPO_ROOT
 
 #: Probabilities of the optimised path (batch norm folded, channels-last, vectorised normalisation) against the plain one.
@@ -99,6 +106,22 @@ def test_normalise_slices_equals_monai_per_slice() -> None:
     assert (got - expected).abs().max().item() < PROB_TOLERANCE
     assert not got[2, 1].any() and set(got[3, 2].unique().tolist()) <= {0.0}
     assert abs(float(got[0, 0][volume[0, ..., 0] != 0].mean())) < 1e-4
+
+
+def test_normalise_images_equals_monai_per_image() -> None:
+    """Stacked normalisation of a case's slices (two sizes here) against MONAI's transform on each image alone."""
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, *shape, generator=gen) * 500 * (torch.rand(1, *shape, generator=gen) > 0.3)
+              for shape in ((40, 24), (40, 24), (16, 16), (40, 24))]
+    images[1][2] = 0  # an all-zero channel stays zero
+    monai_norm = NormalizeIntensity(nonzero=True, channel_wise=True)
+    for got, image in zip(normalise_images(images), images):
+        assert got.shape == image.shape
+        assert (got - torch.as_tensor(monai_norm(image.clone()))).abs().max().item() < PROB_TOLERANCE
+    stats = channel_statistics(images)
+    for got, image in zip(normalise_images(images, stats), images):
+        expected = normalise_with(image, stats["norm_mean"], stats["norm_std"])
+        assert (got - expected).abs().max().item() < PROB_TOLERANCE
 
 
 def test_volume_by_slices_equals_the_per_slice_path() -> None:

@@ -92,6 +92,15 @@ def test_inference_uses_the_statistics_of_the_whole_patient(lgg: Path) -> None:
     assert torch.allclose(torch.as_tensor(alone), torch.as_tensor(per_slice), atol=1e-5)  # a slice alone: its own
 
 
+def test_inference_of_slice_models_normalises_as_training(lgg: Path) -> None:
+    patient = sorted(p for p in lgg.iterdir() if p.is_dir())[0]
+    images = sorted(str(p) for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif"))
+    slices = load_for_case("slices", images, ModelSpec(normalisation="slice"))["slices"]
+    reader = Compose(load_transforms(2, keys=("image",), normalisation="slice"))
+    for path, slice_ in zip(images, slices):
+        assert torch.allclose(torch.as_tensor(reader({"image": path})["image"]), slice_, atol=1e-5)
+
+
 def test_a_volume_through_a_case_normalised_2d_model_uses_the_volume_statistics() -> None:
     volume = torch.rand(2, 8, 8, 4) + 0.5
     stats = channel_statistics([volume])

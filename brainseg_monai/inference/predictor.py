@@ -158,17 +158,8 @@ def noise_only_slices(volume: torch.Tensor | np.ndarray, fraction: float = 0.1) 
     return [int(z) for z in np.flatnonzero(per_slice < fraction * overall)]
 
 
-def normalise_slices(volume: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
-    """(C, x, y, z) float volume -> (z, C, x, y) slices, each channel of each slice z-scored over its non-zero pixels.
-
-    With ``stats`` (``norm_mean``/``norm_std`` per channel, see :func:`channel_statistics`) every slice is z-scored
-    with those instead: the "case" normalisation.
-
-    The same as MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)`` on every slice (training's
-    normalisation of 2D slices; population std, 1 where it is 0, all-zero planes unchanged), done in one pass over the
-    volume: the transform per slice on a strided view cost 20-30 ms a slice (``brainseg benchmark``), this ~6 ms.
-    """
-    planes = volume.float().permute(3, 0, 1, 2).contiguous()
+def _zscore_planes(planes: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    """z-score each channel of each (N, C, x, y) plane over its non-zero pixels, or with ``stats`` for all planes."""
     if stats is not None:
         return normalise_with(planes.transpose(0, 1), stats["norm_mean"], stats["norm_std"]).transpose(0, 1)
     mask = planes != 0
@@ -179,14 +170,47 @@ def normalise_slices(volume: torch.Tensor, stats: dict | None = None) -> torch.T
     return torch.where(mask, (planes - mean) / std, planes)
 
 
-def inference_network(network: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    """A copy of ``network`` (in eval mode) made faster for inference; ``network`` itself is left as it is.
+def normalise_slices(volume: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    """(C, x, y, z) float volume -> (z, C, x, y) slices, each channel of each slice z-scored over its non-zero pixels.
+
+    With ``stats`` (``norm_mean``/``norm_std`` per channel, see :func:`channel_statistics`) every slice is z-scored
+    with those instead: the "case" normalisation.
+
+    The same as MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)`` on every slice (training's
+    normalisation of 2D slices; population std, 1 where it is 0, all-zero planes unchanged), done in one pass over the
+    volume: the transform per slice on a strided view cost 20-30 ms a slice (``brainseg benchmark``), this ~6 ms.
+    """
+    return _zscore_planes(volume.float().permute(3, 0, 1, 2).contiguous(), stats)
+
+
+def normalise_images(images: Sequence[torch.Tensor], stats: dict | None = None) -> list[torch.Tensor]:
+    """(C, x, y) raw images -> normalised as by :func:`normalise_slices`, equal-sized ones stacked into one pass.
+
+    Through ``Compose``, MONAI's ``NormalizeIntensity`` per image cost about 3 ms of a 256x256 LGG slice's 6 ms of
+    reading and pre-processing (``brainseg benchmark``); stacked, a case's slices take one vectorised pass.
+    """
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    for indices in by_shape.values():
+        normalised = _zscore_planes(torch.stack([torch.as_tensor(images[i]).float() for i in indices]), stats)
+        for i, image in zip(indices, normalised):
+            out[i] = image
+    return out  # type: ignore[return-value]
+
+
+def inference_network(network: torch.nn.Module, device: torch.device | str, copy_network: bool = True) -> torch.nn.Module:
+    """``network`` in eval mode made faster for inference: a copy, leaving ``network`` as it is, by default.
+
+    With ``copy_network=False`` the network itself is changed and returned, saving the copy (40 ms for the default
+    U-Net) when the caller has no other use for it.
 
     Batch norm that directly follows a convolution in MONAI's ``Convolution`` blocks is folded into the convolution's
     weights (exact up to float rounding: probabilities within 1e-5), and on CPU the weights are stored channels-last,
     which oneDNN's convolutions run faster on (``brainseg benchmark``: 1.2-1.35x for the 2D U-Net, 1.25x in 3D).
     """
-    network = copy.deepcopy(network).eval()
+    network = (copy.deepcopy(network) if copy_network else network).eval()
     for block in network.modules():
         adn = getattr(block, "adn", None)
         if not isinstance(block, Convolution) or adn is None or not len(adn):
@@ -213,14 +237,15 @@ class Predictor:
         tta: ``"none"``, ``"flip"`` or ``"dihedral"``.
         batch_size: images (2D) or slices per forward; each is multiplied by the number of TTA views.
         amp: autocast on CUDA (default: on when the device is CUDA).
+        copy_network: False lets the predictor fuse and re-lay ``network`` itself (see :func:`inference_network`).
     """
 
     def __init__(self, network: torch.nn.Module, spec: ModelSpec, device: torch.device, tta: str = "dihedral",
-                 batch_size: int = 16, amp: bool | None = None) -> None:
+                 batch_size: int = 16, amp: bool | None = None, copy_network: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 but is {batch_size}.")
         self.spec, self.device = spec, torch.device(device)
-        self.network = inference_network(network, self.device)
+        self.network = inference_network(network, self.device, copy_network)
         self.tta, self.batch_size = tta, int(batch_size)
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         roi = list(spec.roi_size)
@@ -305,17 +330,15 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec) -> dict:
     if kind == "slices":
         if spec.spatial_dims != 2:
             raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
-        case = spec.normalisation == "case"
-        loader = infer_transforms(2, normalisation=None if case else "slice")
-        slices = []
+        loader = infer_transforms(2, normalisation=None)
+        raw = []
         for path in images:
-            data = loader({"image": path})
-            check_image_values(data["image"], path)
-            slices.append(data["image"])
-        if case:  # the case's statistics over all its slices (a slice alone: its own)
-            stats = channel_statistics(slices)
-            slices = [normalise_with(image, stats["norm_mean"], stats["norm_std"]) for image in slices]
-        return {"kind": kind, "slices": slices}
+            image = loader({"image": path})["image"]
+            check_image_values(image, path)
+            raw.append(image.as_tensor())
+        # the case's statistics over all its slices (a slice alone: its own)
+        stats = channel_statistics(raw) if spec.normalisation == "case" else None
+        return {"kind": kind, "slices": normalise_images(raw, stats)}
     if spec.spatial_dims == 3:
         preprocessing = infer_transforms(3, spec.pixdim)
         data = preprocessing({"image": list(images) if len(images) > 1 else images[0]})

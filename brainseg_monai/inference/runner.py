@@ -188,7 +188,7 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     overrides = {"threshold": settings.threshold, "min_size": settings.min_size, "open_above": settings.open_above,
                  "keep_largest": settings.keep_largest}
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size)
+    predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
     cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels())
     rank, world = _distributed()
     mine = cases[rank::world]
