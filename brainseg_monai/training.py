@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
 from torch.utils.data import WeightedRandomSampler
 
@@ -28,6 +29,8 @@ from brainseg_monai.io import read_sitk, write_text_atomic
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_PREFIX = "last"
+#: entries of a last checkpoint that older versions did not save; resuming from such a checkpoint goes on without them
+OPTIONAL_RESUME_KEYS = ("key_metric",)
 
 
 def as_bool(value: bool | str | int, name: str = "value") -> bool:
@@ -148,11 +151,55 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     return max(found)[1] if found else None
 
 
+class KeyMetricState:
+    """The best key metric, its epoch and the best-model saver's record of it, as one checkpointable object.
+
+    MONAI keeps the best metric in ``evaluator.state`` and the key-metric ``CheckpointSaver`` its score list, and no
+    checkpoint holds either: a resumed run would take its first validation as a new best and overwrite the best model
+    with it, however it compares with the epochs before the stop. Saved in the last checkpoint and loaded on resume,
+    this restores both (the saver's list through its public ``load_state_dict``; higher scores are better, as with
+    MONAI's default ``key_metric_negative_sign=False``).
+
+    Args:
+        evaluator: the validation engine with the key metric.
+        saver: the ``CheckpointSaver`` with ``save_key_metric=True`` that writes the best model, if any.
+    """
+
+    def __init__(self, evaluator: Engine, saver: Any = None) -> None:
+        self.evaluator, self.saver = evaluator, saver
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(getattr(state, "best_metric", -1)),
+                "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        if self.saver is not None and self.evaluator.state.best_metric_epoch >= 1:
+            self.saver.load_state_dict(_saved_score(self.evaluator.state.best_metric))
+
+
+def _saved_score(score: float) -> dict:
+    """An ignite ``Checkpoint`` state recording one saved file of ``score``.
+
+    The key of the list differs between ignite versions ("saved", "_saved"), so it is read from a fresh
+    ``Checkpoint``'s public ``state_dict``. The file name is not used: MONAI's saver writes and removes its fixed
+    ``key_metric_filename`` whatever the record says.
+    """
+    key = next(iter(Checkpoint({"score": torch.nn.Identity()}, save_handler=lambda *args: None).state_dict()))
+    return {key: [(score, "best")]}
+
+
 def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mapping[str, Any], device: Any = "cpu") -> list:
-    """``[CheckpointLoader]`` restoring network, optimizer, scheduler and epoch when ``resume``, else ``[]``.
+    """``[CheckpointLoader]`` restoring network, optimizer, scheduler, epoch and best-metric tracking when ``resume``.
+
+    An entry of ``load_dict`` that a checkpoint from an older version lacks (``OPTIONAL_RESUME_KEYS``) is skipped
+    with a warning. Without ``resume``: ``[]``.
 
     Raises:
         FileNotFoundError: when ``resume`` is set but ``ckpt_dir`` holds no last checkpoint.
+        ValueError: when the last checkpoint cannot be read.
     """
     if not as_bool(resume, "resume"):
         return []
@@ -163,7 +210,15 @@ def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mappin
             "point ckpt_dir/output_dir at the interrupted run or start without --resume."
         )
     logger.info("resuming from %s", path)
-    return [CheckpointLoader(load_path=path, load_dict=dict(load_dict), map_location=str(resolve_device(device)))]
+    try:
+        keys = set(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # torch raises several types for corrupt files
+        raise ValueError(f"{path}: cannot read the checkpoint to resume from: {err}") from err
+    skipped = [k for k in OPTIONAL_RESUME_KEYS if k in load_dict and k not in keys]
+    if skipped:
+        logger.warning("%s holds no %s (saved by an older version); best-model tracking starts afresh", path, skipped)
+    load = {k: v for k, v in load_dict.items() if k not in skipped}
+    return [CheckpointLoader(load_path=path, load_dict=load, map_location=str(resolve_device(device)))]
 
 
 def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_rate") -> Callable:

@@ -116,6 +116,44 @@ def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_pat
     assert float(steps_after) == pytest.approx(float(steps_before + per_epoch))
 
 
+def test_resume_keeps_the_best_model_and_its_score(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """A resumed run replaces model.pt only with a better model than the one before the stop."""
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
+    _run(_workflow(TRAIN, out, max_epochs=2, **common))
+    models = out / "models"
+    last_path = latest_checkpoint(models)
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    assert last["key_metric"]["best_metric_epoch"] in (1, 2) and 0.0 <= last["key_metric"]["best_metric"] <= 1.0
+    # a best score no later epoch can reach (Dice <= 1), as if the stop came after an excellent epoch
+    last["key_metric"] = {"best_metric": 2.0, "best_metric_epoch": 1}
+    torch.save(last, last_path)
+    kept = (models / "model.pt").read_bytes()
+
+    wf = _workflow(TRAIN, out, max_epochs=3, resume=True, **common)
+    wf.initialize()
+    wf.run()
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.epoch == 3 and evaluator.state.metrics["val_dice"] <= 1.0
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (2.0, 1)
+    assert (models / "model.pt").read_bytes() == kept
+
+
+def test_resume_from_a_checkpoint_without_best_metric_state(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """Runs started before best-metric tracking was checkpointed still resume (tracking starts afresh)."""
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
+    _run(_workflow(TRAIN, out, max_epochs=1, **common))
+    last_path = latest_checkpoint(out / "models")
+    old = {k: v for k, v in torch.load(last_path, map_location="cpu", weights_only=True).items() if k != "key_metric"}
+    torch.save(old, last_path)
+    wf = _workflow(TRAIN, out, max_epochs=2, resume=True, **common)
+    wf.initialize()
+    wf.run()
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert latest_checkpoint(out / "models").endswith("epoch=2.pt")
+
+
 def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: Path) -> None:
     wf = _workflow(TRAIN, tmp_path / "empty", dataset_dir=str(lgg_phantoms), resume=True, max_epochs=1)
     with pytest.raises(Exception) as info:
