@@ -7,13 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.data import CacheDataset, get_track_meta
 from monai.transforms import Compose, NormalizeIntensity
 
 from brainseg_monai.datalist import build_datalist
 from brainseg_monai.inference.predictor import ModelSpec, load_for_case, normalise_slices
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import with_normalisation
-from brainseg_monai.transforms import NormaliseCased, case_statistics, channel_statistics, load_transforms, normalise_with
+from brainseg_monai.transforms import (
+    NormaliseCased,
+    case_statistics,
+    channel_statistics,
+    load_transforms,
+    normalise_with,
+    train_transforms,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +116,17 @@ def test_a_volume_through_a_case_normalised_2d_model_uses_the_volume_statistics(
     assert slices.shape == (4, 2, 8, 8)
     mean, std = _pooled(list(slices))
     assert np.allclose(mean, 0, atol=1e-5) and np.allclose(std, 1, atol=1e-5)
+
+
+def test_training_crops_are_plain_tensors_drawn_afresh_each_pass(lgg: Path) -> None:
+    """The cached pipeline stops before the crop (still random), which returns plain tensors, tumour-centred."""
+    items = build_datalist("lgg", lgg, val=0.0)["training"]
+    tumour = [it for it in items if np.asarray(load_transforms(2)[0](dict(it))["label"]).any()]
+    dataset = CacheDataset(tumour, train_transforms(2, (16, 16), pos_neg_ratio=1e6), progress=False, copy_cache=False)
+    first, second = [dataset[i][0] for i in range(len(dataset))], [dataset[i][0] for i in range(len(dataset))]
+    assert get_track_meta()  # the crop's setting is restored
+    for sample in first:
+        assert type(sample["image"]) is torch.Tensor and type(sample["label"]) is torch.Tensor
+        assert sample["image"].shape == (3, 16, 16) and sample["label"].shape == (1, 16, 16)
+        assert sample["label"].any() and set(sample["label"].unique().tolist()) <= {0.0, 1.0}
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, second))
