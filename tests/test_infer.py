@@ -20,6 +20,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from brainseg_monai.cli import main as cli_main
+from brainseg_monai.errors import InputError
+from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.networks import get_network
@@ -266,3 +268,18 @@ def test_inference_bundle_config_runs_the_batch_job(tmp_path: Path) -> None:
     for row in rows:
         mask = sitk.ReadImage(str(tmp_path / "pred" / row["case"] / "mask.nii.gz"))
         _assert_same_geometry(mask, _read_series(Path(row["source"])))
+
+
+def test_a_study_with_no_readable_series_is_a_failed_case_not_skipped(tmp_path: Path) -> None:
+    """GDCM passes over unreadable files silently; a study truncated in every file must still be reported."""
+    studies = make_dataset(tmp_path / "studies", "dicom", cases=3, seed=23, size=(24, 24, 4))
+    for dcm in (studies / "SYN_0002").rglob("*.dcm"):
+        dcm.write_bytes(dcm.read_bytes()[:300])
+    cases = {c.case_id: c for c in discover_cases([studies], 3, ModelSpec().dicom_channels())}
+    assert list(cases) == ["SYN_0001", "SYN_0002", "SYN_0003"]
+    assert cases["SYN_0001"].error is None and cases["SYN_0003"].error is None
+    assert "no readable series" in cases["SYN_0002"].error and "FLAIR" in cases["SYN_0002"].error
+    with pytest.raises(InputError, match="no readable series"):  # pointed at alone, nothing can run
+        discover_cases([studies / "SYN_0002"], 3, ModelSpec().dicom_channels())
+    one_channel = discover_cases([studies], 1)
+    assert sum(c.error is not None for c in one_channel) == 3  # each unreadable series folder, by itself

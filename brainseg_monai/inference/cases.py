@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
+
 from brainseg_monai.errors import InputError
 from brainseg_monai.io import DicomSeries, find_dicom_series
 
@@ -72,21 +74,60 @@ def _unique(case_id: str, taken: set[str]) -> str:
     return candidate
 
 
+def _unreadable_dicom_folders(root: Path, series: list[DicomSeries]) -> list[Path]:
+    """Folders under ``root`` holding DICOM files (by suffix or preamble) of which GDCM read no series at all.
+
+    GDCM passes over files it cannot parse without a word, so a study whose every file was truncated in transfer
+    would otherwise vanish from the batch instead of being reported as failed.
+    """
+    with_series = {Path(s.folder) for s in series}
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        folder = Path(dirpath)
+        if folder in with_series:
+            continue
+        if any((folder / name).suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(folder / name)
+               for name in filenames):
+            found.append(folder)
+    return sorted(found, key=lambda p: _natural_key(str(p)))
+
+
+def _holds_other_inputs(root: Path) -> bool:
+    """Whether any 2D image or volume that is not a mask lies under ``root``."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if (_is_2d_image(path) or _is_volume(path)) and not _MASK_NAME.search(_stem(path)):
+                return True
+    return False
+
+
 def _dicom_cases(
     root: Path, series: list[DicomSeries], channels: Mapping[str, str] | None, in_channels: int, taken: set[str]
 ) -> list[Case]:
-    """Group series into cases: by study folder matched to channels, or one case per series for 1-channel models."""
+    """Group series into cases: by study folder matched to channels, or one case per series for 1-channel models.
+
+    Folders of DICOM files without one readable series become failed cases (a whole study of them, or the folder
+    itself for 1-channel models), so nothing in the tree is skipped silently.
+    """
     def rel_id(folder: Path) -> str:
         rel = folder.relative_to(root) if folder != root else Path(root.name)
         return "_".join(rel.parts) or root.name
 
+    def study_of(folder: Path) -> Path:
+        return folder.parent if folder != root else root
+
+    unreadable = _unreadable_dicom_folders(root, series)
+    reason = "holds DICOM files but no readable series (all truncated or corrupt?): "
+
     if in_channels == 1:
         regex = next(iter(channels.values()), None) if channels else None
         picked = [s for s in series if regex is None or re.search(regex, s.description, re.IGNORECASE)]
-        if not picked:
+        if not picked and series:
             listing = "; ".join(f"'{s.description}'" for s in series)
             return [Case(rel_id(root), str(root), "dicom", [], error=f"no series matches channel pattern {regex!r} (series: {listing})")]
-        return [Case(_unique(rel_id(s.folder), taken), str(s.folder), "dicom", [str(s.folder)], [s]) for s in picked]
+        cases = [Case(_unique(rel_id(s.folder), taken), str(s.folder), "dicom", [str(s.folder)], [s]) for s in picked]
+        return cases + [Case(_unique(rel_id(f), taken), str(f), "dicom", [], error=reason + str(f)) for f in unreadable]
 
     if not channels or len(channels) != in_channels:
         raise ValueError(
@@ -113,7 +154,14 @@ def _dicom_cases(
         cases.append(
             Case(case_id, str(study_folder), "dicom", [str(s.folder) for s in chosen], chosen, error=problem)
         )
-    return cases
+    broken_studies: dict[Path, list[Path]] = {}
+    for folder in unreadable:
+        if study_of(folder) not in by_study:
+            broken_studies.setdefault(study_of(folder), []).append(folder)
+    for study_folder, folders in broken_studies.items():
+        error = reason + ", ".join(str(f.relative_to(study_folder)) if f != study_folder else "." for f in folders)
+        cases.append(Case(_unique(rel_id(study_folder), taken), str(study_folder), "dicom", [], error=error))
+    return sorted(cases, key=lambda c: _natural_key(c.source))
 
 
 def discover_cases(
@@ -175,6 +223,10 @@ def _discover_one(
     series = find_dicom_series(path, recursive=True)
     if series:
         return _dicom_cases(path, series, series_channels, in_channels, taken)
+    unreadable = _unreadable_dicom_folders(path, [])
+    if unreadable and not _holds_other_inputs(path):
+        listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
+        raise InputError(path, f"holds DICOM files but no readable series (all truncated or corrupt?): {listing}")
     subfolders = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
     found = []
     for sub in subfolders:
