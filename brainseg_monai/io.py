@@ -214,20 +214,42 @@ def _series_in_folder(folder: Path) -> list[DicomSeries]:
     return series
 
 
+def _dicom_header(path: Path) -> pydicom.Dataset | None:
+    """The header of a DICOM file without its pixels, or None when it cannot be parsed (truncated or corrupt)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # pydicom raises many types for a damaged file; any of them means unreadable
+        return None
+
+
+def _is_image_header(header: pydicom.Dataset) -> bool:
+    """False for DICOMDIR, structured reports, presentation states and other non-slice objects."""
+    sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID", "")
+    return "Image Storage" in pydicom.uid.UID(str(sop_class)).name
+
+
+def is_dicom_image_file(path: PathLike) -> bool:
+    """Whether `path` is a DICOM image slice, or a DICOM file too damaged to tell (it may be one).
+
+    DICOM by its preamble, or by its suffix when it is too short for one; DICOMDIR, reports and presentation states
+    are not images.
+    """
+    path = Path(path)
+    if not path.is_file() or not (_suffix(path) in _DICOM_SUFFIXES or pydicom.misc.is_dicom(path)):
+        return False
+    header = _dicom_header(path)
+    return header is None or _is_image_header(header)
+
+
 def _attach_broken_files(folder: Path, series: list[DicomSeries]) -> None:
     """Find image DICOM files GDCM skipped (it drops unreadable files silently) and attach them to their series."""
     grouped = {os.path.normpath(f) for s in series for f in s.files}
     for entry in sorted(folder.iterdir()):
         if not entry.is_file() or os.path.normpath(entry) in grouped or not pydicom.misc.is_dicom(entry):
             continue
-        try:
-            header = pydicom.dcmread(entry, stop_before_pixels=True)
-        except Exception:  # pydicom raises many types for a damaged file; any of them means unreadable
-            header = None
-        if header is not None:
-            sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID", "")
-            if "Image Storage" not in pydicom.uid.UID(str(sop_class)).name:
-                continue  # DICOMDIR, structured reports, presentation states: not slices
+        header = _dicom_header(entry)
+        if header is not None and not _is_image_header(header):
+            continue  # DICOMDIR, structured reports, presentation states: not slices
         uid = "" if header is None else str(header.get("SeriesInstanceUID", ""))
         # a damaged file may have lost or garbled its UID: then it may belong to any series of the folder
         owners = [s for s in series if s.series_uid == uid] or series

@@ -163,10 +163,14 @@ class KeyMetricState:
     Args:
         evaluator: the validation engine with the key metric.
         saver: the ``CheckpointSaver`` with ``save_key_metric=True`` that writes the best model, if any.
+        best_file: the file that saver writes (its ``save_dir`` / ``key_metric_filename``). Its record is restored
+            only while the file is there: a moved or deleted best model is written afresh by the next validation.
     """
 
-    def __init__(self, evaluator: Engine, saver: Any = None) -> None:
-        self.evaluator, self.saver = evaluator, saver
+    def __init__(self, evaluator: Engine, saver: Any = None, best_file: str | os.PathLike | None = None) -> None:
+        if saver is not None and best_file is None:
+            raise ValueError("best_file is needed with saver: the file the saver writes (save_dir/key_metric_filename).")
+        self.evaluator, self.saver, self.best_file = evaluator, saver, best_file
 
     def state_dict(self) -> dict:
         state = self.evaluator.state
@@ -176,8 +180,12 @@ class KeyMetricState:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.evaluator.state.best_metric = float(state["best_metric"])
         self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
-        if self.saver is not None and self.evaluator.state.best_metric_epoch >= 1:
+        if self.saver is None or self.evaluator.state.best_metric_epoch < 1:
+            return
+        if Path(self.best_file).is_file():
             self.saver.load_state_dict(_saved_score(self.evaluator.state.best_metric))
+        else:
+            logger.warning("%s is missing: the next validation writes the best model afresh", self.best_file)
 
 
 def _saved_score(score: float) -> dict:

@@ -15,7 +15,6 @@ from monai.transforms import (
     AsDiscreted,
     Compose,
     CropForegroundd,
-    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     FgBgToIndicesd,
@@ -262,8 +261,7 @@ def train_transforms(
         PlainRandCropByPosNegLabeld(
             keys, label_key="label", spatial_size=roi, pos=pos_neg_ratio, neg=1.0, num_samples=1,
             fg_indices_key=indices[0], bg_indices_key=indices[1], allow_smaller=False,
-        ),
-        DeleteItemsd(indices),
+        ),  # it pops the index keys
     ]
     return Compose(xforms)
 

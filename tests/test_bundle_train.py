@@ -139,6 +139,30 @@ def test_resume_keeps_the_best_model_and_its_score(lgg_phantoms: Path, tmp_path:
     assert (models / "model.pt").read_bytes() == kept
 
 
+def test_resume_replaces_the_best_model_with_a_better_one_even_if_it_was_moved(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
+    _run(_workflow(TRAIN, out, max_epochs=2, **common))
+    models = out / "models"
+    last_path = latest_checkpoint(models)
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    last["key_metric"] = {"best_metric": -0.5, "best_metric_epoch": 1}  # any later Dice (>= 0) is better
+    torch.save(last, last_path)
+    for moved in (False, True):
+        if moved:  # copied out of the run, e.g. into a bundle: the next better model is simply written
+            (models / "model.pt").unlink()
+            last = torch.load(latest_checkpoint(models), map_location="cpu", weights_only=True)
+            last["key_metric"] = {"best_metric": -0.5, "best_metric_epoch": 1}
+            torch.save(last, latest_checkpoint(models))
+        before = (models / "model.pt").read_bytes() if not moved else b""
+        wf = _workflow(TRAIN, out, max_epochs=3 + moved, resume=True, **common)
+        wf.initialize()
+        wf.run()
+        evaluator = wf.parser.get_parsed_content("validate#evaluator")
+        assert evaluator.state.best_metric_epoch == 3 + moved and evaluator.state.best_metric >= 0.0
+        assert (models / "model.pt").is_file() and (models / "model.pt").read_bytes() != before
+
+
 def test_resume_from_a_checkpoint_without_best_metric_state(lgg_phantoms: Path, tmp_path: Path) -> None:
     """Runs started before best-metric tracking was checkpointed still resume (tracking starts afresh)."""
     out = tmp_path / "run"

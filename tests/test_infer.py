@@ -283,3 +283,24 @@ def test_a_study_with_no_readable_series_is_a_failed_case_not_skipped(tmp_path: 
         discover_cases([studies / "SYN_0002"], 3, ModelSpec().dicom_channels())
     one_channel = discover_cases([studies], 1)
     assert sum(c.error is not None for c in one_channel) == 3  # each unreadable series folder, by itself
+
+
+def test_dicomdir_and_reports_are_not_unreadable_studies(tmp_path: Path) -> None:
+    """Non-image DICOM objects (a DICOMDIR at the root, a folder of reports) are neither cases nor failures."""
+    studies = make_dataset(tmp_path / "studies", "dicom", cases=2, seed=24, size=(24, 24, 4))
+    report = pydicom.Dataset()
+    report.SOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    report.SOPInstanceUID = pydicom.uid.generate_uid()
+    report.Modality = "SR"
+    report.file_meta = pydicom.dataset.FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    (studies / "SYN_0001" / "SR").mkdir()
+    report.save_as(studies / "SYN_0001" / "SR" / "report.dcm", enforce_file_format=True)
+    report.file_meta.MediaStorageSOPClassUID = pydicom.uid.MediaStorageDirectoryStorage
+    report.SOPClassUID = pydicom.uid.MediaStorageDirectoryStorage
+    report.save_as(studies / "DICOMDIR", enforce_file_format=True)
+    for channels, expected in ((3, 2), (1, 6)):
+        cases = discover_cases([studies], channels, ModelSpec().dicom_channels() if channels == 3 else None)
+        assert len(cases) == expected and all(c.error is None for c in cases), [(c.case_id, c.error) for c in cases]

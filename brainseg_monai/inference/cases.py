@@ -11,10 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
-
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import DicomSeries, find_dicom_series
+from brainseg_monai.io import DicomSeries, find_dicom_series, is_dicom_image_file
 
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -75,10 +73,11 @@ def _unique(case_id: str, taken: set[str]) -> str:
 
 
 def _unreadable_dicom_folders(root: Path, series: list[DicomSeries]) -> list[Path]:
-    """Folders under ``root`` holding DICOM files (by suffix or preamble) of which GDCM read no series at all.
+    """Folders under ``root`` holding DICOM image files of which GDCM read no series at all.
 
     GDCM passes over files it cannot parse without a word, so a study whose every file was truncated in transfer
-    would otherwise vanish from the batch instead of being reported as failed.
+    would otherwise vanish from the batch instead of being reported as failed. DICOMDIR, reports and other non-image
+    objects do not count (:func:`is_dicom_image_file`), nor do 2D images and volumes.
     """
     with_series = {Path(s.folder) for s in series}
     found = []
@@ -86,7 +85,7 @@ def _unreadable_dicom_folders(root: Path, series: list[DicomSeries]) -> list[Pat
         folder = Path(dirpath)
         if folder in with_series:
             continue
-        if any((folder / name).suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(folder / name)
+        if any(not _is_2d_image(folder / name) and not _is_volume(folder / name) and is_dicom_image_file(folder / name)
                for name in filenames):
             found.append(folder)
     return sorted(found, key=lambda p: _natural_key(str(p)))
@@ -123,11 +122,14 @@ def _dicom_cases(
     if in_channels == 1:
         regex = next(iter(channels.values()), None) if channels else None
         picked = [s for s in series if regex is None or re.search(regex, s.description, re.IGNORECASE)]
-        if not picked and series:
+        if picked:
+            cases = [Case(_unique(rel_id(s.folder), taken), str(s.folder), "dicom", [str(s.folder)], [s]) for s in picked]
+        else:
             listing = "; ".join(f"'{s.description}'" for s in series)
-            return [Case(rel_id(root), str(root), "dicom", [], error=f"no series matches channel pattern {regex!r} (series: {listing})")]
-        cases = [Case(_unique(rel_id(s.folder), taken), str(s.folder), "dicom", [str(s.folder)], [s]) for s in picked]
-        return cases + [Case(_unique(rel_id(f), taken), str(f), "dicom", [], error=reason + str(f)) for f in unreadable]
+            cases = [Case(_unique(rel_id(root), taken), str(root), "dicom", [],
+                          error=f"no series matches channel pattern {regex!r} (series: {listing})")]
+        cases += [Case(_unique(rel_id(f), taken), str(f), "dicom", [], error=reason + str(f)) for f in unreadable]
+        return sorted(cases, key=lambda c: _natural_key(c.source))
 
     if not channels or len(channels) != in_channels:
         raise ValueError(
@@ -149,6 +151,9 @@ def _dicom_cases(
                 listing = ", ".join(f"'{s.description}'" for s in members)
                 what = "no series" if not hits else f"{len(hits)} series"
                 problem = f"channel '{name}' (pattern {regex!r}): {what} match among {listing}"
+                broken = [str(f.relative_to(study_folder)) for f in unreadable if study_of(f) == study_folder]
+                if broken:
+                    problem += f"; no readable series in {', '.join(broken)} (truncated or corrupt?)"
                 break
             chosen.append(hits[0])
         cases.append(
@@ -223,8 +228,8 @@ def _discover_one(
     series = find_dicom_series(path, recursive=True)
     if series:
         return _dicom_cases(path, series, series_channels, in_channels, taken)
-    unreadable = _unreadable_dicom_folders(path, [])
-    if unreadable and not _holds_other_inputs(path):
+    unreadable = [] if _holds_other_inputs(path) else _unreadable_dicom_folders(path, [])
+    if unreadable:
         listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
         raise InputError(path, f"holds DICOM files but no readable series (all truncated or corrupt?): {listing}")
     subfolders = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
