@@ -116,18 +116,24 @@ def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_pat
     assert float(steps_after) == pytest.approx(float(steps_before + per_epoch))
 
 
+def _store_best(models: Path, best_metric: float, best_epoch: int = 1) -> dict:
+    """Replace the best-metric record of the newest last checkpoint in ``models``; returns the record it held."""
+    path = latest_checkpoint(models)
+    last = torch.load(path, map_location="cpu", weights_only=True)
+    held, last["key_metric"] = last["key_metric"], {"best_metric": best_metric, "best_metric_epoch": best_epoch}
+    torch.save(last, path)
+    return held
+
+
 def test_resume_keeps_the_best_model_and_its_score(lgg_phantoms: Path, tmp_path: Path) -> None:
     """A resumed run replaces model.pt only with a better model than the one before the stop."""
     out = tmp_path / "run"
     common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
     _run(_workflow(TRAIN, out, max_epochs=2, **common))
     models = out / "models"
-    last_path = latest_checkpoint(models)
-    last = torch.load(last_path, map_location="cpu", weights_only=True)
-    assert last["key_metric"]["best_metric_epoch"] in (1, 2) and 0.0 <= last["key_metric"]["best_metric"] <= 1.0
     # a best score no later epoch can reach (Dice <= 1), as if the stop came after an excellent epoch
-    last["key_metric"] = {"best_metric": 2.0, "best_metric_epoch": 1}
-    torch.save(last, last_path)
+    held = _store_best(models, 2.0)
+    assert held["best_metric_epoch"] in (1, 2) and 0.0 <= held["best_metric"] <= 1.0
     kept = (models / "model.pt").read_bytes()
 
     wf = _workflow(TRAIN, out, max_epochs=3, resume=True, **common)
@@ -144,16 +150,10 @@ def test_resume_replaces_the_best_model_with_a_better_one_even_if_it_was_moved(l
     common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
     _run(_workflow(TRAIN, out, max_epochs=2, **common))
     models = out / "models"
-    last_path = latest_checkpoint(models)
-    last = torch.load(last_path, map_location="cpu", weights_only=True)
-    last["key_metric"] = {"best_metric": -0.5, "best_metric_epoch": 1}  # any later Dice (>= 0) is better
-    torch.save(last, last_path)
     for moved in (False, True):
         if moved:  # copied out of the run, e.g. into a bundle: the next better model is simply written
             (models / "model.pt").unlink()
-            last = torch.load(latest_checkpoint(models), map_location="cpu", weights_only=True)
-            last["key_metric"] = {"best_metric": -0.5, "best_metric_epoch": 1}
-            torch.save(last, latest_checkpoint(models))
+        _store_best(models, -0.5)  # any later Dice (>= 0) is better
         before = (models / "model.pt").read_bytes() if not moved else b""
         wf = _workflow(TRAIN, out, max_epochs=3 + moved, resume=True, **common)
         wf.initialize()

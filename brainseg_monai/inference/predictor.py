@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,16 +192,21 @@ def normalise_images(images: Sequence[torch.Tensor], stats: dict | None = None) 
     reading and pre-processing (``brainseg benchmark``); stacked, a case's slices take one vectorised pass.
     """
     out: list[torch.Tensor | None] = [None] * len(images)
+    for chunk in shape_chunks(images, _NORMALISE_CHUNK):  # bounded memory for folders of many large images
+        normalised = _zscore_planes(torch.stack([torch.as_tensor(images[i]).float() for i in chunk]), stats)
+        for i, image in zip(chunk, normalised):
+            out[i] = image
+    return out  # type: ignore[return-value]
+
+
+def shape_chunks(images: Sequence[torch.Tensor], size: int) -> Iterator[list[int]]:
+    """Indices of ``images`` in chunks of at most ``size`` images of one shape (each chunk stacks into a batch)."""
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(i)
     for indices in by_shape.values():
-        for start in range(0, len(indices), _NORMALISE_CHUNK):  # bounded memory for folders of many large images
-            chunk = indices[start:start + _NORMALISE_CHUNK]
-            normalised = _zscore_planes(torch.stack([torch.as_tensor(images[i]).float() for i in chunk]), stats)
-            for i, image in zip(chunk, normalised):
-                out[i] = image
-    return out  # type: ignore[return-value]
+        for start in range(0, len(indices), size):
+            yield indices[start:start + size]
 
 
 def inference_network(network: torch.nn.Module, device: torch.device | str, copy_network: bool = True) -> torch.nn.Module:
@@ -286,15 +291,10 @@ class Predictor:
         for image, source in zip(images, sources):
             self._check_channels(image, source)
         out: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            by_shape.setdefault(tuple(image.shape), []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                probs = self.predict_batch(torch.stack([images[i] for i in chunk]))
-                for i, prob in zip(chunk, probs):
-                    out[i] = prob.numpy()
+        for chunk in shape_chunks(images, self.batch_size):
+            probs = self.predict_batch(torch.stack([images[i] for i in chunk]))
+            for i, prob in zip(chunk, probs):
+                out[i] = prob.numpy()
         return out  # type: ignore[return-value]
 
     def predict_volume_by_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
