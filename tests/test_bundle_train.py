@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
-from brainseg_monai.training import latest_checkpoint
+from brainseg_monai.networks import get_network
+from brainseg_monai.training import AutocastInferer, latest_checkpoint
 from conftest import REPO_ROOT, shared_path
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -289,3 +290,33 @@ def test_experiment_configs_override_only_keys_the_bundle_has(name: str) -> None
                 assert leaf in known, f"{name}: {key} is not in train.json"
         else:
             assert key in base.get(), f"{name}: top-level key {key} is not in train.json"
+
+
+def test_bf16_autocast_trains_on_cpu(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=1, roi_size=[64, 64], batch_size=4, amp="bf16")
+    _run(wf)
+    assert wf.parser.get_parsed_content("use_amp") is False
+    inferer = wf.parser.get_parsed_content("train#inferer")
+    assert inferer.enabled
+    saved = json.loads((out / "config_resolved.json").read_text())
+    assert saved["bf16"] is True and saved["amp"] is False
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in state.values())  # autocast leaves the weights in float32
+    wf = _workflow(TRAIN, tmp_path / "bad", dataset_dir=str(lgg_phantoms), amp="fp8")
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("use_bf16")
+    assert "amp must be true, false, auto or bf16 but is 'fp8'" in _messages(info.value)
+
+
+def test_autocast_inferer_gives_float32_close_to_float32_and_gradients() -> None:
+    torch.manual_seed(0)
+    network = get_network("unet", 2, 3, 1)
+    images = torch.randn(2, 3, 64, 64)
+    reference = network(images)
+    outputs = AutocastInferer(enabled=True)(images, network)
+    assert outputs.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([outputs.flatten(), reference.flatten()]))[0, 1] > 0.99
+    outputs.mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in network.parameters())
+    assert torch.equal(AutocastInferer(enabled="false")(images, network), network(images))
