@@ -115,7 +115,8 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     result = response.json()
     expected_pct = round(100.0 * 120 / mask.size, 4)
     assert result["stats"]["coverage_pct"] == pytest.approx(expected_pct)
-    assert result["stats"]["tumour_voxels"] == 120 and result["stats"]["area_mm2"] == pytest.approx(120.0)
+    # a PNG records no pixel size: the area is a pixel count, never "mm^2" of 1 x 1 pixels
+    assert result["stats"]["tumour_voxels"] == 120 and result["stats"]["area_mm2"] is None
     assert result["metrics"]["dice"] == pytest.approx(1.0) and result["metrics"]["iou"] == pytest.approx(1.0)
     assert result["settings"] == {"tta": "dihedral", "threshold": 0.5}
     assert len(result["slices"]) == 1 and result["slices"][0]["tumour_pixels"] == 120 and result["slices"][0]["truth"]
@@ -125,6 +126,21 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     red = np.asarray(Image.open(io.BytesIO(decode(result["slices"][0]["pred"]))))[..., 0]
     np.testing.assert_array_equal(red, mask)  # shown rows x columns as uploaded
     assert list(tmp_path.iterdir()) == [], "the request's temporary folder was left behind"
+
+
+def tif_bytes(array: np.ndarray, dpi: float) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="TIFF", dpi=(dpi, dpi))
+    return buffer.getvalue()
+
+
+def test_slices_with_a_recorded_pixel_size_give_mm2_and_downloads_in_slice_order(client: TestClient) -> None:
+    rgb, mask = known_slice()
+    names = [f"p_{n}.tif" for n in (1, 2, 10)]  # 10 sorts before 2 as text
+    result = post(client, [(name, tif_bytes(rgb, dpi=254.0)) for name in names]).json()  # 254 dpi: 0.1 mm pixels
+    assert result["stats"]["tumour_voxels"] == 3 * 120
+    assert result["stats"]["area_mm2"] == pytest.approx(3 * 120 * 0.1 * 0.1)
+    assert [d["name"] for d in result["downloads"]] == ["p_1_pred.png", "p_2_pred.png", "p_10_pred.png", "overlay.png"]
 
 
 def test_threshold_change_reaches_the_runner(client: TestClient) -> None:
