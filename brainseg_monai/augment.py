@@ -31,7 +31,7 @@ def _check_prob(name: str, value: float) -> float:
 
 
 class BatchAugment:
-    """Random flips, 90-degree rotations, affine + elastic deformation and intensity changes of a batch.
+    """Random flips, 90-degree rotations, affine + elastic deformation, missing sequences and intensity changes.
 
     Each sample draws its own parameters (as MONAI's ``Rand*d`` transforms with the same probabilities would); the
     image is resampled bilinearly and the label with nearest neighbour, so labels stay binary. Outside the field of
@@ -54,6 +54,11 @@ class BatchAugment:
         shift_intensity: largest intensity offset (the images are z-scored, so this is in standard deviations).
         noise_prob: probability of Gaussian noise with a standard deviation drawn from ``U(0, noise_std)``.
         noise_std: largest standard deviation of the noise.
+        missing_channel_prob: probability that a sample's other channels stand in for a missing sequence: each is
+            replaced by channel ``missing_channel_fill`` with probability 1/2, at least one of them. The LGG set fills
+            a missing pre- or post-contrast sequence with FLAIR (7 of the 56 shared patients); a model that never saw
+            such cases missed their tumours (fold 2 of the cross-validation in bundle/docs/README.md).
+        missing_channel_fill: index of the channel that fills in (1, FLAIR, for the LGG channel order).
 
     Raises:
         ValueError: for ``spatial_dims`` other than 2 or 3, a probability outside [0, 1] or a negative range.
@@ -76,6 +81,8 @@ class BatchAugment:
         shift_intensity: float = 0.1,
         noise_prob: float = 0.15,
         noise_std: float = 0.05,
+        missing_channel_prob: float = 0.0,
+        missing_channel_fill: int = 1,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3 but is {spatial_dims}.")
@@ -87,6 +94,10 @@ class BatchAugment:
         self.scale_intensity_prob = _check_prob("scale_intensity_prob", scale_intensity_prob)
         self.shift_intensity_prob = _check_prob("shift_intensity_prob", shift_intensity_prob)
         self.noise_prob = _check_prob("noise_prob", noise_prob)
+        self.missing_channel_prob = _check_prob("missing_channel_prob", missing_channel_prob)
+        if not isinstance(missing_channel_fill, int) or missing_channel_fill < 0:
+            raise ValueError(f"missing_channel_fill must be a channel index >= 0 but is {missing_channel_fill!r}.")
+        self.missing_channel_fill = missing_channel_fill
         low, high = (float(v) for v in elastic_magnitude)
         ranges = {"rotate_degrees": rotate_degrees, "scale_range": scale_range, "scale_intensity": scale_intensity,
                   "shift_intensity": shift_intensity, "noise_std": noise_std, "elastic_magnitude": low}
@@ -116,6 +127,7 @@ class BatchAugment:
         label = None if label is None else label.clone()
         self._flip_and_rotate90(image, label)
         self._resample(image, label)
+        self._missing_channels(image)
         self._intensity(image)
         return image, label
 
@@ -183,6 +195,22 @@ class BatchAugment:
         # pixels -> grid units ([-1, 1] spans the image): x along width, y along height
         scale = torch.tensor([2.0 / width, 2.0 / height], device=like.device, dtype=like.dtype).view(1, 2, 1, 1)
         return (pixels * scale).permute(0, 2, 3, 1)
+
+    def _missing_channels(self, image: torch.Tensor) -> None:
+        """In place, on the samples that draw it: channels other than the fill channel replaced by a copy of it."""
+        n, channels = image.shape[:2]
+        if self.missing_channel_prob == 0 or channels < 2:
+            return
+        if self.missing_channel_fill >= channels:
+            raise ValueError(f"missing_channel_fill is {self.missing_channel_fill} but the batch has {channels} channels.")
+        others = [c for c in range(channels) if c != self.missing_channel_fill]
+        replace = torch.rand(n, len(others)) < 0.5
+        none = ~replace.any(1)  # a drawn sample loses at least one sequence
+        replace[none, torch.randint(len(others), (int(none.sum()),))] = True
+        replace &= self._draw(self.missing_channel_prob, n).unsqueeze(1)
+        for j, c in enumerate(others):
+            index = replace[:, j].nonzero().flatten().to(image.device)
+            image[index, c] = image[index, self.missing_channel_fill]
 
     def _intensity(self, image: torch.Tensor) -> None:
         """In place: scale, shift and noise, each on the samples that draw it."""

@@ -11,7 +11,8 @@
 #
 # Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
 # EPOCHS (default 40, as configs/lgg_2d.json), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
-# INFER_ARGS (extra brainseg infer options, e.g. "--tta none").
+# INFER_ARGS (extra brainseg infer options, e.g. "--tta none"), TAG (suffix of the prediction and report folders, so
+# post-processing variants of trained folds sit beside the default: TAG=_min64 INFER_ARGS="--min-size 64").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -n "${VIRTUAL_ENV:-}" ]] || source .venv/bin/activate
@@ -55,13 +56,13 @@ for folder in sorted({Path(item["image"]).parent for item in datalist["training"
         os.symlink(folder.resolve(), link, target_is_directory=True)
 EOF
     # shellcheck disable=SC2086
-    brainseg infer "$run/heldout" --checkpoint "$run/models/model.pt" --out "$run/oof" --no-progress ${INFER_ARGS:-}
-    brainseg evaluate "$run/oof" --truth "$datalist" --fold "$k" --out "$run/report" --train-dir "$run" \
+    brainseg infer "$run/heldout" --checkpoint "$run/models/model.pt" --out "$run/oof${TAG:-}" --no-progress ${INFER_ARGS:-}
+    brainseg evaluate "$run/oof${TAG:-}" --truth "$datalist" --fold "$k" --out "$run/report${TAG:-}" --train-dir "$run" \
         --model "$run/models/model.pt"
 done
-reports=("$OUT/${NAME}"_f*/report/metrics.json)
+reports=("$OUT/${NAME}"_f*/report${TAG:-}/metrics.json)
 if [[ ${#reports[@]} -ge 2 ]]; then
-    brainseg aggregate-folds "${reports[@]}" --out "$OUT/${NAME}_summary"
+    brainseg aggregate-folds "${reports[@]}" --out "$OUT/${NAME}_summary${TAG:-}"
 else
     echo "one fold scored so far (${reports[0]}); the summary over folds needs two or more"
 fi

@@ -102,7 +102,8 @@ def test_prepare_batch_moves_and_augments_a_loader_batch() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"spatial_dims": 4}, "spatial_dims"), ({"flip_prob": 1.5}, "flip_prob"), ({"rotate_degrees": -1}, "rotate_degrees"),
-     ({"scale_range": 1.0}, "scale_range"), ({"elastic_magnitude": (2, 1)}, "elastic_magnitude")],
+     ({"scale_range": 1.0}, "scale_range"), ({"elastic_magnitude": (2, 1)}, "elastic_magnitude"),
+     ({"missing_channel_prob": -0.1}, "missing_channel_prob"), ({"missing_channel_fill": -1}, "missing_channel_fill")],
 )
 def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -112,3 +113,22 @@ def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
 def test_a_label_that_does_not_match_the_image_is_refused() -> None:
     with pytest.raises(ValueError, match="does not match"):
         BatchAugment(2)(torch.zeros(2, 3, 16, 16), torch.zeros(2, 1, 16, 8))
+
+
+def test_missing_channels_are_filled_from_the_fill_channel_on_the_drawn_samples_only() -> None:
+    torch.manual_seed(0)
+    image, label = _batch(n=400, size=16)
+    out, out_label = BatchAugment(2, **NONE, missing_channel_prob=0.5, missing_channel_fill=1)(image, label)
+    assert torch.equal(out_label, label) and torch.equal(out[:, 1], image[:, 1])  # the fill channel and labels stay
+    filled = torch.tensor([[torch.equal(out[i, c], image[i, 1]) for c in (0, 2)] for i in range(400)])
+    kept = torch.tensor([[torch.equal(out[i, c], image[i, c]) for c in (0, 2)] for i in range(400)])
+    assert (filled ^ kept).all()  # each other channel is either untouched or an exact copy of channel 1
+    drawn = filled.any(1)
+    assert 0.4 < drawn.float().mean() < 0.6  # about missing_channel_prob of the samples
+    patterns = {tuple(row.tolist()) for row in filled[drawn]}
+    assert patterns == {(True, False), (False, True), (True, True)}  # pre-, post-contrast or both missing
+
+
+def test_missing_channel_fill_beyond_the_channels_is_refused() -> None:
+    with pytest.raises(ValueError, match="missing_channel_fill is 3 but the batch has 3 channels"):
+        BatchAugment(2, **NONE, missing_channel_prob=1.0, missing_channel_fill=3)(*_batch(n=2))
