@@ -54,10 +54,11 @@ class BatchAugment:
         shift_intensity: largest intensity offset (the images are z-scored, so this is in standard deviations).
         noise_prob: probability of Gaussian noise with a standard deviation drawn from ``U(0, noise_std)``.
         noise_std: largest standard deviation of the noise.
-        missing_channel_prob: probability that a sample's other channels stand in for a missing sequence: each is
-            replaced by channel ``missing_channel_fill`` with probability 1/2, at least one of them. The LGG set fills
-            a missing pre- or post-contrast sequence with FLAIR (7 of the 56 shared patients); a model that never saw
-            such cases missed their tumours (fold 2 of the cross-validation in bundle/docs/README.md).
+        missing_channel_prob: probability that a sample loses sequences: each channel other than
+            ``missing_channel_fill`` is marked with probability 1/2 (one at random if none was), and the marked
+            ones are replaced by a copy of the fill channel. The LGG set fills a missing pre- or post-contrast
+            sequence with FLAIR (7 of the 56 shared patients); a model that never saw such inputs missed their
+            tumours (fold 2 of the cross-validation in bundle/docs/README.md). Needs images of 2 or more channels.
         missing_channel_fill: index of the channel that fills in (1, FLAIR, for the LGG channel order).
 
     Raises:
@@ -199,8 +200,11 @@ class BatchAugment:
     def _missing_channels(self, image: torch.Tensor) -> None:
         """In place, on the samples that draw it: channels other than the fill channel replaced by a copy of it."""
         n, channels = image.shape[:2]
-        if self.missing_channel_prob == 0 or channels < 2:
+        if self.missing_channel_prob == 0:
             return
+        if channels < 2:
+            raise ValueError("missing_channel_prob > 0 needs images of 2 or more channels; set it to 0 for a "
+                             "1-channel model.")
         if self.missing_channel_fill >= channels:
             raise ValueError(f"missing_channel_fill is {self.missing_channel_fill} but the batch has {channels} channels.")
         others = [c for c in range(channels) if c != self.missing_channel_fill]

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
-from monai.inferers import Inferer
+from monai.inferers import SimpleInferer
 from torch.utils.data import WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
@@ -90,13 +90,15 @@ def resolve_bf16(amp: bool | str) -> bool:
     return _amp_mode(amp) == "bf16"
 
 
-class AutocastInferer(Inferer):
-    """MONAI's ``SimpleInferer`` under ``torch.autocast(dtype=bfloat16)`` on the input's device; float32 output.
+class AutocastInferer(SimpleInferer):
+    """MONAI's ``SimpleInferer`` under ``torch.autocast(dtype=bfloat16)`` on the input's device; float32 outputs.
 
-    MONAI's trainers autocast only to CUDA float16 (``amp=True``, with a gradient scaler). bfloat16 needs no scaler
-    and also runs on CPUs with bfloat16 instructions (AVX512-BF16, AMX), where it makes the default 2D U-Net's training
-    steps markedly faster (figures in docs/benchmarks.md). The loss is computed on the float32 output, outside
-    autocast. With ``enabled=False`` it is exactly ``network(inputs)``.
+    MONAI's trainers autocast on CUDA only (``amp=True``, float16 with a gradient scaler, or another dtype through
+    ``amp_kwargs``). This brings bfloat16 autocast to the CPU, where CPUs with bfloat16 instructions (AVX512-BF16,
+    AMX) run the training step markedly faster (docs/benchmarks.md); bfloat16 needs no gradient scaler. Outputs (a
+    tensor, or a tuple, list or dict of them) come back as float32, so the loss is computed in float32. The bundle
+    uses it for the training forward only: validation stays in float32. With ``enabled=False`` it is exactly
+    ``SimpleInferer``.
 
     Args:
         enabled: autocast or not (the bundle passes ``resolve_bf16(@amp)``).
@@ -106,13 +108,24 @@ class AutocastInferer(Inferer):
         super().__init__()
         self.enabled = as_bool(enabled, "enabled")
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``network(inputs, *args, **kwargs)``, under bfloat16 autocast when enabled."""
         if not self.enabled:
-            return network(inputs, *args, **kwargs)
+            return super().__call__(inputs, network, *args, **kwargs)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
-            outputs = network(inputs, *args, **kwargs)
-        return outputs.float() if isinstance(outputs, torch.Tensor) else outputs
+            outputs = super().__call__(inputs, network, *args, **kwargs)
+        return _as_float32(outputs)
+
+
+def _as_float32(outputs: Any) -> Any:
+    """Floating-point tensors of ``outputs`` (a tensor, or a tuple, list or dict of them) as float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_as_float32(o) for o in outputs)
+    if isinstance(outputs, Mapping):
+        return {k: _as_float32(v) for k, v in outputs.items()}
+    return outputs
 
 
 def prepare_data(

@@ -129,6 +129,9 @@ def test_missing_channels_are_filled_from_the_fill_channel_on_the_drawn_samples_
     assert patterns == {(True, False), (False, True), (True, True)}  # pre-, post-contrast or both missing
 
 
-def test_missing_channel_fill_beyond_the_channels_is_refused() -> None:
+def test_missing_channels_on_impossible_batches_are_refused() -> None:
     with pytest.raises(ValueError, match="missing_channel_fill is 3 but the batch has 3 channels"):
         BatchAugment(2, **NONE, missing_channel_prob=1.0, missing_channel_fill=3)(*_batch(n=2))
+    image, label = _batch(n=2)
+    with pytest.raises(ValueError, match="needs images of 2 or more channels"):
+        BatchAugment(2, **NONE, missing_channel_prob=0.5, missing_channel_fill=0)(image[:, :1], label)

@@ -115,8 +115,8 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     result = response.json()
     expected_pct = round(100.0 * 120 / mask.size, 4)
     assert result["stats"]["coverage_pct"] == pytest.approx(expected_pct)
-    # a PNG records no pixel size: the area is a pixel count, never "mm^2" of 1 x 1 pixels
-    assert result["stats"]["tumour_voxels"] == 120 and result["stats"]["area_mm2"] is None
+    # image files hold no scanner pixel size: the area is a pixel count, never "mm^2" of 1 x 1 or dpi-tag pixels
+    assert result["stats"]["tumour_voxels"] == 120 and "area_mm2" not in result["stats"]
     assert result["metrics"]["dice"] == pytest.approx(1.0) and result["metrics"]["iou"] == pytest.approx(1.0)
     assert result["settings"] == {"tta": "dihedral", "threshold": 0.5}
     assert len(result["slices"]) == 1 and result["slices"][0]["tumour_pixels"] == 120 and result["slices"][0]["truth"]
@@ -128,18 +128,14 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     assert list(tmp_path.iterdir()) == [], "the request's temporary folder was left behind"
 
 
-def tif_bytes(array: np.ndarray, dpi: float) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="TIFF", dpi=(dpi, dpi))
-    return buffer.getvalue()
-
-
-def test_slices_with_a_recorded_pixel_size_give_mm2_and_downloads_in_slice_order(client: TestClient) -> None:
-    rgb, mask = known_slice()
-    names = [f"p_{n}.tif" for n in (1, 2, 10)]  # 10 sorts before 2 as text
-    result = post(client, [(name, tif_bytes(rgb, dpi=254.0)) for name in names]).json()  # 254 dpi: 0.1 mm pixels
-    assert result["stats"]["tumour_voxels"] == 3 * 120
-    assert result["stats"]["area_mm2"] == pytest.approx(3 * 120 * 0.1 * 0.1)
+def test_several_slices_list_their_masks_in_slice_order_once_each(client: TestClient) -> None:
+    rgb, _ = known_slice()
+    names = ["p_1.png", "p_2.png", "p_10.png", "p_2.tif"]  # 10 sorts before 2 as text; p_2.* share p_2_pred.png
+    tif = io.BytesIO()
+    Image.fromarray(rgb).save(tif, format="TIFF", dpi=(72, 72))  # a print resolution, not a scanner pixel size
+    files = [(name, png_bytes(rgb)) for name in names[:3]] + [(names[3], tif.getvalue())]
+    result = post(client, files).json()
+    assert result["stats"]["tumour_voxels"] == 4 * 120 and "area_mm2" not in result["stats"]
     assert [d["name"] for d in result["downloads"]] == ["p_1_pred.png", "p_2_pred.png", "p_10_pred.png", "overlay.png"]
 
 

@@ -1,10 +1,11 @@
 """``brainseg serve`` in a real browser: headless Chromium uploads inputs with known results and reads the page.
 
 Covered: a slice with a known mask (overlay, coverage), a zipped DICOM study (slice slider, tumour volume in mL,
-downloadable mask) and a corrupt file (error naming it, then a good upload in the same page).
+downloadable mask), a corrupt file (error naming it, then a good upload in the same page), and the shipped LGG model on
+a real patient it was not trained on (needs ../shared/data).
 Needs Debian's ``chromium`` (``apt-get install chromium``) and Python Playwright (``pip install playwright``; never
 ``playwright install``: the system browser is used). Skips with the reason when either is missing.
-Set ``BRAINSEG_WEBAPP_SCREENSHOT=PATH`` to keep the screenshot (docs/webapp.png is made this way).
+Set ``BRAINSEG_WEBAPP_SCREENSHOT=PATH`` to keep the shipped model's screenshot (docs/webapp.png is made this way).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from test_webapp import SLICE_SHAPE, FlairAbove, flair_model, known_slice, png_b
 from brainseg_monai.networks import NETWORKS  # noqa: E402
 from brainseg_monai.synth import make_dataset  # noqa: E402
 from brainseg_monai.webapp import Segmenter, create_app  # noqa: E402
+from conftest import REPO_ROOT, shared_path  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,13 +49,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The app on a free localhost port, served by uvicorn in a thread of this process."""
-    monkeypatch.setitem(NETWORKS, "flairabove", FlairAbove)
-    app = create_app(Segmenter(flair_model(tmp_path / "model"), max_upload_mb=8))
+@contextmanager
+def serving(segmenter: Segmenter) -> Iterator[str]:
+    """The app on a free localhost port, served by uvicorn in a thread of this process; yields its address."""
     port = _free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    instance = uvicorn.Server(uvicorn.Config(create_app(segmenter), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -61,9 +61,19 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the web app did not start within 30 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The app with the stand-in FLAIR model (known masks)."""
+    monkeypatch.setitem(NETWORKS, "flairabove", FlairAbove)
+    with serving(Segmenter(flair_model(tmp_path / "model"), max_upload_mb=8)) as address:
+        yield address
 
 
 @contextmanager
@@ -125,9 +135,25 @@ def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: 
                  return [p[0], p[1], p[2]]; }""",
             [26, 35, SLICE_SHAPE[0]])
         assert red[0] > red[1] + 50, f"no red overlay at the tumour: {red}"
+        page.screenshot(path=str(tmp_path / "webapp.png"), full_page=True)
+        assert (tmp_path / "webapp.png").stat().st_size > 10_000
+
+
+@pytest.mark.realdata
+def test_browser_shipped_model_on_an_unseen_lgg_patient(tmp_path: Path) -> None:
+    """The shipped model in the page on a fold-0 patient it was not trained on (near that fold's median Dice),
+    its slices and masks dropped together as a patient folder; the README's picture is this page."""
+    patient = shared_path("lgg", "kaggle_3m", "TCGA_CS_6669_20020102")
+    files = sorted(str(p) for p in patient.glob("*.tif"))
+    with serving(Segmenter(REPO_ROOT / "bundle" / "models" / "model.pt")) as address, browser_page(address) as page:
+        page.set_input_files("#files", files)
+        page.wait_for_selector(READY, timeout=300_000)
+        assert page.inner_text("#error") == ""
+        assert stat_row(page, "Slices with tumour").endswith("of 22")
+        assert float(stat_row(page, "Dice")) >= 0.75  # well above chance, below what the model measures here
+        assert "pixels (image files hold no scanner pixel size)" in stat_row(page, "Tumour area")
         shot = tmp_path / "webapp.png"
         page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
         if os.environ.get("BRAINSEG_WEBAPP_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["BRAINSEG_WEBAPP_SCREENSHOT"])
 

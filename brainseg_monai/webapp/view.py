@@ -43,17 +43,6 @@ def _spacing(image: Any, dims: int) -> list[float]:
     return np.linalg.norm(affine[:dims, :dims], axis=0).tolist()
 
 
-def _area_mm2(areas: Sequence[tuple[int, Sequence[float]]]) -> float | None:
-    """Tumour area in mm^2 from (pixels, spacing) per slice; None when a slice's file records no pixel size.
-
-    PNG, JPG and BMP files, and TIFs without resolution tags (the LGG set), read as 1 x 1 pixels, which is no
-    physical size: an "area in mm^2" from them would be a pixel count in disguise.
-    """
-    if not areas or any(np.allclose(spacing, 1.0) for _, spacing in areas):
-        return None
-    return round(sum(pixels * float(np.prod(spacing)) for pixels, spacing in areas), 3)
-
-
 def _data_url(pixels: np.ndarray, mime: str = "image/png") -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -135,22 +124,22 @@ def case_view(
     channel = _display_channel(channel_names)
     stats = _stats(row)
     if kind == "slices":
-        preds, refs, layers, areas = [], [], [], []
+        # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
+        preds, refs, layers = [], [], []
         for image, source, truth_path in zip(images, sources, truths):
             plane = np.asarray(image[channel])
             pred = _binary(case_dir / f"{_stem(source)}_pred.png", plane.shape, Path(source).name)
             truth = None if truth_path is None else _binary(truth_path, plane.shape, Path(source).name)
-            areas.append((int(pred.sum()), _spacing(image, 2)))
             layers.append({"name": Path(source).name, **_layers(plane, _window(plane), pred, truth)})
             if truth is not None:
                 preds.append(pred)
                 refs.append(truth)
-        stats["area_mm2"] = _area_mm2(areas)
         metrics = None
         if refs and len({r.shape for r in refs}) == 1:
             values = image_metrics(preds[0], refs[0]) if len(refs) == 1 else patient_metrics(preds, refs)
             metrics = {**_metrics(values), "slices_with_truth": len(refs)}
-        downloads = [case_dir / f"{_stem(source)}_pred.png" for source in sources]  # in the slider's order
+        # in the slider's order; a.png and a.tif uploaded together share a_pred.png, listed once
+        downloads = list(dict.fromkeys(case_dir / f"{_stem(source)}_pred.png" for source in sources))
     else:
         volume = np.asarray(images[0][channel])
         pred = _binary(case_dir / "mask.nii.gz", volume.shape, Path(sources[0]).name)
