@@ -143,14 +143,14 @@ def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: 
 def test_browser_shipped_model_on_an_unseen_lgg_patient(tmp_path: Path) -> None:
     """The shipped model in the page on a fold-0 patient it was not trained on (near that fold's median Dice),
     its slices and masks dropped together as a patient folder; the README's picture is this page."""
-    patient = shared_path("lgg", "kaggle_3m", "TCGA_CS_6669_20020102")
+    patient = shared_path("lgg", "kaggle_3m", "TCGA_HT_7616_19940813")
     files = sorted(str(p) for p in patient.glob("*.tif"))
     with serving(Segmenter(REPO_ROOT / "bundle" / "models" / "model.pt")) as address, browser_page(address) as page:
         page.set_input_files("#files", files)
         page.wait_for_selector(READY, timeout=300_000)
         assert page.inner_text("#error") == ""
-        assert stat_row(page, "Slices with tumour").endswith("of 22")
-        assert float(stat_row(page, "Dice")) >= 0.75  # well above chance, below what the model measures here
+        assert stat_row(page, "Slices with tumour").endswith("of 30")
+        assert float(stat_row(page, "Dice")) >= 0.6  # well above chance, below what the model measures here
         assert "pixels (image files hold no scanner pixel size)" in stat_row(page, "Tumour area")
         shot = tmp_path / "webapp.png"
         page.screenshot(path=str(shot), full_page=True)
