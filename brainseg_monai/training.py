@@ -287,6 +287,65 @@ def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mappin
     return [CheckpointLoader(load_path=path, load_dict=load, map_location=str(resolve_device(device)))]
 
 
+FINAL_MODEL_FILENAME = "model_final.pt"
+
+
+class FinalModelSaver:
+    """Saves the network's weights when training completes (also after early stopping), beside ``model.pt``.
+
+    ``model.pt`` is the best validation epoch; this is the last one, the model to use when the schedule, not a
+    held-out score, decides when training is done. Written through a temporary file, so an interrupted run never
+    leaves a half-written or stale-looking final model. (MONAI's ``CheckpointSaver(save_final=True)`` also saves on an
+    exception, under the same name, which would pass an interrupted model off as the finished one.)
+    """
+
+    def __init__(self, network: torch.nn.Module, save_dir: str | os.PathLike, filename: str = FINAL_MODEL_FILENAME):
+        self.network = network
+        self.path = Path(save_dir) / filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        network = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the network
+        torch.save({"model": network.state_dict()}, tmp)
+        os.replace(tmp, self.path)
+        logger.info("training completed at epoch %d: saved %s", engine.state.epoch, self.path)
+
+
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def get_lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, steps: int, patience: int = 5, factor: float = 0.5
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The learning-rate schedule, stepped once per validation.
+
+    ``plateau`` halves the rate (``factor``) after ``patience`` validations without a better validation Dice;
+    ``cosine`` decays it to zero over ``steps`` validations regardless of the metric, so the last model is the
+    finished one and no held-out score is needed to pick a checkpoint (what cross-validation and training on every
+    patient need).
+    """
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=patience)
+    if name == "cosine":
+        if int(steps) < 1:
+            raise ValueError(f"the cosine schedule needs at least one step (max_epochs // val_interval), got {steps}")
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
+    raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+
+
+def lr_step_input(name: str, metric_name: str = "val_dice") -> Callable[[Engine], tuple]:
+    """What ``LrScheduleHandler`` passes to ``step()``: the validation metric for ``plateau``, nothing otherwise."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    if name == "plateau":
+        return lambda engine: (engine.state.metrics[metric_name],)
+    return lambda engine: ()
+
+
 def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_rate") -> Callable:
     """An ``epoch_event_writer`` for ``TensorBoardStatsHandler`` that logs the first parameter group's lr."""
 

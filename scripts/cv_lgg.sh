@@ -10,8 +10,10 @@
 # resumes from its last checkpoint, so the script can be run again after a stop.
 #
 # Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
-# EPOCHS (default 40, as configs/lgg_2d.json), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
-# INFER_ARGS (extra brainseg infer options, e.g. "--tta none"), TAG (suffix of the prediction and report folders, so
+# EPOCHS (default 50, as configs/lgg_2d.json), TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
+# MODEL (the checkpoint of each fold to score, under OUT/NAME_fK/models: model_final.pt, the model at the end of training,
+# by default, so no held-out score picks it; model.pt is the best validation epoch), INFER_ARGS (extra brainseg infer
+# options, e.g. "--tta none"), TAG (suffix of the prediction and report folders, so
 # post-processing variants of trained folds sit beside the default: TAG=_min64 INFER_ARGS="--min-size 64").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lgg/kaggle_3m}
 OUT=${OUT:-runs/cv}
 NAME=${NAME:-unet}
-EPOCHS=${EPOCHS:-40}
+EPOCHS=${EPOCHS:-50}
+MODEL=${MODEL:-model_final.pt}
 FOLDS=("$@")
 [[ ${#FOLDS[@]} -gt 0 ]] || FOLDS=(0 1 2 3 4)
 
@@ -56,9 +59,9 @@ for folder in sorted({Path(item["image"]).parent for item in datalist["training"
         os.symlink(folder.resolve(), link, target_is_directory=True)
 EOF
     # shellcheck disable=SC2086
-    brainseg infer "$run/heldout" --checkpoint "$run/models/model.pt" --out "$run/oof${TAG:-}" --no-progress ${INFER_ARGS:-}
+    brainseg infer "$run/heldout" --checkpoint "$run/models/$MODEL" --out "$run/oof${TAG:-}" --no-progress ${INFER_ARGS:-}
     brainseg evaluate "$run/oof${TAG:-}" --truth "$datalist" --fold "$k" --out "$run/report${TAG:-}" --train-dir "$run" \
-        --model "$run/models/model.pt"
+        --model "$run/models/$MODEL"
 done
 reports=("$OUT/${NAME}"_f*/report${TAG:-}/metrics.json)
 if [[ ${#reports[@]} -ge 2 ]]; then

@@ -194,6 +194,7 @@ def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: P
         ({"spatial_dims": 4}, "spatial_dims"),
         ({"roi_size": [64, 64, 64]}, "roi_size"),
         ({"tumour_fraction": 1.5}, "tumour_fraction"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
     ],
 )
 def test_bad_config_values_fail_clearly(lgg_phantoms: Path, tmp_path: Path, override: dict, message: str) -> None:
@@ -227,6 +228,28 @@ def test_brats_3d_config_on_shared_brats(tmp_path: Path) -> None:
     )
     _run(wf)
     assert "val_mean_dice" in _tags(out)[0]
+
+
+def test_cosine_schedule_decays_to_zero_and_saves_the_final_model(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cosine"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=3, roi_size=[64, 64], batch_size=4,
+                   learning_rate=0.002, lr_schedule="cosine")
+    wf.initialize()
+    rates: list[float] = []
+    optimizer = wf.parser.get_parsed_content("optimizer")
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_STARTED, lambda _: rates.append(optimizer.param_groups[0]["lr"])
+    )
+    wf.run()
+    wf.finalize()
+    # cosine over 3 validations: 2e-3 * (1 + cos(pi * k / 3)) / 2 for k = 0, 1, 2, then 0 after the last
+    assert rates == pytest.approx([0.002, 0.0015, 0.0005])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    final = torch.load(out / "models" / "model_final.pt", map_location="cpu", weights_only=True)
+    network = wf.parser.get_parsed_content("network")
+    assert set(final) == {"model"}
+    assert all(torch.equal(final["model"][k], v) for k, v in network.state_dict().items())
+    assert json.loads((out / "config_resolved.json").read_text())["lr_schedule"] == "cosine"
 
 
 @pytest.mark.slow
