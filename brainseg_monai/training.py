@@ -136,25 +136,33 @@ def prepare_data(
     fold: int | None = None,
     val: float = 0.2,
     seed: int = 0,
+    train_all: bool | str = False,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """The (training items, validation items, channel names) of a run.
 
     With ``datalist`` (any file from ``brainseg datalist``) its split (or ``fold``) is used. Otherwise one is built
     from ``dataset_dir`` with ``source`` and saved as ``output_dir/datalist.json``; an empty ``dataset_dir`` means
-    the embedded synthetic default, generated on first use.
+    the embedded synthetic default, generated on first use. ``train_all`` trains on the validation patients too
+    (the final model of a recipe whose schedule, not a validation score, ends training): validation still runs
+    and is logged, but on patients the model has seen, so its Dice is no estimate of unseen-patient performance.
     """
     if datalist:
         dl = datalist_lib.load_datalist(datalist)
         train, valid = datalist_lib.training_split(datalist, fold=fold)
-        return train, valid, list(dl.get("channels") or [])
-    if not dataset_dir:
-        dataset_dir = synth.default_dataset(source)
-        logger.info("no dataset_dir given: using the synthetic %s phantoms in %s", source, dataset_dir)
-    folds = None if fold is None else max(5, int(fold) + 1)
-    dl = datalist_lib.build_datalist(source, dataset_dir, val=0.0 if folds else val, folds=folds, seed=seed)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    datalist_lib.write_datalist(dl, Path(output_dir) / "datalist.json")
-    train, valid = datalist_lib.training_split(dl, fold=fold)
+    else:
+        if not dataset_dir:
+            dataset_dir = synth.default_dataset(source)
+            logger.info("no dataset_dir given: using the synthetic %s phantoms in %s", source, dataset_dir)
+        folds = None if fold is None else max(5, int(fold) + 1)
+        dl = datalist_lib.build_datalist(source, dataset_dir, val=0.0 if folds else val, folds=folds, seed=seed)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        datalist_lib.write_datalist(dl, Path(output_dir) / "datalist.json")
+        train, valid = datalist_lib.training_split(dl, fold=fold)
+    if as_bool(train_all, "train_all"):
+        logger.warning(
+            "train_all: training on the %d validation items too; val_dice is measured on seen patients", len(valid)
+        )
+        train = train + valid
     return train, valid, list(dl.get("channels") or [])
 
 

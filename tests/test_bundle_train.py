@@ -195,6 +195,7 @@ def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: P
         ({"roi_size": [64, 64, 64]}, "roi_size"),
         ({"tumour_fraction": 1.5}, "tumour_fraction"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"train_all": "maybe"}, "train_all"),
     ],
 )
 def test_bad_config_values_fail_clearly(lgg_phantoms: Path, tmp_path: Path, override: dict, message: str) -> None:
@@ -250,6 +251,21 @@ def test_cosine_schedule_decays_to_zero_and_saves_the_final_model(lgg_phantoms: 
     assert set(final) == {"model"}
     assert all(torch.equal(final["model"][k], v) for k, v in network.state_dict().items())
     assert json.loads((out / "config_resolved.json").read_text())["lr_schedule"] == "cosine"
+
+
+@pytest.mark.parametrize("train_all", [True, "true"])
+def test_train_all_trains_on_the_validation_patients_too(lgg_phantoms: Path, tmp_path: Path, train_all: object) -> None:
+    split = _workflow(TRAIN, tmp_path / "split", dataset_dir=str(lgg_phantoms), max_epochs=1)
+    train, valid, _ = split.parser.get_parsed_content("data")
+    wf = _workflow(TRAIN, tmp_path / "all", dataset_dir=str(lgg_phantoms), max_epochs=1, train_all=train_all)
+    train_all_items, valid_all, _ = wf.parser.get_parsed_content("data")
+
+    def patients(items: list[dict]) -> set[str]:
+        return {item["patient"] for item in items}
+
+    assert valid and patients(valid_all) == patients(valid)
+    assert patients(train_all_items) == patients(train) | patients(valid) and len(patients(train_all_items)) == 4
+    assert len(train_all_items) == len(train) + len(valid)
 
 
 @pytest.mark.slow
