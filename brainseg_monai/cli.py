@@ -100,17 +100,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_tune_threshold(args: argparse.Namespace) -> int:
     from brainseg_monai.datalist import training_split
-    from brainseg_monai.tuning import plot_threshold_curve, tune_model_threshold
+    from brainseg_monai.tuning import plot_threshold_curve, tune_threshold_out_of_fold
 
-    items = training_split(args.datalist, args.fold)[1]
-    result = tune_model_threshold(
-        args.checkpoint, items, tta=args.tta, device=args.device, batch_size=args.batch_size,
-        thresholds=args.thresholds, write=not args.dry_run,
+    checkpoints, folds = args.checkpoint, args.fold or [None]
+    if len(checkpoints) > 1 and len(folds) != len(checkpoints):
+        raise SystemExit(f"brainseg tune-threshold: {len(checkpoints)} checkpoints need as many --fold values (the "
+                         f"fold each one never saw, in the same order); got {len(args.fold or [])}")
+    if len(checkpoints) == 1 and len(folds) > 1:
+        raise SystemExit("brainseg tune-threshold: several --fold values need one checkpoint per fold")
+    target = None if args.dry_run else (args.store_in or (checkpoints[0] if len(checkpoints) == 1 else None))
+    if not args.dry_run and target is None:
+        raise SystemExit("brainseg tune-threshold: with several fold checkpoints, say which model receives the "
+                         "threshold with --store-in MODEL (e.g. the model trained on all patients), or use --dry-run")
+    result = tune_threshold_out_of_fold(
+        [(ckpt, training_split(args.datalist, fold)[1]) for ckpt, fold in zip(checkpoints, folds)],
+        target=target, tta=args.tta, device=args.device, batch_size=args.batch_size, thresholds=args.thresholds,
     )
     plot = plot_threshold_curve(result["threshold_curve"], result["threshold"],
-                                Path(args.checkpoint).parent / "threshold_curve.png", previous=result["previous_threshold"])
-    print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f}); before: "
-          f"{result['previous_threshold']} ({result['previous_dice']:.4f}); curve: {plot}")
+                                Path(target or checkpoints[0]).parent / "threshold_curve.png",
+                                previous=result["previous_threshold"])
+    previous = "n/a" if result["previous_dice"] is None else f"{result['previous_dice']:.4f}"
+    print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f} over {result['patients']} "
+          f"patients); before: {result['previous_threshold']} ({previous}); curve: {plot}")
     print(f"stored in {result['sidecar']}" if result["sidecar"] else "dry run: nothing stored")
     return 0
 
@@ -203,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("tune-threshold", help="pick the threshold maximising per-patient Dice; store it with the model")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="the model; or one model per fold, each scored on the --fold it never saw (out of fold)")
     p.add_argument("--datalist", required=True, help="datalist whose validation items (or --fold) are used")
-    p.add_argument("--fold", type=int)
+    p.add_argument("--fold", type=int, nargs="+", help="the held-out fold of each --checkpoint, in the same order")
+    p.add_argument("--store-in", help="model whose model.json receives the threshold (default: the one --checkpoint)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
                    help="tune with the TTA you infer with (default dihedral, as brainseg infer)")
     p.add_argument("--device", default="auto")

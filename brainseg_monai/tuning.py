@@ -27,7 +27,7 @@ from brainseg_monai.datalist import IMAGE_SUFFIXES_2D
 from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, load_for_case, load_model
+from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, find_spec, load_for_case, load_model
 from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, pooled_metrics, tune_threshold
 from brainseg_monai.training import resolve_device
@@ -39,6 +39,7 @@ __all__ = [
     "model_sidecar_path",
     "plot_threshold_curve",
     "tune_model_threshold",
+    "tune_threshold_out_of_fold",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,33 +100,84 @@ def tune_model_threshold(
 
     Returns:
         ``{"threshold", "threshold_curve" ([[t, mean patient Dice], ...]), "dice", "previous_threshold",
-        "previous_dice", "patients", "items", "tta", "metric", "sidecar"}`` (``sidecar`` None unless written).
+        "previous_dice", "patients", "items", "folds", "tta", "metric", "sidecar"}`` (``sidecar`` None unless
+        written).
 
     Raises:
         ValueError: for empty ``items``, an item without image, label or patient, or bad thresholds.
         InputError: an unreadable checkpoint, image or label; a label whose size differs from its image.
     """
-    if isinstance(items, (str, os.PathLike)) or not items:
-        raise ValueError(f"items must be a non-empty sequence of {{'image', 'label', 'patient'}} dicts, got {items!r}")
-    for index, item in enumerate(items):
-        missing = [key for key in ("image", "label", "patient") if not isinstance(item, Mapping) or not item.get(key)]
-        if missing:
-            raise ValueError(f"items[{index}] lacks {', '.join(missing)}: {item!r}")
-    grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    return tune_threshold_out_of_fold(
+        [(checkpoint, items)], target=checkpoint if write else None, tta=tta, device=device, batch_size=batch_size,
+        thresholds=thresholds,
+    )
 
-    network, spec = load_model(checkpoint, device)
-    predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
-    by_patient: dict[str, list[Mapping[str, Any]]] = {}
-    for item in items:
-        by_patient.setdefault(str(item["patient"]), []).append(item)
+
+def tune_threshold_out_of_fold(
+    folds: Sequence[tuple[str | os.PathLike, Sequence[Mapping[str, Any]]]],
+    *,
+    target: str | os.PathLike | None = None,
+    tta: str = "none",
+    device: str = "auto",
+    batch_size: int = 16,
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """One threshold for K folds: each fold's model predicts its own held-out patients, and the threshold that
+    maximises the mean per-patient Dice over all of them is chosen; optionally stored in ``target``'s model.json.
+
+    A threshold tuned on one fold's dozen patients follows that fold's noise; the out-of-fold probabilities of every
+    patient give the curve for the recipe, which is what a final model trained on all patients should use.
+
+    Args:
+        folds: ``(checkpoint, items)`` per fold; ``items`` are the patients that checkpoint never saw. A patient may
+            appear in one fold only.
+        target: the checkpoint whose ``model.json`` receives the threshold and the curve; None stores nothing.
+        tta, device, batch_size, thresholds: as for :func:`tune_model_threshold`.
+
+    Returns:
+        As :func:`tune_model_threshold`; ``previous_threshold`` is ``target``'s (else the first fold model's).
+
+    Raises:
+        ValueError: no folds, empty or malformed items, a patient in two folds, bad thresholds.
+        InputError: an unreadable checkpoint, image or label; a label whose size differs from its image.
+    """
+    if not folds:
+        raise ValueError("folds must hold at least one (checkpoint, items) pair")
+    owner: dict[str, int] = {}
+    for fold, (_, items) in enumerate(folds):
+        if isinstance(items, (str, os.PathLike)) or not items:
+            raise ValueError(f"items must be a non-empty sequence of {{'image', 'label', 'patient'}} dicts, got "
+                             f"{items!r}" + (f" (fold {fold})" if len(folds) > 1 else ""))
+        for index, item in enumerate(items):
+            missing = [key for key in ("image", "label", "patient") if not isinstance(item, Mapping) or not item.get(key)]
+            if missing:
+                raise ValueError(f"items[{index}] lacks {', '.join(missing)}: {item!r}")
+            patient = str(item["patient"])
+            if owner.setdefault(patient, fold) != fold:
+                raise ValueError(f"patient {patient!r} is in fold {owner[patient]} and fold {fold}: out-of-fold "
+                                 f"tuning needs each patient predicted by one model that never saw it")
+    grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    reference = Path(target if target is not None else folds[0][0])
+    if not reference.is_file():
+        raise InputError(reference, "checkpoint not found: the threshold is stored in the model.json beside it")
+    target_spec = find_spec(reference)  # checked before the predictions, which take minutes
+
     probs: dict[str, list[np.ndarray]] = {}
     truths: dict[str, list[np.ndarray]] = {}
-    for patient, patient_items in by_patient.items():
-        probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
-        logger.info("patient %s: %d maps predicted", patient, len(probs[patient]))
+    n_items = 0
+    for checkpoint, items in folds:
+        network, spec = load_model(checkpoint, device)
+        predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
+        by_patient: dict[str, list[Mapping[str, Any]]] = {}
+        for item in items:
+            by_patient.setdefault(str(item["patient"]), []).append(item)
+        for patient, patient_items in by_patient.items():
+            probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
+            logger.info("patient %s: %d maps predicted by %s", patient, len(probs[patient]), checkpoint)
+        n_items += len(items)
     best, curve = tune_threshold(probs, truths, grid)
 
-    previous = PostProcessing.from_dict(spec.postprocessing).threshold
+    previous = PostProcessing.from_dict(target_spec.postprocessing).threshold
     values = dict(curve)
     result: dict[str, Any] = {
         "threshold": best,
@@ -133,14 +185,16 @@ def tune_model_threshold(
         "dice": values[best],
         "previous_threshold": previous,
         "previous_dice": values.get(round(previous, 6)),
-        "patients": len(by_patient),
-        "items": len(items),
+        "patients": len(probs),
+        "items": n_items,
+        "folds": len(folds),
         "tta": tta,
-        "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold",
+        "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold"
+        + (", each patient predicted by the fold model that never saw it" if len(folds) > 1 else ""),
         "sidecar": None,
     }
-    if write:
-        result["sidecar"] = str(_store(checkpoint, spec.to_dict(), result))
+    if target is not None:
+        result["sidecar"] = str(_store(target, target_spec.to_dict(), result))
     logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f)", best, values[best], previous)
     return result
 
@@ -290,8 +344,8 @@ def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result
         values = dict(spec_values)
     values["postprocessing"] = {**(values.get("postprocessing") or {}), "threshold": result["threshold"]}
     values[TUNING_KEY] = {key: result[key] for key in (
-        "threshold", "threshold_curve", "dice", "previous_threshold", "previous_dice", "patients", "items", "tta",
-        "metric")}  # fmt: skip
+        "threshold", "threshold_curve", "dice", "previous_threshold", "previous_dice", "patients", "items", "folds",
+        "tta", "metric")}  # fmt: skip
     return write_text_atomic(sidecar, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
 
 

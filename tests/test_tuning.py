@@ -88,20 +88,26 @@ def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
+def slice_items(folder: Path, patients: tuple[str, ...], seed: int = 0) -> tuple[list[dict], dict]:
+    """Two RGB TIF slices per patient with PNG masks (levels >= TUMOUR_FROM), and each patient's level maps."""
+    rng = np.random.default_rng(seed)
     items, levels_by_patient = [], {}
-    for patient in ("P1", "P2", "P3"):
+    for patient in patients:
         for k in range(2):
             levels = level_map(rng, (32, 32))  # (x, y)
             image = np.stack([np.asarray(LEVELS, dtype=np.uint8)[levels]] * 3, axis=-1)  # RGB, all channels alike
-            path = tmp_path / "data" / f"{patient}_{k}.tif"
+            path = folder / f"{patient}_{k}.tif"
             path.parent.mkdir(exist_ok=True)
             tifffile.imwrite(path, np.ascontiguousarray(image.transpose(1, 0, 2)), photometric="rgb")  # rows = y
             label = path.with_name(f"{patient}_{k}_mask.png")
             Image.fromarray(((levels >= TUMOUR_FROM) * 255).astype(np.uint8).T).save(label)
             items.append({"image": str(path), "label": str(label), "patient": patient})
             levels_by_patient.setdefault(patient, []).append(levels)
+    return items, levels_by_patient
+
+
+def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_path: Path) -> None:
+    items, levels_by_patient = slice_items(tmp_path / "data", ("P1", "P2", "P3"))
 
     before = (model_dir / "model.json").read_text()
     dry = tune_model_threshold(model_dir / "model.pt", items, device="cpu", write=False)
@@ -129,6 +135,50 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
     plot = plot_threshold_curve(result["threshold_curve"], result["threshold"], tmp_path / "curve.png", previous=0.5)
     with Image.open(plot) as png:
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_out_of_fold_tuning_pools_every_fold_and_stores_in_the_final_model(model_dir: Path, tmp_path: Path) -> None:
+    items, levels_by_patient = slice_items(tmp_path / "data", ("P1", "P2", "P3"), seed=5)
+    folds = []
+    for k, patients in enumerate((("P1", "P2"), ("P3",))):
+        fold_dir = tmp_path / f"fold{k}"
+        fold_dir.mkdir()
+        for name in ("model.pt", "model.json"):
+            (fold_dir / name).write_bytes((model_dir / name).read_bytes())
+        folds.append((fold_dir / "model.pt", [it for it in items if it["patient"] in patients]))
+    fold_json = (tmp_path / "fold0" / "model.json").read_text()
+
+    result = tuning.tune_threshold_out_of_fold(folds, target=model_dir / "model.pt", device="cpu")
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 6)
+    np.testing.assert_allclose([d for _, d in result["threshold_curve"]], expected_curve(levels_by_patient, grid),
+                               atol=1e-9)
+    assert result["threshold"] == pytest.approx(0.3) and result["dice"] == pytest.approx(1.0)
+    assert result["patients"] == 3 and result["items"] == 6 and result["folds"] == 2
+    stored = json.loads((model_dir / "model.json").read_text())
+    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3} and stored["tuning"]["folds"] == 2
+    assert (tmp_path / "fold0" / "model.json").read_text() == fold_json  # the fold models are left as they were
+
+    dry = tuning.tune_threshold_out_of_fold(folds, device="cpu", thresholds=[0.2, 0.5])
+    assert dry["sidecar"] is None and dry["threshold"] == 0.2 and dry["previous_threshold"] == 0.5
+    with pytest.raises(ValueError, match="patient 'P3' is in fold 0 and fold 1"):
+        tuning.tune_threshold_out_of_fold([(folds[0][0], items), folds[1]], device="cpu")
+    with pytest.raises(InputError, match="checkpoint not found"):
+        tuning.tune_threshold_out_of_fold(folds, target=tmp_path / "nowhere" / "model.pt", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "a.pt", "b.pt", "--fold", "0"], "2 checkpoints need as many --fold values"),
+        (["--checkpoint", "a.pt", "--fold", "0", "1"], "several --fold values need one checkpoint per fold"),
+        (["--checkpoint", "a.pt", "b.pt", "--fold", "0", "1"], "--store-in MODEL"),
+    ],
+)
+def test_tune_threshold_command_line_checks_folds_and_target(args: list[str], message: str) -> None:
+    from brainseg_monai.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["tune-threshold", "--datalist", "dl.json", *args])
 
 
 def test_tuning_volumes_with_a_2d_model(model_dir: Path, tmp_path: Path) -> None:
