@@ -100,18 +100,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_tune_threshold(args: argparse.Namespace) -> int:
     from brainseg_monai.datalist import training_split
-    from brainseg_monai.tuning import plot_threshold_curve, tune_threshold_out_of_fold
+    from brainseg_monai.tuning import check_fold_model, plot_threshold_curve, tune_threshold_out_of_fold
 
     checkpoints, folds = args.checkpoint, args.fold or [None]
     if len(checkpoints) > 1 and len(folds) != len(checkpoints):
-        raise SystemExit(f"brainseg tune-threshold: {len(checkpoints)} checkpoints need as many --fold values (the "
+        raise ValueError(f"{len(checkpoints)} checkpoints need as many --fold values (the "
                          f"fold each one never saw, in the same order); got {len(args.fold or [])}")
     if len(checkpoints) == 1 and len(folds) > 1:
-        raise SystemExit("brainseg tune-threshold: several --fold values need one checkpoint per fold")
+        raise ValueError("several --fold values need one checkpoint per fold")
+    if len(set(folds)) < len(folds):
+        raise ValueError(f"--fold {' '.join(map(str, folds))} repeats a fold; give each "
+                         f"checkpoint the one fold it never saw")
+    if args.dry_run and args.store_in:
+        raise ValueError("--dry-run stores nothing; drop --store-in or --dry-run")
     target = None if args.dry_run else (args.store_in or (checkpoints[0] if len(checkpoints) == 1 else None))
     if not args.dry_run and target is None:
-        raise SystemExit("brainseg tune-threshold: with several fold checkpoints, say which model receives the "
+        raise ValueError("with several fold checkpoints, say which model receives the "
                          "threshold with --store-in MODEL (e.g. the model trained on all patients), or use --dry-run")
+    if len(checkpoints) > 1:
+        for ckpt, fold in zip(checkpoints, folds):
+            check_fold_model(ckpt, fold)
     result = tune_threshold_out_of_fold(
         [(ckpt, training_split(args.datalist, fold)[1]) for ckpt, fold in zip(checkpoints, folds)],
         target=target, tta=args.tta, device=args.device, batch_size=args.batch_size, thresholds=args.thresholds,

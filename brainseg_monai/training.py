@@ -301,47 +301,101 @@ FINAL_MODEL_FILENAME = "model_final.pt"
 class FinalModelSaver:
     """Saves the network's weights when training completes (also after early stopping), beside ``model.pt``.
 
-    ``model.pt`` is the best validation epoch; this is the last one, the model to use when the schedule, not a
-    held-out score, decides when training is done. Written through a temporary file, so an interrupted run never
-    leaves a half-written or stale-looking final model. (MONAI's ``CheckpointSaver(save_final=True)`` also saves on an
+    ``model.pt`` is the best validation epoch; ``model_final.pt`` is the last one, the model to use when the schedule,
+    not a held-out score, decides when training is done. It gets its own ``model_final.json`` (the run's settings
+    from ``model.json``, without a threshold tuned for ``model.pt``), so tuning one model never retunes the other.
+    A run that starts removes the previous final model, and the new one is written through a temporary file only
+    on completion: an interrupted run leaves none. (MONAI's ``CheckpointSaver(save_final=True)`` also saves on an
     exception, under the same name, which would pass an interrupted model off as the finished one.)
     """
 
     def __init__(self, network: torch.nn.Module, save_dir: str | os.PathLike, filename: str = FINAL_MODEL_FILENAME):
         self.network = network
         self.path = Path(save_dir) / filename
+        self.sidecar = self.path.with_suffix(".json")
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.remove_previous)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def remove_previous(self, engine: Engine) -> None:
+        """A final model from an earlier run in the same folder is not this run's: remove it before training."""
+        for path in (self.path, self.sidecar):
+            if path.is_file():
+                path.unlink()
+                logger.info("removed %s of an earlier run: this run writes its own when it completes", path)
 
     def __call__(self, engine: Engine) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         network = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the network
-        torch.save({"model": network.state_dict()}, tmp)
+        torch.save({"model": network.state_dict(), "epoch": int(engine.state.epoch)}, tmp)
         os.replace(tmp, self.path)
+        settings = self.path.parent / "model.json"  # written when training starts
+        if settings.is_file():
+            values = json.loads(settings.read_text(encoding="utf-8"))
+            values.pop("tuning", None)
+            values["postprocessing"] = {}
+            write_text_atomic(self.sidecar, json.dumps(values, indent=2) + "\n")
         logger.info("training completed at epoch %d: saved %s", engine.state.epoch, self.path)
 
 
 LR_SCHEDULES = ("plateau", "cosine")
 
 
+class _ScheduleCheck:
+    """Records the schedule in the scheduler's state and refuses to resume from another schedule's state.
+
+    Without it a checkpoint of one schedule loads silently into another, and a cosine run resumed with a different
+    ``max_epochs`` keeps the old length: the rate reaches zero at the old end and then climbs back.
+    """
+
+    schedule: str = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "schedule": self.schedule}  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a state without the record comes from a plain torch scheduler: cosine ones have T_max
+        saved = state_dict.get("schedule") or ("cosine" if "T_max" in state_dict else "plateau")
+        if saved != self.schedule:
+            raise ValueError(f"the checkpoint was trained with lr_schedule {saved!r}, this run asks for "
+                             f"{self.schedule!r}: resume with the same lr_schedule, or start afresh (resume false)")
+        saved_steps, steps = state_dict.get("T_max"), getattr(self, "T_max", None)
+        if saved_steps != steps:
+            raise ValueError(f"the checkpoint's cosine schedule spans {saved_steps} validations, this run's {steps}: "
+                             f"resume with the max_epochs and val_interval it started with, or start afresh")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "schedule"})  # type: ignore[misc]
+
+
+class PlateauSchedule(_ScheduleCheck, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """``ReduceLROnPlateau`` (mode max) that resumes only from a plateau schedule's state."""
+
+    schedule = "plateau"
+
+
+class CosineSchedule(_ScheduleCheck, torch.optim.lr_scheduler.CosineAnnealingLR):
+    """``CosineAnnealingLR`` that resumes only from a cosine schedule of the same length."""
+
+    schedule = "cosine"
+
+
 def get_lr_scheduler(
     name: str, optimizer: torch.optim.Optimizer, steps: int, patience: int = 5, factor: float = 0.5
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """The learning-rate schedule, stepped once per validation.
+) -> PlateauSchedule | CosineSchedule:
+    """The learning-rate schedule, stepped once per validation (``steps``: validations in the run).
 
     ``plateau`` halves the rate (``factor``) after ``patience`` validations without a better validation Dice;
     ``cosine`` decays it to zero over ``steps`` validations regardless of the metric, so the last model is the
     finished one and no held-out score is needed to pick a checkpoint (what cross-validation and training on every
-    patient need).
+    patient need). Epochs after the last validation (``max_epochs`` not a multiple of ``val_interval``) train at 0.
     """
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=patience)
+        return PlateauSchedule(optimizer, mode="max", factor=factor, patience=patience)
     if name == "cosine":
         if int(steps) < 1:
             raise ValueError(f"the cosine schedule needs at least one step (max_epochs // val_interval), got {steps}")
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
+        return CosineSchedule(optimizer, T_max=int(steps))
     raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
 
 
@@ -352,6 +406,14 @@ def lr_step_input(name: str, metric_name: str = "val_dice") -> Callable[[Engine]
     if name == "plateau":
         return lambda engine: (engine.state.metrics[metric_name],)
     return lambda engine: ()
+
+
+def early_stop_patience(name: str, patience: int, max_epochs: int) -> int:
+    """Early-stopping patience for ``lr_schedule`` ``name``: ``patience`` with ``plateau``; with ``cosine`` more
+    validations than the run has, so the schedule, not a validation score, ends training."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    return int(patience) if name == "plateau" else int(max_epochs) + 1
 
 
 def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_rate") -> Callable:

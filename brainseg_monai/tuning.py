@@ -35,6 +35,7 @@ from brainseg_monai.training import resolve_device
 __all__ = [
     "TUNING_KEY",
     "aggregate_folds",
+    "check_fold_model",
     "load_tuning",
     "model_sidecar_path",
     "plot_threshold_curve",
@@ -143,8 +144,8 @@ def tune_threshold_out_of_fold(
     """
     if not folds:
         raise ValueError("folds must hold at least one (checkpoint, items) pair")
-    owner: dict[str, int] = {}
-    for fold, (_, items) in enumerate(folds):
+    owner: dict[str, str] = {}
+    for fold, (checkpoint, items) in enumerate(folds):
         if isinstance(items, (str, os.PathLike)) or not items:
             raise ValueError(f"items must be a non-empty sequence of {{'image', 'label', 'patient'}} dicts, got "
                              f"{items!r}" + (f" (fold {fold})" if len(folds) > 1 else ""))
@@ -153,14 +154,17 @@ def tune_threshold_out_of_fold(
             if missing:
                 raise ValueError(f"items[{index}] lacks {', '.join(missing)}: {item!r}")
             patient = str(item["patient"])
-            if owner.setdefault(patient, fold) != fold:
-                raise ValueError(f"patient {patient!r} is in fold {owner[patient]} and fold {fold}: out-of-fold "
-                                 f"tuning needs each patient predicted by one model that never saw it")
+            if owner.setdefault(patient, str(checkpoint)) != str(checkpoint):
+                raise ValueError(f"patient {patient!r} is among the held-out patients of both {owner[patient]} and "
+                                 f"{checkpoint}: out-of-fold tuning needs each patient predicted by one model that "
+                                 f"never saw it")
     grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
-    reference = Path(target if target is not None else folds[0][0])
-    if not reference.is_file():
-        raise InputError(reference, "checkpoint not found: the threshold is stored in the model.json beside it")
-    target_spec = find_spec(reference)  # checked before the predictions, which take minutes
+    # every model and its settings are checked before the predictions, which take minutes
+    for checkpoint in [ckpt for ckpt, _ in folds] + ([target] if target is not None else []):
+        if not Path(checkpoint).is_file():
+            raise InputError(checkpoint, "checkpoint not found")
+        find_spec(checkpoint)
+    target_spec = find_spec(target if target is not None else folds[0][0])
 
     probs: dict[str, list[np.ndarray]] = {}
     truths: dict[str, list[np.ndarray]] = {}
@@ -197,6 +201,25 @@ def tune_threshold_out_of_fold(
         result["sidecar"] = str(_store(target, target_spec.to_dict(), result))
     logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f)", best, values[best], previous)
     return result
+
+
+def check_fold_model(checkpoint: str | os.PathLike, fold: int) -> None:
+    """Refuse a fold model whose training run did not hold out ``fold``, as its ``config_resolved.json`` records
+    (a misordered ``--fold`` list or a model trained on every patient would give in-sample, optimistic scores).
+    A checkpoint outside a training run folder has no record and is taken as given."""
+    record = Path(checkpoint).parent.parent / "config_resolved.json"
+    if not record.is_file():
+        return
+    try:
+        config = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(record, f"not a readable training record ({e})") from None
+    if config.get("fold") != fold:
+        raise InputError(checkpoint, f"its run held out fold {config.get('fold')} ({record}), not fold {fold}: give "
+                                     f"each checkpoint the fold it never saw, in the same order")
+    if str(config.get("train_all", False)).lower() in ("true", "1", "yes"):
+        raise InputError(checkpoint, f"its run trained on the validation patients too (train_all, {record}): it has "
+                                     f"no unseen fold to tune on")
 
 
 def plot_threshold_curve(

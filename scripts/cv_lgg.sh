@@ -46,6 +46,11 @@ for k in "${FOLDS[@]}"; do
             --resume "$resume" ${TRAIN_ARGS:-}
         touch "$run/trained"
     fi
+    if [[ ! -f "$run/models/$MODEL" ]]; then
+        echo "$run/models/$MODEL not found: a fold trained before model_final.pt existed has only model.pt" \
+             "(score it with MODEL=model.pt, or delete $run/trained to train it again)" >&2
+        exit 2
+    fi
     # a folder with links to the held-out patients only, so inference does no more than scoring needs
     python - "$datalist" "$k" "$run/heldout" <<'EOF'
 import json, os, sys

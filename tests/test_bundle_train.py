@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.networks import get_network
+from brainseg_monai.inference.predictor import load_model
 from brainseg_monai.training import AutocastInferer, latest_checkpoint
 from conftest import REPO_ROOT, shared_path
 
@@ -233,24 +234,72 @@ def test_brats_3d_config_on_shared_brats(tmp_path: Path) -> None:
 
 def test_cosine_schedule_decays_to_zero_and_saves_the_final_model(lgg_phantoms: Path, tmp_path: Path) -> None:
     out = tmp_path / "cosine"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "model_final.pt").write_bytes(b"an earlier run's final model")
     wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=3, roi_size=[64, 64], batch_size=4,
-                   learning_rate=0.002, lr_schedule="cosine")
+                   learning_rate=0.002, lr_schedule="cosine", early_stop_patience=1)
     wf.initialize()
     rates: list[float] = []
     optimizer = wf.parser.get_parsed_content("optimizer")
-    wf.parser.get_parsed_content("train#trainer").add_event_handler(
-        Events.EPOCH_STARTED, lambda _: rates.append(optimizer.param_groups[0]["lr"])
-    )
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: rates.append(optimizer.param_groups[0]["lr"]))
+    trainer.add_event_handler(Events.STARTED, lambda _: rates.append(-1.0 if (out / "models" / "model_final.pt")
+                                                                      .exists() else 0.0))
     wf.run()
     wf.finalize()
-    # cosine over 3 validations: 2e-3 * (1 + cos(pi * k / 3)) / 2 for k = 0, 1, 2, then 0 after the last
-    assert rates == pytest.approx([0.002, 0.0015, 0.0005])
+    # the earlier final model is gone when training starts; then cosine over 3 validations:
+    # 2e-3 * (1 + cos(pi * k / 3)) / 2 for k = 0, 1, 2, and 0 after the last. Early stopping (patience 1) is off.
+    assert rates == pytest.approx([0.0, 0.002, 0.0015, 0.0005]) and trainer.state.epoch == 3
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     final = torch.load(out / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     network = wf.parser.get_parsed_content("network")
-    assert set(final) == {"model"}
+    assert set(final) == {"model", "epoch"} and final["epoch"] == 3
     assert all(torch.equal(final["model"][k], v) for k, v in network.state_dict().items())
     assert json.loads((out / "config_resolved.json").read_text())["lr_schedule"] == "cosine"
+    settings = json.loads((out / "models" / "model_final.json").read_text())
+    assert settings["postprocessing"] == {} and settings["network_name"] == "unet" and "tuning" not in settings
+    loaded, spec = load_model(out / "models" / "model_final.pt", "cpu")
+    assert spec.roi_size == [64, 64]
+
+
+@pytest.mark.parametrize(
+    "first, then, message",
+    [
+        ({"lr_schedule": "cosine", "max_epochs": 2}, {"lr_schedule": "cosine", "max_epochs": 3}, "spans 2 validations"),
+        ({"lr_schedule": "plateau", "max_epochs": 1}, {"lr_schedule": "cosine", "max_epochs": 2}, "'plateau'"),
+        ({"lr_schedule": "cosine", "max_epochs": 1}, {"lr_schedule": "plateau", "max_epochs": 2}, "'cosine'"),
+    ],
+)
+def test_resume_refuses_another_schedule(lgg_phantoms: Path, tmp_path: Path, first: dict, then: dict,
+                                         message: str) -> None:
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
+    _run(_workflow(TRAIN, out, **first, **common))
+    wf = _workflow(TRAIN, out, resume=True, **then, **common)
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    assert message in _messages(info.value) and "resume" in _messages(info.value)
+
+
+def test_resume_continues_the_cosine_schedule(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4, lr_schedule="cosine",
+                  learning_rate=0.002, max_epochs=3)
+    interrupted = _workflow(TRAIN, out, **common)
+    interrupted.initialize()
+    trainer = interrupted.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda engine: engine.terminate())
+    interrupted.run()
+    assert trainer.state.epoch == 2
+    wf = _workflow(TRAIN, out, resume=True, **common)
+    wf.initialize()
+    optimizer = wf.parser.get_parsed_content("optimizer")
+    rates: list[float] = []
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_STARTED, lambda _: rates.append(optimizer.param_groups[0]["lr"]))
+    wf.run()
+    assert rates == pytest.approx([0.0005])  # the third epoch's rate, as in an uninterrupted run
 
 
 @pytest.mark.parametrize("train_all", [True, "true"])

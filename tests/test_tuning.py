@@ -32,18 +32,27 @@ TUMOUR_FROM = 2  # levels 2, 3, 4 are tumour: thresholds in (0.17, 0.32] give a 
 
 
 class LevelNet(torch.nn.Module):
-    """Stub network: the k-th smallest distinct value of each image's channel 0 gets logit(PROBABILITIES[k]).
+    """Stub network: the k-th smallest distinct value of each image's channel 0 gets logit(PROBABILITIES[k]) + shift.
 
     Intensity normalisation is a per-image increasing affine map, so the ranks of the levels survive it.
     """
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.shift = shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], 1, *x.shape[2:])
         for b in range(x.shape[0]):
             channel = x[b, 0].contiguous()
             rank = torch.searchsorted(torch.unique(channel), channel)
-            out[b, 0] = torch.logit(PROBABILITIES[rank].double()).float()
+            out[b, 0] = (torch.logit(PROBABILITIES[rank].double()) + self.shift).float()
         return out
+
+
+def level_probabilities(shift: float = 0.0) -> np.ndarray:
+    """The probability LevelNet(shift) gives each level."""
+    return torch.sigmoid(torch.logit(PROBABILITIES.double()) + shift).numpy()
 
 
 def level_map(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -56,13 +65,16 @@ def level_map(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def expected_curve(levels_by_patient: dict[str, list[np.ndarray]], thresholds: np.ndarray) -> np.ndarray:
-    """Mean over patients of the stacked Dice at each threshold, from the level maps alone."""
-    probs = PROBABILITIES.numpy()
+def expected_curve(
+    levels_by_patient: dict[str, list[np.ndarray]], thresholds: np.ndarray, shifts: dict[str, float] | None = None
+) -> np.ndarray:
+    """Mean over patients of the stacked Dice at each threshold, from the level maps (and each patient's model
+    shift) alone."""
     curve = []
     for t in thresholds:
         dices = []
-        for maps in levels_by_patient.values():
+        for patient, maps in levels_by_patient.items():
+            probs = level_probabilities((shifts or {}).get(patient, 0.0))
             predicted = [probs[m] >= t for m in maps]
             truths = [m >= TUMOUR_FROM for m in maps]
             inter = sum(np.count_nonzero(p & q) for p, q in zip(predicted, truths))
@@ -82,7 +94,8 @@ def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (folder / "model.json").write_text(json.dumps({**spec.to_dict(), "trained_on": "phantoms"}, indent=2))
 
     def fake_load_model(checkpoint: Path, device: str = "auto") -> tuple[torch.nn.Module, ModelSpec]:
-        return LevelNet().eval(), find_spec(checkpoint)
+        shift = json.loads(tuning.model_sidecar_path(checkpoint).read_text()).get("stub_shift", 0.0)
+        return LevelNet(shift).eval(), find_spec(checkpoint)
 
     monkeypatch.setattr(tuning, "load_model", fake_load_model)
     return folder
@@ -137,33 +150,82 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
         assert png.format == "PNG" and png.size[0] > 300
 
 
+def _fold_models(model_dir: Path, tmp_path: Path, shifts: tuple[float, ...]) -> list[Path]:
+    """Copies of the stub model, one per fold, the k-th shifting its logits by shifts[k]."""
+    models = []
+    for k, shift in enumerate(shifts):
+        fold_dir = tmp_path / f"fold{k}" / "models"
+        fold_dir.mkdir(parents=True)
+        (fold_dir / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+        settings = json.loads((model_dir / "model.json").read_text())
+        (fold_dir / "model.json").write_text(json.dumps({**settings, "stub_shift": shift}))
+        models.append(fold_dir / "model.pt")
+    return models
+
+
 def test_out_of_fold_tuning_pools_every_fold_and_stores_in_the_final_model(model_dir: Path, tmp_path: Path) -> None:
     items, levels_by_patient = slice_items(tmp_path / "data", ("P1", "P2", "P3"), seed=5)
-    folds = []
-    for k, patients in enumerate((("P1", "P2"), ("P3",))):
-        fold_dir = tmp_path / f"fold{k}"
-        fold_dir.mkdir()
-        for name in ("model.pt", "model.json"):
-            (fold_dir / name).write_bytes((model_dir / name).read_bytes())
-        folds.append((fold_dir / "model.pt", [it for it in items if it["patient"] in patients]))
-    fold_json = (tmp_path / "fold0" / "model.json").read_text()
+    # fold 1's model is more confident: its best threshold alone would be in (0.60, 0.78], fold 0's in (0.17, 0.32]
+    models = _fold_models(model_dir, tmp_path, (0.0, 2.0))
+    held_out = ({"P1", "P2"}, {"P3"})
+    folds = [(model, [it for it in items if it["patient"] in patients]) for model, patients in zip(models, held_out)]
+    fold_json = (models[0].parent / "model.json").read_text()
 
     result = tuning.tune_threshold_out_of_fold(folds, target=model_dir / "model.pt", device="cpu")
     grid = np.round(np.arange(0.05, 0.96, 0.05), 6)
-    np.testing.assert_allclose([d for _, d in result["threshold_curve"]], expected_curve(levels_by_patient, grid),
-                               atol=1e-9)
-    assert result["threshold"] == pytest.approx(0.3) and result["dice"] == pytest.approx(1.0)
+    expected = expected_curve(levels_by_patient, grid, {"P3": 2.0})
+    np.testing.assert_allclose([d for _, d in result["threshold_curve"]], expected, atol=1e-9)
+    tied = grid[np.isclose(expected, expected.max(), atol=1e-12)]
+    assert result["threshold"] == pytest.approx(min(tied, key=lambda t: (abs(t - 0.5), t)))  # ties: closest to 0.5
+    assert result["dice"] == pytest.approx(expected.max()) and result["dice"] < 1.0
     assert result["patients"] == 3 and result["items"] == 6 and result["folds"] == 2
     stored = json.loads((model_dir / "model.json").read_text())
-    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3} and stored["tuning"]["folds"] == 2
-    assert (tmp_path / "fold0" / "model.json").read_text() == fold_json  # the fold models are left as they were
+    assert stored["postprocessing"] == {"threshold": result["threshold"], "min_size": 3}
+    assert stored["tuning"]["folds"] == 2 and stored["tuning"]["threshold_curve"] == result["threshold_curve"]
+    assert (models[0].parent / "model.json").read_text() == fold_json  # the fold models are left as they were
 
     dry = tuning.tune_threshold_out_of_fold(folds, device="cpu", thresholds=[0.2, 0.5])
-    assert dry["sidecar"] is None and dry["threshold"] == 0.2 and dry["previous_threshold"] == 0.5
-    with pytest.raises(ValueError, match="patient 'P3' is in fold 0 and fold 1"):
-        tuning.tune_threshold_out_of_fold([(folds[0][0], items), folds[1]], device="cpu")
+    assert dry["sidecar"] is None and dry["previous_threshold"] == 0.5
+    np.testing.assert_allclose([d for _, d in dry["threshold_curve"]],
+                               expected_curve(levels_by_patient, np.array([0.2, 0.5]), {"P3": 2.0}), atol=1e-9)
+    with pytest.raises(ValueError, match="'P3' is among the held-out patients of both"):
+        tuning.tune_threshold_out_of_fold([(models[0], items), folds[1]], device="cpu")
     with pytest.raises(InputError, match="checkpoint not found"):
         tuning.tune_threshold_out_of_fold(folds, target=tmp_path / "nowhere" / "model.pt", device="cpu")
+    with pytest.raises(InputError, match="checkpoint not found"):
+        tuning.tune_threshold_out_of_fold([folds[0], (tmp_path / "gone.pt", folds[1][1])], device="cpu")
+
+
+def test_tune_threshold_command_line_pairs_checkpoints_with_their_folds(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from brainseg_monai.cli import main
+
+    items, _ = slice_items(tmp_path / "data", ("P1", "P2", "P3"), seed=5)
+    datalist = {"name": "t", "source": "lgg", "folds": 2, "channels": ["t1", "flair", "t1c"], "validation": [],
+                "testing": [], "training": [{**it, "fold": 0 if it["patient"] != "P3" else 1} for it in items]}
+    (tmp_path / "dl.json").write_text(json.dumps(datalist))
+    models = _fold_models(model_dir, tmp_path, (0.0, 2.0))
+    for k, model in enumerate(models):
+        (model.parent.parent / "config_resolved.json").write_text(json.dumps({"fold": k, "train_all": False}))
+    args = ["tune-threshold", "--datalist", str(tmp_path / "dl.json"), "--device", "cpu"]
+
+    # given in reverse order, each checkpoint still predicts the fold it never saw
+    assert main([*args, "--checkpoint", str(models[1]), str(models[0]), "--fold", "1", "0",
+                 "--store-in", str(model_dir / "model.pt")]) == 0
+    tuned = json.loads((model_dir / "model.json").read_text())["tuning"]
+    assert tuned["folds"] == 2 and tuned["patients"] == 3
+    direct = tuning.tune_threshold_out_of_fold(
+        [(models[0], [it for it in items if it["patient"] != "P3"]), (models[1], [it for it in items if it["patient"] == "P3"])],
+        device="cpu")
+    np.testing.assert_allclose(tuned["threshold_curve"], direct["threshold_curve"], atol=1e-12)
+    assert "over 3 patients" in capsys.readouterr().out
+
+    assert main([*args, "--checkpoint", str(models[1]), str(models[0]), "--fold", "0", "1", "--dry-run"]) == 2
+    assert "held out fold 1" in capsys.readouterr().err
+    (models[0].parent.parent / "config_resolved.json").write_text(json.dumps({"fold": 0, "train_all": True}))
+    assert main([*args, "--checkpoint", str(models[0]), str(models[1]), "--fold", "0", "1", "--dry-run"]) == 2
+    assert "trained on the validation patients too" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -172,13 +234,16 @@ def test_out_of_fold_tuning_pools_every_fold_and_stores_in_the_final_model(model
         (["--checkpoint", "a.pt", "b.pt", "--fold", "0"], "2 checkpoints need as many --fold values"),
         (["--checkpoint", "a.pt", "--fold", "0", "1"], "several --fold values need one checkpoint per fold"),
         (["--checkpoint", "a.pt", "b.pt", "--fold", "0", "1"], "--store-in MODEL"),
+        (["--checkpoint", "a.pt", "b.pt", "--fold", "0", "0", "--dry-run"], "repeats a fold"),
+        (["--checkpoint", "a.pt", "--store-in", "c.pt", "--dry-run"], "drop --store-in or --dry-run"),
     ],
 )
-def test_tune_threshold_command_line_checks_folds_and_target(args: list[str], message: str) -> None:
+def test_tune_threshold_command_line_checks_folds_and_target(args: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
     from brainseg_monai.cli import main
 
-    with pytest.raises(SystemExit, match=message):
-        main(["tune-threshold", "--datalist", "dl.json", *args])
+    assert main(["tune-threshold", "--datalist", "dl.json", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_tuning_volumes_with_a_2d_model(model_dir: Path, tmp_path: Path) -> None:
