@@ -343,6 +343,11 @@ class FinalModelSaver:
 LR_SCHEDULES = ("plateau", "cosine")
 
 
+def _check_schedule(name: str) -> None:
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+
+
 class _ScheduleCheck:
     """Records the schedule in the scheduler's state and refuses to resume from another schedule's state.
 
@@ -390,19 +395,17 @@ def get_lr_scheduler(
     finished one and no held-out score is needed to pick a checkpoint (what cross-validation and training on every
     patient need). Epochs after the last validation (``max_epochs`` not a multiple of ``val_interval``) train at 0.
     """
+    _check_schedule(name)
     if name == "plateau":
         return PlateauSchedule(optimizer, mode="max", factor=factor, patience=patience)
-    if name == "cosine":
-        if int(steps) < 1:
-            raise ValueError(f"the cosine schedule needs at least one step (max_epochs // val_interval), got {steps}")
-        return CosineSchedule(optimizer, T_max=int(steps))
-    raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    if int(steps) < 1:
+        raise ValueError(f"the cosine schedule needs at least one step (max_epochs // val_interval), got {steps}")
+    return CosineSchedule(optimizer, T_max=int(steps))
 
 
 def lr_step_input(name: str, metric_name: str = "val_dice") -> Callable[[Engine], tuple]:
     """What ``LrScheduleHandler`` passes to ``step()``: the validation metric for ``plateau``, nothing otherwise."""
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    _check_schedule(name)
     if name == "plateau":
         return lambda engine: (engine.state.metrics[metric_name],)
     return lambda engine: ()
@@ -411,8 +414,7 @@ def lr_step_input(name: str, metric_name: str = "val_dice") -> Callable[[Engine]
 def early_stop_patience(name: str, patience: int, max_epochs: int) -> int:
     """Early-stopping patience for ``lr_schedule`` ``name``: ``patience`` with ``plateau``; with ``cosine`` more
     validations than the run has, so the schedule, not a validation score, ends training."""
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    _check_schedule(name)
     return int(patience) if name == "plateau" else int(max_epochs) + 1
 
 

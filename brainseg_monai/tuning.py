@@ -30,7 +30,7 @@ from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, find_spec, load_for_case, load_model
 from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, pooled_metrics, tune_threshold
-from brainseg_monai.training import resolve_device
+from brainseg_monai.training import as_bool, resolve_device
 
 __all__ = [
     "TUNING_KEY",
@@ -160,15 +160,15 @@ def tune_threshold_out_of_fold(
                                  f"never saw it")
     grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     # every model and its settings are checked before the predictions, which take minutes
+    specs = {}
     for checkpoint in [ckpt for ckpt, _ in folds] + ([target] if target is not None else []):
         if not Path(checkpoint).is_file():
             raise InputError(checkpoint, "checkpoint not found")
-        find_spec(checkpoint)
-    target_spec = find_spec(target if target is not None else folds[0][0])
+        specs[str(checkpoint)] = find_spec(checkpoint)
+    target_spec = specs[str(target if target is not None else folds[0][0])]
 
     probs: dict[str, list[np.ndarray]] = {}
     truths: dict[str, list[np.ndarray]] = {}
-    n_items = 0
     for checkpoint, items in folds:
         network, spec = load_model(checkpoint, device)
         predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
@@ -178,7 +178,6 @@ def tune_threshold_out_of_fold(
         for patient, patient_items in by_patient.items():
             probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
             logger.info("patient %s: %d maps predicted by %s", patient, len(probs[patient]), checkpoint)
-        n_items += len(items)
     best, curve = tune_threshold(probs, truths, grid)
 
     previous = PostProcessing.from_dict(target_spec.postprocessing).threshold
@@ -190,7 +189,7 @@ def tune_threshold_out_of_fold(
         "previous_threshold": previous,
         "previous_dice": values.get(round(previous, 6)),
         "patients": len(probs),
-        "items": n_items,
+        "items": sum(len(items) for _, items in folds),
         "folds": len(folds),
         "tta": tta,
         "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold"
@@ -217,7 +216,7 @@ def check_fold_model(checkpoint: str | os.PathLike, fold: int) -> None:
     if config.get("fold") != fold:
         raise InputError(checkpoint, f"its run held out fold {config.get('fold')} ({record}), not fold {fold}: give "
                                      f"each checkpoint the fold it never saw, in the same order")
-    if str(config.get("train_all", False)).lower() in ("true", "1", "yes"):
+    if as_bool(config.get("train_all", False), f"train_all in {record}"):
         raise InputError(checkpoint, f"its run trained on the validation patients too (train_all, {record}): it has "
                                      f"no unseen fold to tune on")
 
