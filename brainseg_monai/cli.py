@@ -69,7 +69,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     settings = InferenceSettings(
         checkpoint=checkpoint, tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
-        keep_largest=True if args.keep_largest else None, channels=_channels(args.channel), progress=not args.no_progress,
+        keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
+        progress=not args.no_progress,
     )
     rows = run_inference(args.inputs, args.out, settings)
     failed = [r for r in rows if r["status"] == "failed"]
@@ -130,6 +131,9 @@ def _cmd_tune_threshold(args: argparse.Namespace) -> int:
     previous = "n/a" if result["previous_dice"] is None else f"{result['previous_dice']:.4f}"
     print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f} over {result['patients']} "
           f"patients); before: {result['previous_threshold']} ({previous}); curve: {plot}")
+    for candidate in result["postprocessing_candidates"]:
+        chosen = " (chosen)" if candidate["settings"] == result["postprocessing"] else ""
+        print(f"post-processing {json.dumps(candidate['settings'])}: mean patient Dice {candidate['dice']:.4f}{chosen}")
     print(f"stored in {result['sidecar']}" if result["sidecar"] else "dry run: nothing stored")
     return 0
 
@@ -202,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
     p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
     p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")
-    p.add_argument("--keep-largest", action="store_true", help="keep only the largest tumour component")
+    p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction,
+                   help="keep only the largest tumour component (default: the model's setting)")
+    p.add_argument("--stack-slices", action=argparse.BooleanOptionalAction,
+                   help="post-process a folder of slices as one stacked volume, so components are 3D (default: the "
+                        "model's setting)")
     p.add_argument("--channel", action="append", metavar="NAME=REGEX",
                    help="DICOM channel by SeriesDescription regex, in the model's channel order (repeat)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -221,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-worst", type=int, default=4, help="worst patients shown as overlays")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("tune-threshold", help="pick the threshold maximising per-patient Dice; store it with the model")
+    p = sub.add_parser("tune-threshold", help="pick the threshold, then whether to keep only the largest component, "
+                       "maximising per-patient Dice; store them with the model")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="the model; or one model per fold, each scored on the --fold it never saw (out of fold)")
     p.add_argument("--datalist", required=True, help="datalist whose validation items (or --fold) are used")

@@ -1,8 +1,10 @@
-"""Choices made on validation data after training: the probability threshold, and the aggregate of K folds.
+"""Choices made on validation data after training: the probability threshold, whether to keep only the largest
+component, and the aggregate of K folds.
 
-The tuned threshold is stored in the checkpoint's ``model.json``: ``postprocessing.threshold`` (what ``brainseg
-infer`` applies by default) and a ``tuning`` block with the curve, the data it came from and the previous threshold.
-The curve lives outside ``postprocessing`` because that block holds exactly the `PostProcessing` settings.
+The tuned settings are stored in the checkpoint's ``model.json``: ``postprocessing`` (what ``brainseg infer`` applies
+by default) and a ``tuning`` block with the curve, the post-processing candidates and their scores, the data they came
+from and the previous threshold. The tuning block lives outside ``postprocessing`` because that block holds exactly the
+`PostProcessing` settings.
 
 K-fold, the documented way: ``brainseg datalist --folds K`` writes ``dl.json``; train fold k with ``--fold k
 --datalist dl.json`` into its own folder; predict fold k's validation patients with that fold's model; evaluate them
@@ -33,6 +35,7 @@ from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, 
 from brainseg_monai.training import as_bool, resolve_device
 
 __all__ = [
+    "POSTPROCESSING_CANDIDATES",
     "TUNING_KEY",
     "aggregate_folds",
     "check_fold_model",
@@ -47,6 +50,13 @@ logger = logging.getLogger(__name__)
 
 TUNING_KEY = "tuning"
 """Key of the tuning block in ``model.json``."""
+POSTPROCESSING_CANDIDATES: tuple[dict[str, bool], ...] = (
+    {"keep_largest": False, "stack_slices": False},
+    {"keep_largest": True, "stack_slices": True},
+)
+"""Post-processing compared at the tuned threshold, as nnU-Net decides on its largest-component step from the
+cross-validation predictions: the threshold alone, or only the largest component of each case (a case's slices
+stacked into one volume). The first wins ties, so the extra step is kept only when it raises the mean patient Dice."""
 _FOLD_METRICS = "metrics.json"
 
 
@@ -87,7 +97,8 @@ def tune_model_threshold(
 
     Each item is predicted as ``brainseg infer`` predicts it (2D images one by one, volumes slice by slice with a 2D
     model or by sliding window with a 3D one), then `metrics.tune_threshold` sweeps ``thresholds`` over the
-    probabilities grouped by patient. Other post-processing steps (opening, size filter) are not part of the sweep.
+    probabilities grouped by patient; at the best threshold, `POSTPROCESSING_CANDIDATES` are compared and the best
+    kept. Other post-processing steps (opening, size filter) are not part of the sweep and are left as they are.
 
     Args:
         checkpoint: the model (``model.pt``) with its ``model.json`` (or the run's ``config_resolved.json``).
@@ -97,12 +108,14 @@ def tune_model_threshold(
         device: ``auto``, ``cpu`` or ``cuda[:n]``.
         batch_size: images or slices per forward pass.
         thresholds: candidate thresholds in (0, 1); default 0.05 to 0.95 by 0.05.
-        write: store the result in ``model.json`` (``postprocessing.threshold`` and ``tuning``); other keys kept.
+        write: store the result in ``model.json`` (``postprocessing``: the threshold and the chosen candidate's
+            settings; ``tuning``); other keys kept.
 
     Returns:
-        ``{"threshold", "threshold_curve" ([[t, mean patient Dice], ...]), "dice", "previous_threshold",
-        "previous_dice", "patients", "items", "folds", "tta", "metric", "sidecar"}`` (``sidecar`` None unless
-        written).
+        ``{"threshold", "threshold_curve" ([[t, mean patient Dice], ...]), "dice" (at the threshold alone),
+        "postprocessing" (the chosen candidate's settings), "postprocessing_candidates" ([{"settings", "dice"}, ...]),
+        "previous_threshold", "previous_dice", "patients", "items", "folds", "tta", "metric", "sidecar"}``
+        (``sidecar`` None unless written).
 
     Raises:
         ValueError: for empty ``items``, an item without image, label or patient, or bad thresholds.
@@ -123,8 +136,9 @@ def tune_threshold_out_of_fold(
     batch_size: int = 16,
     thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """One threshold for K folds: each fold's model predicts its own held-out patients, and the threshold that
-    maximises the mean per-patient Dice over all of them is chosen; optionally stored in ``target``'s model.json.
+    """One threshold and post-processing for K folds: each fold's model predicts its own held-out patients, and the
+    threshold, then the `POSTPROCESSING_CANDIDATES` entry, that maximise the mean per-patient Dice over all of them are
+    chosen; optionally stored in ``target``'s model.json.
 
     A threshold tuned on one fold's dozen patients follows that fold's noise; the out-of-fold probabilities of every
     patient give the curve for the recipe, which is what a final model trained on all patients should use.
@@ -179,6 +193,11 @@ def tune_threshold_out_of_fold(
             probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
             logger.info("patient %s: %d maps predicted by %s", patient, len(probs[patient]), checkpoint)
     best, curve = tune_threshold(probs, truths, grid)
+    candidates = [
+        {"settings": dict(settings), "dice": _mean_patient_dice(probs, truths, PostProcessing(best, **settings))}
+        for settings in POSTPROCESSING_CANDIDATES
+    ]
+    chosen = max(candidates, key=lambda c: c["dice"])  # max returns the first of equals: the threshold alone
 
     previous = PostProcessing.from_dict(target_spec.postprocessing).threshold
     values = dict(curve)
@@ -186,6 +205,8 @@ def tune_threshold_out_of_fold(
         "threshold": best,
         "threshold_curve": [[t, d] for t, d in curve],
         "dice": values[best],
+        "postprocessing": chosen["settings"],
+        "postprocessing_candidates": candidates,
         "previous_threshold": previous,
         "previous_dice": values.get(round(previous, 6)),
         "patients": len(probs),
@@ -198,7 +219,8 @@ def tune_threshold_out_of_fold(
     }
     if target is not None:
         result["sidecar"] = str(_store(target, target_spec.to_dict(), result))
-    logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f)", best, values[best], previous)
+    logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f); post-processing %s (%.4f)", best, values[best],
+                previous, chosen["settings"], chosen["dice"])
     return result
 
 
@@ -343,6 +365,22 @@ def _predict_patient(
     return [prob for _, prob in scored], truths
 
 
+def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mapping[str, Sequence[np.ndarray]],
+                       post: PostProcessing) -> float:
+    """Mean over patients of the Dice of the patient's post-processed maps taken together (1 when both are empty);
+    a patient's 2D slices (in datalist order, which ``brainseg datalist`` writes in slice order) go through
+    `PostProcessing.apply_to_slices`, as ``brainseg infer`` treats a folder of slices."""
+    scores = []
+    for patient, maps in probs.items():
+        flat = [m for m in maps if np.ndim(m) == 2]
+        masks = post.apply_to_slices(flat, patient) + [post(m) for m in maps if np.ndim(m) != 2]
+        ordered = [t for t in truths[patient] if np.ndim(t) == 2] + [t for t in truths[patient] if np.ndim(t) != 2]
+        overlap = sum(int(np.count_nonzero(m.astype(bool) & t)) for m, t in zip(masks, ordered))
+        total = sum(int(np.count_nonzero(m)) + int(np.count_nonzero(t)) for m, t in zip(masks, ordered))
+        scores.append(1.0 if total == 0 else 2.0 * overlap / total)
+    return float(np.mean(scores))
+
+
 def _is_2d(image: Any) -> bool:
     return isinstance(image, (str, os.PathLike)) and str(image).lower().endswith(IMAGE_SUFFIXES_2D)
 
@@ -364,10 +402,11 @@ def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result
             raise InputError(sidecar, f"not a readable model.json ({e})") from None
     else:  # the settings came from config_resolved.json: write them beside the checkpoint with the threshold
         values = dict(spec_values)
-    values["postprocessing"] = {**(values.get("postprocessing") or {}), "threshold": result["threshold"]}
+    values["postprocessing"] = {**(values.get("postprocessing") or {}), "threshold": result["threshold"],
+                                **result["postprocessing"]}
     values[TUNING_KEY] = {key: result[key] for key in (
-        "threshold", "threshold_curve", "dice", "previous_threshold", "previous_dice", "patients", "items", "folds",
-        "tta", "metric")}  # fmt: skip
+        "threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates", "previous_threshold",
+        "previous_dice", "patients", "items", "folds", "tta", "metric")}  # fmt: skip
     return write_text_atomic(sidecar, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
 
 

@@ -92,12 +92,14 @@ def test_settings_round_trip_and_call():
         "open_radius": 1,
         "keep_largest": True,
         "connectivity": None,
+        "stack_slices": False,
     }
     assert PostProcessing.from_dict(stored) == settings
     assert PostProcessing.from_dict({}) == PostProcessing() and PostProcessing().threshold == 0.5
     blob, spur, line = _blob_with_spur_and_line()
     prob = np.where(blob | spur | line, 0.3, 0.2)
     np.testing.assert_array_equal(settings(prob), blob)
+    stored.pop("stack_slices")  # a setting of a case's slices; postprocess() takes one map
     np.testing.assert_array_equal(settings(prob), postprocess(prob, **stored))
 
 
@@ -137,3 +139,47 @@ def test_bad_prob_shape_or_connectivity_for_it():
     with pytest.raises(ValueError, match="connectivity"):
         postprocess(np.zeros((4, 4)), connectivity=3)
     assert postprocess(np.zeros((4, 4, 4)), connectivity=3).sum() == 0
+
+
+def _stack_with_far_blob() -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Six 20 x 20 slices: a tumour of 3 x 36 = 108 voxels on slices 1-3 (one 3D component) and a 25-pixel blob alone
+    on slice 5, as a false positive far from the tumour would be."""
+    tumour = np.zeros((6, 20, 20), bool)
+    tumour[1:4, 5:11, 5:11] = True
+    far = np.zeros_like(tumour)
+    far[5, 2:7, 12:17] = True
+    probs = [np.where(t | f, 0.9, 0.1) for t, f in zip(tumour, far)]
+    return probs, tumour, far
+
+
+def test_stack_slices_makes_components_3d():
+    probs, tumour, far = _stack_with_far_blob()
+    # slice by slice, the far blob is the largest (only) component of its slice and stays
+    per_slice = PostProcessing(keep_largest=True).apply_to_slices(probs)
+    np.testing.assert_array_equal(np.stack(per_slice), tumour | far)
+    stacked = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs)
+    assert all(m.dtype == np.uint8 and m.shape == (20, 20) for m in stacked)
+    np.testing.assert_array_equal(np.stack(stacked), tumour)
+    # sizes count voxels of the stack: 36 px per slice is below 50, the tumour's 108 voxels are not
+    assert np.stack(PostProcessing(min_size=50).apply_to_slices(probs)).sum() == 0
+    np.testing.assert_array_equal(np.stack(PostProcessing(min_size=50, stack_slices=True).apply_to_slices(probs)),
+                                  tumour)
+    # one slice alone is post-processed as itself
+    np.testing.assert_array_equal(PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs[5:]),
+                                  [far[5]])
+
+
+def test_slices_of_different_sizes_are_post_processed_one_by_one(caplog: pytest.LogCaptureFixture):
+    probs, tumour, far = _stack_with_far_blob()
+    mixed = [*probs, np.full((8, 8), 0.9)]
+    with caplog.at_level("WARNING"):
+        masks = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(mixed, "P7")
+    assert "P7: slices of different sizes" in caplog.text
+    np.testing.assert_array_equal(np.stack(masks[:6]), tumour | far)
+    assert masks[6].all()
+
+
+def test_stack_slices_must_be_a_bool():
+    with pytest.raises(ValueError, match="stack_slices"):
+        PostProcessing(stack_slices="yes")
+    assert PostProcessing.from_dict({"stack_slices": np.bool_(True)}).to_dict()["stack_slices"] is True

@@ -1,6 +1,8 @@
-"""The LGG model shipped in bundle/models: loadable with its settings, accurate on patients it never saw, exportable.
+"""The LGG model shipped in bundle/models: loadable with its settings, accurate on shared patients, exportable.
 
-Nothing here trains; the figures of the model are in bundle/docs/README.md.
+Nothing here trains. The shipped model was trained on all 56 shared LGG patients, so these patients are not unseen:
+the Dice bar checks that the model and the inference pipeline work, and the cross-validated figures in
+bundle/docs/README.md (each patient predicted by a model that never saw it) are the estimate for new patients.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from conftest import REPO_ROOT, shared_path
 
 BUNDLE = REPO_ROOT / "bundle"
 MODEL = BUNDLE / "models" / "model.pt"
-#: Two of the patients held out from the shipped model's training (its fold), chosen before scoring: the first two
-#: of that fold, in name order, with 20 slices.
-UNSEEN = ("TCGA_CS_4944_20010208", "TCGA_HT_7884_19980913")
+#: Two shared patients, chosen before scoring (the first two of cross-validation fold 0, in name order, with 20
+#: slices); the cross-validation model that never saw them scored 0.88 and 0.90.
+PATIENTS = ("TCGA_CS_4944_20010208", "TCGA_HT_7884_19980913")
 #: Per-patient Dice bar: well above chance (an empty or all-brain mask scores about 0 to 0.1 here) and below what
-#: the model measured on these patients, so that only a broken model or pipeline fails it.
+#: even the models that never saw these patients reach, so that only a broken model or pipeline fails it.
 DICE_BAR = 0.75
 
 
@@ -46,24 +48,24 @@ def test_the_shipped_model_loads_with_its_settings() -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_unseen_lgg_patients_are_segmented_well_by_default(tmp_path: Path) -> None:
+def test_shared_lgg_patients_are_segmented_well_by_default(tmp_path: Path) -> None:
     root = shared_path("lgg", "kaggle_3m")
     patients = tmp_path / "patients"
     patients.mkdir()
-    for name in UNSEEN:
+    for name in PATIENTS:
         (patients / name).symlink_to(root / name, target_is_directory=True)
     rows = run_inference([patients], tmp_path / "pred", InferenceSettings(str(MODEL), device="cpu", progress=False))
     assert [r["status"] for r in rows] == ["ok", "ok"]
     result = evaluate_predictions(tmp_path / "pred", patients, source="lgg")
     dice = {p["patient"]: p["dice"] for p in result["per_patient"]}
-    assert set(dice) == set(UNSEEN)
+    assert set(dice) == set(PATIENTS)
     assert min(dice.values()) >= DICE_BAR, dice
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_torchscript_export_gives_the_same_masks(tmp_path: Path) -> None:
-    slices = [str(p) for p in sorted(shared_path("lgg", "kaggle_3m", UNSEEN[0]).glob("*_1[0-4].tif"))]
+    slices = [str(p) for p in sorted(shared_path("lgg", "kaggle_3m", PATIENTS[0]).glob("*_1[0-4].tif"))]
     exported = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
            "--ckpt_file", str(MODEL), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),

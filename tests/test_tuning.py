@@ -136,8 +136,12 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
     assert result["previous_dice"] == pytest.approx(expected_curve(levels_by_patient, np.array([0.5]))[0])
     assert result["patients"] == 3 and result["items"] == 6
 
+    # the tumour levels (60% of the blocks) touch across the stack: keeping the largest component changes nothing,
+    # and the tie goes to the threshold alone
+    assert [c["dice"] for c in result["postprocessing_candidates"]] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert result["postprocessing"] == {"keep_largest": False, "stack_slices": False}
     stored = json.loads((model_dir / "model.json").read_text())
-    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3}
+    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3, "keep_largest": False, "stack_slices": False}
     assert stored["trained_on"] == "phantoms" and stored["roi_size"] == [32, 32]
     assert stored["tuning"]["threshold_curve"] == result["threshold_curve"]
     # what brainseg infer builds from the model: the tuned threshold, the other settings kept
@@ -148,6 +152,37 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
     plot = plot_threshold_curve(result["threshold_curve"], result["threshold"], tmp_path / "curve.png", previous=0.5)
     with Image.open(plot) as png:
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_largest_component_over_the_stacked_slices_is_kept_when_it_raises_patient_dice(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Two slices of one patient: the tumour block on both (one 3D component), and on slice 0 a false positive of the
+    same brightness away from it. Each image has two levels, so the stub gives 0.02 and 0.17: thresholds 0.05-0.15
+    flag both blocks (the tie goes to 0.15), and only the largest component removes the false positive."""
+    items = []
+    for k in range(2):
+        image = np.full((32, 32), 20, np.uint8)
+        image[4:16, 4:16] = 200  # tumour, 144 px per slice
+        truth = image > 100
+        if k == 0:
+            image[24:28, 24:28] = 200  # false positive, 16 px
+        path = tmp_path / "data" / f"P1_{k}.tif"
+        path.parent.mkdir(exist_ok=True)
+        tifffile.imwrite(path, np.ascontiguousarray(np.stack([image] * 3, axis=-1)), photometric="rgb")
+        Image.fromarray((truth * 255).astype(np.uint8)).save(path.with_name(f"P1_{k}_mask.png"))
+        items.append({"image": str(path), "label": str(path.with_name(f"P1_{k}_mask.png")), "patient": "P1"})
+
+    result = tune_model_threshold(model_dir / "model.pt", items, device="cpu")
+    assert result["threshold"] == pytest.approx(0.15)
+    alone, largest = result["postprocessing_candidates"]
+    assert alone["dice"] == pytest.approx(result["dice"]) == pytest.approx(2 * 288 / (288 + 16 + 288))
+    assert largest == {"settings": {"keep_largest": True, "stack_slices": True}, "dice": pytest.approx(1.0)}
+    assert result["postprocessing"] == {"keep_largest": True, "stack_slices": True}
+    stored = json.loads((model_dir / "model.json").read_text())
+    assert stored["postprocessing"] == {"threshold": 0.15, "min_size": 3, "keep_largest": True, "stack_slices": True}
+    assert stored["tuning"]["postprocessing_candidates"] == result["postprocessing_candidates"]
+    assert PostProcessing.from_dict(find_spec(model_dir / "model.pt").postprocessing).stack_slices
 
 
 def _fold_models(model_dir: Path, tmp_path: Path, shifts: tuple[float, ...]) -> list[Path]:
@@ -180,7 +215,8 @@ def test_out_of_fold_tuning_pools_every_fold_and_stores_in_the_final_model(model
     assert result["dice"] == pytest.approx(expected.max()) and result["dice"] < 1.0
     assert result["patients"] == 3 and result["items"] == 6 and result["folds"] == 2
     stored = json.loads((model_dir / "model.json").read_text())
-    assert stored["postprocessing"] == {"threshold": result["threshold"], "min_size": 3}
+    assert stored["postprocessing"] == {"threshold": result["threshold"], "min_size": 3, "keep_largest": False,
+                                        "stack_slices": False}
     assert stored["tuning"]["folds"] == 2 and stored["tuning"]["threshold_curve"] == result["threshold_curve"]
     assert (models[0].parent / "model.json").read_text() == fold_json  # the fold models are left as they were
 
@@ -330,8 +366,15 @@ def test_tuned_threshold_is_what_infer_applies(tmp_path: Path) -> None:
     validation = training_split(tmp_path / "run" / "datalist.json")[1]
 
     tuned = tune_model_threshold(checkpoint, validation, device="cpu")
+    chosen = next(c["dice"] for c in tuned["postprocessing_candidates"] if c["settings"] == tuned["postprocessing"])
     run_inference([str(data)], tmp_path / "pred",
                   InferenceSettings(checkpoint=str(checkpoint), tta="none", device="cpu", progress=False))
     result = evaluate_predictions(tmp_path / "pred", tmp_path / "run" / "datalist.json")
     assert result["settings"]["split"] == "validation" and result["summary"]["patients"] == tuned["patients"] == 2
-    assert result["summary"]["patient_dice_mean"] == pytest.approx(tuned["dice"], abs=1e-3)
+    assert result["summary"]["patient_dice_mean"] == pytest.approx(chosen, abs=1e-3)
+    # each candidate, forced at inference, scores what tuning measured for it
+    for candidate in tuned["postprocessing_candidates"]:
+        run_inference([str(data)], tmp_path / "forced", InferenceSettings(
+            checkpoint=str(checkpoint), tta="none", device="cpu", progress=False, **candidate["settings"]))
+        forced = evaluate_predictions(tmp_path / "forced", tmp_path / "run" / "datalist.json")
+        assert forced["summary"]["patient_dice_mean"] == pytest.approx(candidate["dice"], abs=1e-3), candidate

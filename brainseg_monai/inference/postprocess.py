@@ -1,5 +1,9 @@
 """Post-processing of a probability map into a binary mask: threshold, size-adaptive opening, small-component removal.
 
+The slices of one case (a folder of 2D slices, such as an LGG patient) can be post-processed as one stacked volume
+(``stack_slices``), so that components are 3D: a blob on a slice far from the tumour is then a separate, small
+component that ``keep_largest`` or ``min_size`` removes, as in Buda et al.'s 3D largest-component step.
+
 Connected components are labelled once per step with ``skimage.measure.label`` rather than with MONAI's
 ``RemoveSmallObjects``: that transform passes skimage 0.26's deprecated ``min_size`` argument (a warning on every call)
 and fails on ``connectivity=None`` despite documenting it; one labelling also serves size filtering, ``keep_largest``
@@ -8,6 +12,8 @@ and the choice of which components to open.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -16,6 +22,8 @@ from skimage.measure import label
 from skimage.morphology import ball, disk, opening
 
 __all__ = ["PostProcessing", "postprocess"]
+
+logger = logging.getLogger(__name__)
 
 
 def _is_int(value: Any) -> bool:
@@ -34,6 +42,9 @@ class PostProcessing:
     3. components smaller than ``min_size`` voxels are removed (including fragments the opening split off);
     4. with ``keep_largest``, only the largest component is kept (of equal largest ones, the first in array order).
 
+    With ``stack_slices``, :meth:`apply_to_slices` runs these steps once on a case's 2D slices stacked in file order
+    (slice axis first), so components, sizes and the opening's ball are 3D, counted in voxels of the stack.
+
     The settings are stored with a model (``to_dict`` / ``from_dict``), so inference reproduces the tuned threshold.
 
     Args:
@@ -45,6 +56,8 @@ class PostProcessing:
         connectivity: neighbourhood of a connected component, as in ``skimage.measure.label``: the number of
             orthogonal hops, 1 (faces) up to the image's number of dimensions; ``None`` means full connectivity
             (8 in 2D, 26 in 3D).
+        stack_slices: post-process the 2D slices of one case as one stacked volume (:meth:`apply_to_slices`);
+            off, each slice on its own. Volumes are 3D either way.
 
     Raises:
         ValueError: When an argument is out of its range or of the wrong type; the message names it.
@@ -56,6 +69,7 @@ class PostProcessing:
     open_radius: int = 1
     keep_largest: bool = False
     connectivity: int | None = None
+    stack_slices: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.floating)):
@@ -68,13 +82,15 @@ class PostProcessing:
             raise ValueError(f"open_above must be None or an integer >= 0, got {self.open_above!r}.")
         if not _is_int(self.open_radius) or self.open_radius < 1:
             raise ValueError(f"open_radius must be an integer >= 1, got {self.open_radius!r}.")
-        if not isinstance(self.keep_largest, (bool, np.bool_)):
-            raise ValueError(f"keep_largest must be a bool, got {self.keep_largest!r}.")
+        for name in ("keep_largest", "stack_slices"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.connectivity is not None and (not _is_int(self.connectivity) or self.connectivity < 1):
             raise ValueError(f"connectivity must be None or an integer >= 1, got {self.connectivity!r}.")
         # plain Python types, so to_dict() is JSON-serialisable whatever numpy scalars were given
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "keep_largest", bool(self.keep_largest))
+        object.__setattr__(self, "stack_slices", bool(self.stack_slices))
         for name in ("min_size", "open_above", "open_radius", "connectivity"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
@@ -130,6 +146,22 @@ class PostProcessing:
                 keep &= np.arange(len(sizes)) == np.argmax(sizes)
             mask = keep[labels]
         return mask.astype(np.uint8)
+
+    def apply_to_slices(self, probs: Sequence[np.ndarray], case: str = "") -> list[np.ndarray]:
+        """Masks of one case's 2D probability maps: stacked and post-processed as one volume with ``stack_slices``
+        (when the case has two or more slices of one size), else slice by slice.
+
+        Args:
+            probs: the case's 2D probability maps, in slice order.
+            case: the case's name, for the log when slices of different sizes cannot be stacked.
+        """
+        shapes = {np.shape(p) for p in probs}
+        if self.stack_slices and len(probs) > 1 and len(shapes) == 1:
+            return list(self(np.stack([np.asarray(p) for p in probs])))
+        if self.stack_slices and len(shapes) > 1:
+            logger.warning("%s: slices of different sizes %s cannot be stacked; post-processing each on its own",
+                           case or "case", sorted(shapes))
+        return [self(p) for p in probs]
 
     def _components(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Component labels of ``mask`` and the voxel count of each label (0 for the background label 0)."""

@@ -54,6 +54,7 @@ class InferenceSettings:
     min_size: int | None = None
     open_above: int | None = None
     keep_largest: bool | None = None
+    stack_slices: bool | None = None
     channels: Mapping[str, str] | None = None
     progress: bool = True
 
@@ -121,7 +122,7 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
     """Predict one loaded case and write its outputs into ``writer``; returns the summary values."""
     if loaded["kind"] == "slices":
         probs = predictor.predict_slices(loaded["slices"], case.images)
-        masks = [post(p) for p in probs]
+        masks = post.apply_to_slices(probs, case.case_id)
         for path, image, mask in zip(case.images, loaded["slices"], masks):
             write_png_mask(mask, writer.path(f"{_stem(path)}_pred.png"), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
@@ -186,7 +187,7 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     device = next(network.parameters()).device
     post = PostProcessing.from_dict(spec.postprocessing)
     overrides = {"threshold": settings.threshold, "min_size": settings.min_size, "open_above": settings.open_above,
-                 "keep_largest": settings.keep_largest}
+                 "keep_largest": settings.keep_largest, "stack_slices": settings.stack_slices}
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
     cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels())
