@@ -348,15 +348,15 @@ class _MonaiTTA:
     def __call__(self, cases: Sequence[Path], out: Path) -> None:
         for case in discover_cases([str(c) for c in cases], self.spec.in_channels):
             folder = out / case.case_id
-            masks, images = [], []
+            probs, images = [], []
             for path in case.images:
                 data = self.pre({"image": path})
                 with torch.inference_mode():
-                    prob = self.tta(data, num_examples=TTA_VIEWS).mean(0)[0]
-                mask = self.post(np.asarray(prob.cpu()))
-                write_png_mask(mask, folder / f"{Path(path).stem}_pred.png", reference=path)
-                masks.append(mask)
+                    probs.append(np.asarray(self.tta(data, num_examples=TTA_VIEWS).mean(0)[0].cpu()))
                 images.append(data["image"])
+            masks = self.post.apply_to_slices(probs, case.images)
+            for path, mask in zip(case.images, masks):
+                write_png_mask(mask, folder / f"{Path(path).stem}_pred.png", reference=path)
             best = int(np.argmax([m.sum() for m in masks]))
             write_overlay_png(np.asarray(images[best]), masks[best], folder / "overlay.png")
 

@@ -129,11 +129,12 @@ def _cmd_tune_threshold(args: argparse.Namespace) -> int:
                                 Path(target or checkpoints[0]).parent / "threshold_curve.png",
                                 previous=result["previous_threshold"])
     previous = "n/a" if result["previous_dice"] is None else f"{result['previous_dice']:.4f}"
-    print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f} over {result['patients']} "
-          f"patients); before: {result['previous_threshold']} ({previous}); curve: {plot}")
     for candidate in result["postprocessing_candidates"]:
         chosen = " (chosen)" if candidate["settings"] == result["postprocessing"] else ""
-        print(f"post-processing {json.dumps(candidate['settings'])}: mean patient Dice {candidate['dice']:.4f}{chosen}")
+        print(f"post-processing {json.dumps(candidate['settings'])}: best threshold {candidate['threshold']}, mean "
+              f"patient Dice {candidate['dice']:.4f}{chosen}")
+    print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f} over {result['patients']} "
+          f"patients); before: {json.dumps(result['previous_postprocessing'])} ({previous}); curve: {plot}")
     print(f"stored in {result['sidecar']}" if result["sidecar"] else "dry run: nothing stored")
     return 0
 
@@ -207,10 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
     p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")
     p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction,
-                   help="keep only the largest tumour component (default: the model's setting)")
+                   help="keep only the largest tumour component: of each image, or with --stack-slices of each "
+                        "patient's stacked slices (default: the model's setting)")
     p.add_argument("--stack-slices", action=argparse.BooleanOptionalAction,
-                   help="post-process a folder of slices as one stacked volume, so components are 3D (default: the "
-                        "model's setting)")
+                   help="post-process the numbered slices of one patient (<patient>_<n>.tif, as in an LGG folder) as "
+                        "one stacked volume: components, --min-size and --open-above count voxels of the stack "
+                        "(default: the model's setting)")
     p.add_argument("--channel", action="append", metavar="NAME=REGEX",
                    help="DICOM channel by SeriesDescription regex, in the model's channel order (repeat)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

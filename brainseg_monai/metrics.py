@@ -352,9 +352,7 @@ def tune_threshold(
         InputError: when probabilities fall outside [0, 1], or a patient's maps and masks do not match.
         ValueError: when the patients differ between the mappings, none is given, or a threshold is outside (0, 1).
     """
-    grid = np.unique(np.round(np.asarray(thresholds, dtype=np.float64).ravel(), 6))
-    if grid.size == 0 or not np.all((grid > 0) & (grid < 1)):
-        raise ValueError(f"thresholds must be numbers in (0, 1), got {np.asarray(thresholds)!r}.")
+    grid = threshold_grid(thresholds)
     if not probs_by_patient:
         raise ValueError("probs_by_patient must hold at least one patient, got none.")
     if set(probs_by_patient) != set(truths_by_patient):
@@ -367,11 +365,30 @@ def tune_threshold(
     matrices = torch.tensor(np.stack(counts), dtype=torch.float64)  # (patients, thresholds, 4): (tp, fp, tn, fn)
     dice = compute_confusion_matrix_metric("f1 score", matrices)
     dice = torch.nan_to_num(dice, nan=1.0).numpy()  # nan only when truth and prediction are both empty: Dice 1
-    curve_values = dice.mean(axis=0)
-    tied = np.flatnonzero(np.isclose(curve_values, curve_values.max(), rtol=0.0, atol=1e-12))
-    best = float(grid[tied[np.argmin(np.abs(grid[tied] - 0.5))]])
-    logger.info("threshold %.3f: mean patient Dice %.4f over %d patients", best, curve_values.max(), len(counts))
-    return best, [(float(t), float(v)) for t, v in zip(grid, curve_values)]
+    curve = [(float(t), float(v)) for t, v in zip(grid, dice.mean(axis=0))]
+    best = best_on_curve(curve)
+    logger.info("threshold %.3f: mean patient Dice %.4f over %d patients", best, dict(curve)[best], len(counts))
+    return best, curve
+
+
+def threshold_grid(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Candidate thresholds sorted, deduplicated and rounded to 6 decimals (so 0.15000000000000002 is 0.15).
+
+    Raises:
+        ValueError: when there is none, or one is outside (0, 1).
+    """
+    grid = np.unique(np.round(np.asarray(thresholds, dtype=np.float64).ravel(), 6))
+    if grid.size == 0 or not np.all((grid > 0) & (grid < 1)):
+        raise ValueError(f"thresholds must be numbers in (0, 1), got {np.asarray(thresholds)!r}.")
+    return grid
+
+
+def best_on_curve(curve: Sequence[tuple[float, float]]) -> float:
+    """The threshold of a ``(threshold, score)`` curve with the highest score; ties go to the threshold closest to
+    0.5, then the lower one (a curve in increasing threshold order)."""
+    grid, values = np.array([t for t, _ in curve]), np.array([v for _, v in curve])
+    tied = np.flatnonzero(np.isclose(values, values.max(), rtol=0.0, atol=1e-12))
+    return float(grid[tied[np.argmin(np.abs(grid[tied] - 0.5))]])
 
 
 def _threshold_counts(

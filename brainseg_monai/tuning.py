@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, find_spec, load_for_case, load_model
 from brainseg_monai.io import read_sitk, write_text_atomic
-from brainseg_monai.metrics import DEFAULT_THRESHOLDS, RATIO_METRICS, describe, pooled_metrics, tune_threshold
+from brainseg_monai.metrics import (
+    DEFAULT_THRESHOLDS,
+    RATIO_METRICS,
+    best_on_curve,
+    describe,
+    pooled_metrics,
+    threshold_grid,
+)
 from brainseg_monai.training import as_bool, resolve_device
 
 __all__ = [
@@ -54,9 +62,10 @@ POSTPROCESSING_CANDIDATES: tuple[dict[str, bool], ...] = (
     {"keep_largest": False, "stack_slices": False},
     {"keep_largest": True, "stack_slices": True},
 )
-"""Post-processing compared at the tuned threshold, as nnU-Net decides on its largest-component step from the
-cross-validation predictions: the threshold alone, or only the largest component of each case (a case's slices
-stacked into one volume). The first wins ties, so the extra step is kept only when it raises the mean patient Dice."""
+"""Post-processing compared, each with its own best threshold, as nnU-Net decides on its largest-component step from
+the cross-validation predictions: the threshold alone, or only the largest component of each case (a case's slices
+stacked into one volume; removing far-off false positives may let a lower threshold recover more tumour). The first
+wins ties, so the extra step is kept only when it raises the mean patient Dice."""
 _FOLD_METRICS = "metrics.json"
 
 
@@ -93,12 +102,13 @@ def tune_model_threshold(
     thresholds: Sequence[float] | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Pick the probability threshold that maximises the mean per-patient Dice on ``items`` and store it with the model.
+    """Pick the probability threshold and `POSTPROCESSING_CANDIDATES` entry that maximise the mean per-patient Dice
+    on ``items``, and store them with the model.
 
     Each item is predicted as ``brainseg infer`` predicts it (2D images one by one, volumes slice by slice with a 2D
-    model or by sliding window with a 3D one), then `metrics.tune_threshold` sweeps ``thresholds`` over the
-    probabilities grouped by patient; at the best threshold, `POSTPROCESSING_CANDIDATES` are compared and the best
-    kept. Other post-processing steps (opening, size filter) are not part of the sweep and are left as they are.
+    model or by sliding window with a 3D one), then ``thresholds`` are swept over the probabilities grouped by
+    patient, post-processed with each candidate as infer would (the model's other steps, such as a size filter or an
+    opening, kept as they are), and the best pair is kept.
 
     Args:
         checkpoint: the model (``model.pt``) with its ``model.json`` (or the run's ``config_resolved.json``).
@@ -108,14 +118,16 @@ def tune_model_threshold(
         device: ``auto``, ``cpu`` or ``cuda[:n]``.
         batch_size: images or slices per forward pass.
         thresholds: candidate thresholds in (0, 1); default 0.05 to 0.95 by 0.05.
-        write: store the result in ``model.json`` (``postprocessing``: the threshold and the chosen candidate's
-            settings; ``tuning``); other keys kept.
+        write: store the result in ``model.json``: ``postprocessing`` gets the threshold and the chosen candidate's
+            ``keep_largest`` and ``stack_slices`` (replacing what was there; the previous settings are kept in
+            ``tuning.previous_postprocessing``); other keys kept.
 
     Returns:
-        ``{"threshold", "threshold_curve" ([[t, mean patient Dice], ...]), "dice" (at the threshold alone),
-        "postprocessing" (the chosen candidate's settings), "postprocessing_candidates" ([{"settings", "dice"}, ...]),
-        "previous_threshold", "previous_dice", "patients", "items", "folds", "tta", "metric", "sidecar"}``
-        (``sidecar`` None unless written).
+        ``{"threshold", "postprocessing" (the chosen candidate's settings), "dice" (mean patient Dice with both),
+        "threshold_curve" ([[t, mean patient Dice], ...] with that post-processing), "postprocessing_candidates"
+        ([{"settings", "threshold", "dice", "threshold_curve"}, ...]), "previous_threshold",
+        "previous_postprocessing", "previous_dice" (with the previous settings), "patients", "items", "folds", "tta",
+        "metric", "sidecar"}`` (``sidecar`` None unless written).
 
     Raises:
         ValueError: for empty ``items``, an item without image, label or patient, or bad thresholds.
@@ -137,7 +149,7 @@ def tune_threshold_out_of_fold(
     thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """One threshold and post-processing for K folds: each fold's model predicts its own held-out patients, and the
-    threshold, then the `POSTPROCESSING_CANDIDATES` entry, that maximise the mean per-patient Dice over all of them are
+    threshold and `POSTPROCESSING_CANDIDATES` entry that maximise the mean per-patient Dice over all of them are
     chosen; optionally stored in ``target``'s model.json.
 
     A threshold tuned on one fold's dozen patients follows that fold's noise; the out-of-fold probabilities of every
@@ -172,7 +184,7 @@ def tune_threshold_out_of_fold(
                 raise ValueError(f"patient {patient!r} is among the held-out patients of both {owner[patient]} and "
                                  f"{checkpoint}: out-of-fold tuning needs each patient predicted by one model that "
                                  f"never saw it")
-    grid = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    grid = threshold_grid(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     # every model and its settings are checked before the predictions, which take minutes
     specs = {}
     for checkpoint in [ckpt for ckpt, _ in folds] + ([target] if target is not None else []):
@@ -183,6 +195,7 @@ def tune_threshold_out_of_fold(
 
     probs: dict[str, list[np.ndarray]] = {}
     truths: dict[str, list[np.ndarray]] = {}
+    paths: dict[str, list[str]] = {}
     for checkpoint, items in folds:
         network, spec = load_model(checkpoint, device)
         predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
@@ -190,37 +203,41 @@ def tune_threshold_out_of_fold(
         for item in items:
             by_patient.setdefault(str(item["patient"]), []).append(item)
         for patient, patient_items in by_patient.items():
-            probs[patient], truths[patient] = _predict_patient(predictor, spec, patient_items)
+            probs[patient], truths[patient], paths[patient] = _predict_patient(predictor, spec, patient_items)
             logger.info("patient %s: %d maps predicted by %s", patient, len(probs[patient]), checkpoint)
-    best, curve = tune_threshold(probs, truths, grid)
-    candidates = [
-        {"settings": dict(settings), "dice": _mean_patient_dice(probs, truths, PostProcessing(best, **settings))}
-        for settings in POSTPROCESSING_CANDIDATES
-    ]
+    before = PostProcessing.from_dict(target_spec.postprocessing)  # its other steps (size filter, opening) stay
+    candidates = []
+    for settings in POSTPROCESSING_CANDIDATES:
+        curve = [(float(t), _mean_patient_dice(probs, truths, paths, replace(before, threshold=float(t), **settings)))
+                 for t in grid]
+        best = best_on_curve(curve)
+        candidates.append({"settings": dict(settings), "threshold": best, "dice": dict(curve)[best],
+                           "threshold_curve": [[t, d] for t, d in curve]})
     chosen = max(candidates, key=lambda c: c["dice"])  # max returns the first of equals: the threshold alone
 
-    previous = PostProcessing.from_dict(target_spec.postprocessing).threshold
-    values = dict(curve)
+    previous = before.threshold
     result: dict[str, Any] = {
-        "threshold": best,
-        "threshold_curve": [[t, d] for t, d in curve],
-        "dice": values[best],
+        "threshold": chosen["threshold"],
         "postprocessing": chosen["settings"],
+        "dice": chosen["dice"],
+        "threshold_curve": chosen["threshold_curve"],
         "postprocessing_candidates": candidates,
         "previous_threshold": previous,
-        "previous_dice": values.get(round(previous, 6)),
+        "previous_postprocessing": before.to_dict(),
+        "previous_dice": _mean_patient_dice(probs, truths, paths, before),
         "patients": len(probs),
         "items": sum(len(items) for _, items in folds),
         "folds": len(folds),
         "tta": tta,
-        "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold"
+        "metric": "mean per-patient Dice (stacked slices), prediction = probability >= threshold, then the "
+                  "post-processing"
         + (", each patient predicted by the fold model that never saw it" if len(folds) > 1 else ""),
         "sidecar": None,
     }
     if target is not None:
         result["sidecar"] = str(_store(target, target_spec.to_dict(), result))
-    logger.info("threshold %.2f (mean patient Dice %.4f; was %.2f); post-processing %s (%.4f)", best, values[best],
-                previous, chosen["settings"], chosen["dice"])
+    logger.info("threshold %.2f with post-processing %s: mean patient Dice %.4f (threshold was %.2f)",
+                chosen["threshold"], chosen["settings"], chosen["dice"], previous)
     return result
 
 
@@ -341,8 +358,9 @@ def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[s
 
 def _predict_patient(
     predictor: Predictor, spec: Any, items: Sequence[Mapping[str, Any]]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Probability maps and true masks (reader axis order) of one patient's items; its 2D images in one batch."""
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Probability maps, true masks (reader axis order) and image paths (a volume's first) of one patient's items;
+    its 2D images in one batch."""
     slices = [it for it in items if _is_2d(it["image"])]
     scored: list[tuple[Mapping[str, Any], np.ndarray]] = []
     if slices:
@@ -355,28 +373,30 @@ def _predict_patient(
             scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"])))
         else:
             scored.append((item, predictor.predict_volume_by_slices(loaded["volume"], images[0])))
-    truths = []
+    truths, paths = [], []
     for item, prob in scored:
         truth = _read_truth(Path(item["label"]))
         if truth.shape != prob.shape:
             raise InputError(item["label"], f"label size {truth.shape} differs from the size {prob.shape} of its "
                                             f"image {item['image']}")
         truths.append(truth)
-    return [prob for _, prob in scored], truths
+        paths.append(str(item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]))
+    return [prob for _, prob in scored], truths, paths
 
 
 def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mapping[str, Sequence[np.ndarray]],
-                       post: PostProcessing) -> float:
-    """Mean over patients of the Dice of the patient's post-processed maps taken together (1 when both are empty);
-    a patient's 2D slices (in datalist order, which ``brainseg datalist`` writes in slice order) go through
-    `PostProcessing.apply_to_slices`, as ``brainseg infer`` treats a folder of slices."""
+                       paths: Mapping[str, Sequence[str]], post: PostProcessing) -> float:
+    """Mean over patients of the Dice of the patient's post-processed maps taken together (1 when both are empty),
+    as ``brainseg evaluate`` scores them; 2D maps go through `PostProcessing.apply_to_slices` with their image paths,
+    so slices are stacked exactly as ``brainseg infer`` stacks them."""
     scores = []
     for patient, maps in probs.items():
-        flat = [m for m in maps if np.ndim(m) == 2]
-        masks = post.apply_to_slices(flat, patient) + [post(m) for m in maps if np.ndim(m) != 2]
-        ordered = [t for t in truths[patient] if np.ndim(t) == 2] + [t for t in truths[patient] if np.ndim(t) != 2]
-        overlap = sum(int(np.count_nonzero(m.astype(bool) & t)) for m, t in zip(masks, ordered))
-        total = sum(int(np.count_nonzero(m)) + int(np.count_nonzero(t)) for m, t in zip(masks, ordered))
+        flat = [i for i, m in enumerate(maps) if np.ndim(m) == 2]
+        masks = dict(zip(flat, post.apply_to_slices([maps[i] for i in flat], [paths[patient][i] for i in flat])))
+        masks.update({i: post(m) for i, m in enumerate(maps) if i not in masks})
+        pairs = [(masks[i].astype(bool), truth) for i, truth in enumerate(truths[patient])]
+        overlap = sum(int(np.count_nonzero(m & t)) for m, t in pairs)
+        total = sum(int(np.count_nonzero(m)) + int(np.count_nonzero(t)) for m, t in pairs)
         scores.append(1.0 if total == 0 else 2.0 * overlap / total)
     return float(np.mean(scores))
 
@@ -406,7 +426,7 @@ def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result
                                 **result["postprocessing"]}
     values[TUNING_KEY] = {key: result[key] for key in (
         "threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates", "previous_threshold",
-        "previous_dice", "patients", "items", "folds", "tta", "metric")}  # fmt: skip
+        "previous_postprocessing", "previous_dice", "patients", "items", "folds", "tta", "metric")}  # fmt: skip
     return write_text_atomic(sidecar, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
 
 

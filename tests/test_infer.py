@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigWorkflow
 
+from brainseg_monai.cli import build_parser
 from brainseg_monai.cli import main as cli_main
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
@@ -304,3 +305,11 @@ def test_dicomdir_and_reports_are_not_unreadable_studies(tmp_path: Path) -> None
     for channels, expected in ((3, 2), (1, 6)):
         cases = discover_cases([studies], channels, ModelSpec().dicom_channels() if channels == 3 else None)
         assert len(cases) == expected and all(c.error is None for c in cases), [(c.case_id, c.error) for c in cases]
+
+
+def test_post_processing_flags_default_to_the_models_settings() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["infer", "in", "--out", "o"])
+    assert args.keep_largest is None and args.stack_slices is None  # None: the model.json setting applies
+    args = parser.parse_args(["infer", "in", "--out", "o", "--no-keep-largest", "--stack-slices"])
+    assert args.keep_largest is False and args.stack_slices is True

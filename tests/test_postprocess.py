@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.morphology import ball, disk
 
-from brainseg_monai.inference.postprocess import PostProcessing, postprocess
+from brainseg_monai.inference.postprocess import PostProcessing, postprocess, slice_stacks
 
 
 def _blob_with_spur_and_line() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,31 +152,59 @@ def _stack_with_far_blob() -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     return probs, tumour, far
 
 
+PATIENT = [f"/data/TCGA_XX_0001/TCGA_XX_0001_{n}.tif" for n in range(1, 7)]
+
+
 def test_stack_slices_makes_components_3d():
     probs, tumour, far = _stack_with_far_blob()
     # slice by slice, the far blob is the largest (only) component of its slice and stays
-    per_slice = PostProcessing(keep_largest=True).apply_to_slices(probs)
+    per_slice = PostProcessing(keep_largest=True).apply_to_slices(probs, PATIENT)
     np.testing.assert_array_equal(np.stack(per_slice), tumour | far)
-    stacked = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs)
+    stacked = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs, PATIENT)
     assert all(m.dtype == np.uint8 and m.shape == (20, 20) for m in stacked)
     np.testing.assert_array_equal(np.stack(stacked), tumour)
     # sizes count voxels of the stack: 36 px per slice is below 50, the tumour's 108 voxels are not
-    assert np.stack(PostProcessing(min_size=50).apply_to_slices(probs)).sum() == 0
-    np.testing.assert_array_equal(np.stack(PostProcessing(min_size=50, stack_slices=True).apply_to_slices(probs)),
-                                  tumour)
+    assert np.stack(PostProcessing(min_size=50).apply_to_slices(probs, PATIENT)).sum() == 0
+    np.testing.assert_array_equal(
+        np.stack(PostProcessing(min_size=50, stack_slices=True).apply_to_slices(probs, PATIENT)), tumour)
+    # slices given in another order are stacked by their numbers and returned in the order given
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(
+        [probs[i] for i in order], [PATIENT[i] for i in order])
+    np.testing.assert_array_equal(np.stack(shuffled), tumour[order])
     # one slice alone is post-processed as itself
-    np.testing.assert_array_equal(PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs[5:]),
-                                  [far[5]])
+    np.testing.assert_array_equal(
+        PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs[5:], PATIENT[5:]), [far[5]])
 
 
-def test_slices_of_different_sizes_are_post_processed_one_by_one(caplog: pytest.LogCaptureFixture):
+def test_slice_stacks_group_one_patients_numbered_slices_in_number_order():
+    paths = ["/a/P1_10.tif", "/a/P1_9.tif", "/a/P2_1.png", "/a/P1_1.tif", "/b/P1_2.tif", "/b/P1_3.tif", "/a/12.png",
+             "/a/13.png", "/a/P2_mask.png", "/a/lone_4.tif"]
+    assert sorted(slice_stacks(paths)) == [[3, 1, 0], [4, 5]]
+    assert slice_stacks([]) == []
+
+
+def test_unrelated_images_and_slices_of_different_sizes_are_post_processed_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+):
     probs, tumour, far = _stack_with_far_blob()
+    unnumbered = [f"/upload/{n}.png" for n in range(6)]  # a folder of images of several patients
+    masks = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(probs, unnumbered)
+    np.testing.assert_array_equal(np.stack(masks), tumour | far)
     mixed = [*probs, np.full((8, 8), 0.9)]
     with caplog.at_level("WARNING"):
-        masks = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(mixed, "P7")
-    assert "P7: slices of different sizes" in caplog.text
+        masks = PostProcessing(keep_largest=True, stack_slices=True).apply_to_slices(
+            mixed, [*PATIENT, "/data/TCGA_XX_0001/TCGA_XX_0001_7.tif"])
+    assert "slices of different sizes" in caplog.text and "TCGA_XX_0001" in caplog.text
     np.testing.assert_array_equal(np.stack(masks[:6]), tumour | far)
     assert masks[6].all()
+
+
+def test_apply_to_slices_argument_errors():
+    with pytest.raises(ValueError, match="2 probability maps but 1 paths"):
+        PostProcessing().apply_to_slices([np.zeros((4, 4))] * 2, ["a_1.png"])
+    with pytest.raises(ValueError, match="a_1.nii: apply_to_slices takes 2D maps"):
+        PostProcessing().apply_to_slices([np.zeros((4, 4, 4))], ["a_1.nii"])
 
 
 def test_stack_slices_must_be_a_bool():

@@ -154,19 +154,22 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
         assert png.format == "PNG" and png.size[0] > 300
 
 
-def test_largest_component_over_the_stacked_slices_is_kept_when_it_raises_patient_dice(
+def test_largest_component_is_chosen_with_its_own_threshold_when_it_raises_patient_dice(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    """Two slices of one patient: the tumour block on both (one 3D component), and on slice 0 a false positive of the
-    same brightness away from it. Each image has two levels, so the stub gives 0.02 and 0.17: thresholds 0.05-0.15
-    flag both blocks (the tie goes to 0.15), and only the largest component removes the false positive."""
+    """Two 32 x 32 slices of one patient: a tumour of a bright core (108 px a slice) and a fainter rim (36 px), on
+    both slices (one 3D component of 288 voxels), and on slice 0 a false positive as faint as the rim (225 px) away
+    from it. Three levels per image, so the stub gives 0.02, 0.17 and 0.32: thresholds 0.2-0.3 find the core alone
+    (Dice 432/504), 0.05-0.15 the rim and the false positive too (Dice 576/801). Only with the largest component
+    does the low threshold pay (Dice 1), so tuning the threshold first and the post-processing after would miss it."""
     items = []
     for k in range(2):
         image = np.full((32, 32), 20, np.uint8)
-        image[4:16, 4:16] = 200  # tumour, 144 px per slice
-        truth = image > 100
+        image[1:13, 1:10] = 200  # core
+        image[1:13, 10:13] = 100  # rim
+        truth = image > 20
         if k == 0:
-            image[24:28, 24:28] = 200  # false positive, 16 px
+            image[16:31, 16:31] = 100  # false positive
         path = tmp_path / "data" / f"P1_{k}.tif"
         path.parent.mkdir(exist_ok=True)
         tifffile.imwrite(path, np.ascontiguousarray(np.stack([image] * 3, axis=-1)), photometric="rgb")
@@ -174,11 +177,16 @@ def test_largest_component_over_the_stacked_slices_is_kept_when_it_raises_patien
         items.append({"image": str(path), "label": str(path.with_name(f"P1_{k}_mask.png")), "patient": "P1"})
 
     result = tune_model_threshold(model_dir / "model.pt", items, device="cpu")
-    assert result["threshold"] == pytest.approx(0.15)
     alone, largest = result["postprocessing_candidates"]
-    assert alone["dice"] == pytest.approx(result["dice"]) == pytest.approx(2 * 288 / (288 + 16 + 288))
-    assert largest == {"settings": {"keep_largest": True, "stack_slices": True}, "dice": pytest.approx(1.0)}
-    assert result["postprocessing"] == {"keep_largest": True, "stack_slices": True}
+    assert alone["settings"] == {"keep_largest": False, "stack_slices": False}
+    assert alone["threshold"] == pytest.approx(0.3) and alone["dice"] == pytest.approx(432 / 504)
+    assert dict(map(tuple, alone["threshold_curve"]))[0.15] == pytest.approx(576 / 801)
+    assert largest["settings"] == {"keep_largest": True, "stack_slices": True}
+    assert largest["threshold"] == pytest.approx(0.15) and largest["dice"] == pytest.approx(1.0)
+    assert dict(map(tuple, largest["threshold_curve"]))[0.3] == pytest.approx(432 / 504)
+    assert result["postprocessing"] == largest["settings"] and result["threshold"] == pytest.approx(0.15)
+    assert result["dice"] == pytest.approx(1.0) and result["threshold_curve"] == largest["threshold_curve"]
+    assert result["previous_dice"] == 0.0  # the threshold alone at the previous 0.5 flags nothing
     stored = json.loads((model_dir / "model.json").read_text())
     assert stored["postprocessing"] == {"threshold": 0.15, "min_size": 3, "keep_largest": True, "stack_slices": True}
     assert stored["tuning"]["postprocessing_candidates"] == result["postprocessing_candidates"]
@@ -366,15 +374,15 @@ def test_tuned_threshold_is_what_infer_applies(tmp_path: Path) -> None:
     validation = training_split(tmp_path / "run" / "datalist.json")[1]
 
     tuned = tune_model_threshold(checkpoint, validation, device="cpu")
-    chosen = next(c["dice"] for c in tuned["postprocessing_candidates"] if c["settings"] == tuned["postprocessing"])
     run_inference([str(data)], tmp_path / "pred",
                   InferenceSettings(checkpoint=str(checkpoint), tta="none", device="cpu", progress=False))
     result = evaluate_predictions(tmp_path / "pred", tmp_path / "run" / "datalist.json")
     assert result["settings"]["split"] == "validation" and result["summary"]["patients"] == tuned["patients"] == 2
-    assert result["summary"]["patient_dice_mean"] == pytest.approx(chosen, abs=1e-3)
-    # each candidate, forced at inference, scores what tuning measured for it
+    assert result["summary"]["patient_dice_mean"] == pytest.approx(tuned["dice"], abs=1e-3)
+    # each candidate with its threshold, forced at inference, scores what tuning measured for it
     for candidate in tuned["postprocessing_candidates"]:
         run_inference([str(data)], tmp_path / "forced", InferenceSettings(
-            checkpoint=str(checkpoint), tta="none", device="cpu", progress=False, **candidate["settings"]))
+            checkpoint=str(checkpoint), tta="none", device="cpu", progress=False, threshold=candidate["threshold"],
+            **candidate["settings"]))
         forced = evaluate_predictions(tmp_path / "forced", tmp_path / "run" / "datalist.json")
         assert forced["summary"]["patient_dice_mean"] == pytest.approx(candidate["dice"], abs=1e-3), candidate

@@ -1,8 +1,8 @@
 """Post-processing of a probability map into a binary mask: threshold, size-adaptive opening, small-component removal.
 
-The slices of one case (a folder of 2D slices, such as an LGG patient) can be post-processed as one stacked volume
-(``stack_slices``), so that components are 3D: a blob on a slice far from the tumour is then a separate, small
-component that ``keep_largest`` or ``min_size`` removes, as in Buda et al.'s 3D largest-component step.
+The numbered slices of one patient (``<patient>_<n>.<ext>``, as in an LGG patient folder) can be post-processed as one
+stacked volume (``stack_slices``), so that components are 3D: a blob on a slice far from the tumour is then a
+separate, small component that ``keep_largest`` or ``min_size`` removes, as in Buda et al.'s 3D largest-component step.
 
 Connected components are labelled once per step with ``skimage.measure.label`` rather than with MONAI's
 ``RemoveSmallObjects``: that transform passes skimage 0.26's deprecated ``min_size`` argument (a warning on every call)
@@ -13,7 +13,9 @@ and the choice of which components to open.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -21,9 +23,11 @@ import numpy as np
 from skimage.measure import label
 from skimage.morphology import ball, disk, opening
 
-__all__ = ["PostProcessing", "postprocess"]
+__all__ = ["PostProcessing", "postprocess", "slice_stacks"]
 
 logger = logging.getLogger(__name__)
+
+_NUMBERED_SLICE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)$")
 
 
 def _is_int(value: Any) -> bool:
@@ -42,8 +46,9 @@ class PostProcessing:
     3. components smaller than ``min_size`` voxels are removed (including fragments the opening split off);
     4. with ``keep_largest``, only the largest component is kept (of equal largest ones, the first in array order).
 
-    With ``stack_slices``, :meth:`apply_to_slices` runs these steps once on a case's 2D slices stacked in file order
-    (slice axis first), so components, sizes and the opening's ball are 3D, counted in voxels of the stack.
+    With ``stack_slices``, :meth:`apply_to_slices` runs these steps once on each patient's numbered 2D slices stacked
+    in slice order (`slice_stacks`), so components, ``min_size`` and the opening's ball are 3D, counted in voxels of
+    the stack; other slices are post-processed one by one.
 
     The settings are stored with a model (``to_dict`` / ``from_dict``), so inference reproduces the tuned threshold.
 
@@ -56,8 +61,8 @@ class PostProcessing:
         connectivity: neighbourhood of a connected component, as in ``skimage.measure.label``: the number of
             orthogonal hops, 1 (faces) up to the image's number of dimensions; ``None`` means full connectivity
             (8 in 2D, 26 in 3D).
-        stack_slices: post-process the 2D slices of one case as one stacked volume (:meth:`apply_to_slices`);
-            off, each slice on its own. Volumes are 3D either way.
+        stack_slices: post-process the numbered 2D slices of one patient as one stacked volume
+            (:meth:`apply_to_slices`); off, each slice on its own. Volumes are 3D either way.
 
     Raises:
         ValueError: When an argument is out of its range or of the wrong type; the message names it.
@@ -147,21 +152,32 @@ class PostProcessing:
             mask = keep[labels]
         return mask.astype(np.uint8)
 
-    def apply_to_slices(self, probs: Sequence[np.ndarray], case: str = "") -> list[np.ndarray]:
-        """Masks of one case's 2D probability maps: stacked and post-processed as one volume with ``stack_slices``
-        (when the case has two or more slices of one size), else slice by slice.
+    def apply_to_slices(self, probs: Sequence[np.ndarray], paths: Sequence[str | Path]) -> list[np.ndarray]:
+        """Masks of 2D probability maps: with ``stack_slices``, each stack of `slice_stacks` (one patient's numbered
+        slices of one size) is post-processed as one volume; every other map, and all without it, one by one.
 
         Args:
-            probs: the case's 2D probability maps, in slice order.
-            case: the case's name, for the log when slices of different sizes cannot be stacked.
+            probs: 2D probability maps.
+            paths: the image file of each map, whose name says which patient and slice it is.
+
+        Raises:
+            ValueError: When a map is not 2D, or ``paths`` does not match ``probs`` one to one.
         """
-        shapes = {np.shape(p) for p in probs}
-        if self.stack_slices and len(probs) > 1 and len(shapes) == 1:
-            return list(self(np.stack([np.asarray(p) for p in probs])))
-        if self.stack_slices and len(shapes) > 1:
-            logger.warning("%s: slices of different sizes %s cannot be stacked; post-processing each on its own",
-                           case or "case", sorted(shapes))
-        return [self(p) for p in probs]
+        if len(paths) != len(probs):
+            raise ValueError(f"got {len(probs)} probability maps but {len(paths)} paths.")
+        for path, prob in zip(paths, probs):
+            if np.ndim(prob) != 2:
+                raise ValueError(f"{path}: apply_to_slices takes 2D maps, got shape {np.shape(prob)}.")
+        masks: list[np.ndarray | None] = [None] * len(probs)
+        for stack in slice_stacks(paths) if self.stack_slices else []:
+            shapes = {np.shape(probs[i]) for i in stack}
+            if len(shapes) > 1:
+                logger.warning("%s: slices of different sizes %s are post-processed one by one",
+                               Path(paths[stack[0]]).parent, sorted(shapes))
+                continue
+            for i, mask in zip(stack, self(np.stack([np.asarray(probs[i]) for i in stack]))):
+                masks[i] = mask
+        return [self(prob) if mask is None else mask for prob, mask in zip(probs, masks)]
 
     def _components(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Component labels of ``mask`` and the voxel count of each label (0 for the background label 0)."""
@@ -169,6 +185,19 @@ class PostProcessing:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         return labels, sizes
+
+
+def slice_stacks(paths: Sequence[str | Path]) -> list[list[int]]:
+    """Indices of ``paths`` grouped into stacks of one patient's numbered slices (``<patient>_<n>.<ext>`` in one
+    folder, two or more), each in slice-number order. Other files (``12.png``, a lone slice) are in no stack, so a
+    folder of unrelated images is never post-processed as one volume."""
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for index, path in enumerate(paths):
+        path = Path(path)
+        match = _NUMBERED_SLICE.match(path.stem)
+        if match:
+            groups.setdefault((str(path.parent), match["patient"]), []).append((int(match["n"]), index))
+    return [[index for _, index in sorted(members)] for members in groups.values() if len(members) > 1]
 
 
 def postprocess(

@@ -122,7 +122,7 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
     """Predict one loaded case and write its outputs into ``writer``; returns the summary values."""
     if loaded["kind"] == "slices":
         probs = predictor.predict_slices(loaded["slices"], case.images)
-        masks = post.apply_to_slices(probs, case.case_id)
+        masks = post.apply_to_slices(probs, case.images)
         for path, image, mask in zip(case.images, loaded["slices"], masks):
             write_png_mask(mask, writer.path(f"{_stem(path)}_pred.png"), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
