@@ -362,26 +362,26 @@ def _predict_patient(
     """Probability maps, true masks (reader axis order) and image paths (a volume's first) of one patient's items;
     its 2D images in one batch."""
     slices = [it for it in items if _is_2d(it["image"])]
-    scored: list[tuple[Mapping[str, Any], np.ndarray]] = []
+    scored: list[tuple[Mapping[str, Any], np.ndarray, str]] = []  # (item, probabilities, its (first) image path)
     if slices:
         images = [str(it["image"]) for it in slices]
-        scored.extend(zip(slices, predictor.predict_slices(load_for_case("slices", images, spec)["slices"], images)))
+        probs = predictor.predict_slices(load_for_case("slices", images, spec)["slices"], images)
+        scored.extend(zip(slices, probs, images))
     for item in (it for it in items if not _is_2d(it["image"])):
         images = [str(p) for p in item["image"]] if isinstance(item["image"], (list, tuple)) else [str(item["image"])]
         loaded = load_for_case("volume", images, spec)
         if "data" in loaded:
-            scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"])))
+            scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"]), images[0]))
         else:
-            scored.append((item, predictor.predict_volume_by_slices(loaded["volume"], images[0])))
-    truths, paths = [], []
-    for item, prob in scored:
+            scored.append((item, predictor.predict_volume_by_slices(loaded["volume"], images[0]), images[0]))
+    truths = []
+    for item, prob, _ in scored:
         truth = _read_truth(Path(item["label"]))
         if truth.shape != prob.shape:
             raise InputError(item["label"], f"label size {truth.shape} differs from the size {prob.shape} of its "
                                             f"image {item['image']}")
         truths.append(truth)
-        paths.append(str(item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]))
-    return [prob for _, prob in scored], truths, paths
+    return [prob for _, prob, _ in scored], truths, [path for _, _, path in scored]
 
 
 def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mapping[str, Sequence[np.ndarray]],
