@@ -90,6 +90,26 @@ def resolve_bf16(amp: bool | str) -> bool:
     return _amp_mode(amp) == "bf16"
 
 
+def with_memory_format(network: torch.nn.Module, channels_last: bool | str | int = False) -> torch.nn.Module:
+    """``network`` with its convolution weights stored channels-last (2D) or channels-last-3d (3D) when asked.
+
+    oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster on channels-last tensors, and a channels-last
+    weight makes each convolution's output channels-last too, so the whole network runs in that layout without
+    converting the batches. Measured per bfloat16 training step (forward, backward, AdamW) on 2 CPU cores, batch 16
+    of 3x256x256: MONAI ``UNet`` 0.34 -> 0.27 s and ``AttentionUnet`` 1.2 -> 0.97 s, but ``attresseunet`` 2.2 ->
+    2.5 s and ``SegResNet`` 1.3 -> 1.5 s, so it is a per-network choice, off by default. Only the memory layout
+    changes, not the values; saved weights load into either layout.
+    """
+    if not as_bool(channels_last, "channels_last"):
+        return network
+    dims = next((m.weight.dim() - 2 for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), 0)
+    if dims == 2:
+        return network.to(memory_format=torch.channels_last)
+    if dims == 3:
+        return network.to(memory_format=torch.channels_last_3d)
+    return network
+
+
 class AutocastInferer(SimpleInferer):
     """MONAI's ``SimpleInferer`` under ``torch.autocast(dtype=bfloat16)`` on the input's device; float32 outputs.
 

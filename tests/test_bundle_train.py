@@ -19,7 +19,7 @@ from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.networks import get_network
 from brainseg_monai.inference.predictor import load_model
-from brainseg_monai.training import AutocastInferer, latest_checkpoint
+from brainseg_monai.training import AutocastInferer, latest_checkpoint, with_memory_format
 from conftest import REPO_ROOT, shared_path
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -407,6 +407,43 @@ def test_bf16_autocast_trains_on_cpu(lgg_phantoms: Path, tmp_path: Path) -> None
     with pytest.raises(Exception) as info:  # the bundle parser wraps the library's ValueError
         wf.parser.get_parsed_content("use_bf16")
     assert "amp must be true, false, auto or bf16 but is 'fp8'" in _messages(info.value)
+
+
+@pytest.mark.parametrize("spatial_dims, layout", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_with_memory_format_changes_the_layout_not_the_outputs(spatial_dims: int, layout: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    network = get_network("unet", spatial_dims, 3, 1).eval()
+    images = torch.randn((2, 3) + (32,) * spatial_dims)
+    reference = network(images)
+    assert with_memory_format(network, "false") is network
+    weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert not any(w.is_contiguous(memory_format=layout) and not w.is_contiguous() for w in weights)
+    converted = with_memory_format(network, True)
+    weights = [m.weight for m in converted.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(w.is_contiguous(memory_format=layout) for w in weights)
+    assert sum(not w.is_contiguous() for w in weights) > len(weights) // 2  # really re-laid out, not 1x1 kernels
+    outputs = converted(images)
+    assert outputs.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(outputs, reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="channels_last"):
+        with_memory_format(network, "sometimes")
+
+
+def test_channels_last_training_saves_weights_that_load_into_a_plain_network(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cl"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), max_epochs=1, roi_size=[64, 64], batch_size=4,
+                   channels_last=True)
+    wf.initialize()
+    trained = wf.parser.get_parsed_content("network")
+    assert _first_conv(trained).weight.is_contiguous(memory_format=torch.channels_last)
+    assert not _first_conv(trained).weight.is_contiguous()
+    wf.run()
+    wf.finalize()
+    loaded, _ = load_model(out / "models" / "model_final.pt", "cpu")  # the network when training ended
+    assert _first_conv(loaded).weight.is_contiguous()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), trained.eval()(images), rtol=1e-4, atol=1e-4)
 
 
 def test_autocast_inferer_runs_the_network_in_bfloat16_and_returns_float32() -> None:

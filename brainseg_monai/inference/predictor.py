@@ -32,7 +32,7 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import SimpleITKReader, check_image_values
 from brainseg_monai.networks import get_network
-from brainseg_monai.training import resolve_device
+from brainseg_monai.training import resolve_device, with_memory_format
 from brainseg_monai.transforms import channel_statistics, infer_transforms, normalise_with
 
 logger = logging.getLogger(__name__)
@@ -229,11 +229,7 @@ def inference_network(network: torch.nn.Module, device: torch.device | str, copy
             transpose = isinstance(block.conv, torch.nn.modules.conv._ConvTransposeNd)
             block.conv = fuse_conv_bn_eval(block.conv, first, transpose=transpose)
             setattr(adn, first_name, torch.nn.Identity())
-    if torch.device(device).type == "cpu":
-        dims = next((m.weight.dim() - 2 for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), 0)
-        if dims in (2, 3):
-            network = network.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
-    return network
+    return with_memory_format(network, torch.device(device).type == "cpu")
 
 
 class Predictor:
