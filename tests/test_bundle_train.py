@@ -439,6 +439,7 @@ def test_channels_last_training_saves_weights_that_load_into_a_plain_network(lgg
     assert not _first_conv(trained).weight.is_contiguous()
     wf.run()
     wf.finalize()
+    assert json.loads((out / "config_resolved.json").read_text())["channels_last"] is True
     loaded, _ = load_model(out / "models" / "model_final.pt", "cpu")  # the network when training ended
     assert _first_conv(loaded).weight.is_contiguous()
     images = torch.randn(2, 3, 64, 64)
