@@ -15,6 +15,9 @@
 # by default, so no held-out score picks it; model.pt is the best validation epoch), INFER_ARGS (extra brainseg infer
 # options, e.g. "--tta none"), TAG (suffix of the prediction and report folders, so
 # post-processing variants of trained folds sit beside the default: TAG=_min64 INFER_ARGS="--min-size 64").
+# SCORE=training scores each fold model on the patients it was trained on instead (predictions in fit*, report in
+# report_fit*): how well the recipe fits its own data, to tell under-fitting from poor generalisation, e.g.
+# SCORE=training TAG=_t05 INFER_ARGS="--tta none --no-keep-largest --threshold 0.5".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -n "${VIRTUAL_ENV:-}" ]] || source .venv/bin/activate
@@ -24,6 +27,12 @@ OUT=${OUT:-runs/cv}
 NAME=${NAME:-unet}
 EPOCHS=${EPOCHS:-50}
 MODEL=${MODEL:-model_final.pt}
+SCORE=${SCORE:-heldout}
+case "$SCORE" in
+    heldout) patients=heldout; predictions=oof; report=report ;;
+    training) patients=seen; predictions=fit; report=report_fit ;;
+    *) echo "SCORE must be heldout or training, not '$SCORE'" >&2; exit 2 ;;
+esac
 FOLDS=("$@")
 [[ ${#FOLDS[@]} -gt 0 ]] || FOLDS=(0 1 2 3 4)
 
@@ -51,26 +60,30 @@ for k in "${FOLDS[@]}"; do
              "(score it with MODEL=model.pt, or delete $run/trained to train it again)" >&2
         exit 2
     fi
-    # a folder with links to the held-out patients only, so inference does no more than scoring needs
-    python - "$datalist" "$k" "$run/heldout" <<'EOF'
+    # a folder with links to the patients to score only (held out, or trained on), so inference does no more than
+    # scoring needs, and the list of their items as the truth to score against
+    python - "$datalist" "$k" "$run/$patients" "$SCORE" <<'EOF'
 import json, os, sys
 from pathlib import Path
 
-datalist, fold, target = json.load(open(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3])
+datalist, fold, target, score = json.load(open(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+items = [item for item in datalist["training"] if (item["fold"] == fold) == (score == "heldout")]
 target.mkdir(parents=True, exist_ok=True)
-for folder in sorted({Path(item["image"]).parent for item in datalist["training"] if item["fold"] == fold}):
+for folder in sorted({Path(item["image"]).parent for item in items}):
     link = target / folder.name
     if not link.exists():
         os.symlink(folder.resolve(), link, target_is_directory=True)
+(target.parent / f"{target.name}.json").write_text(json.dumps(items, indent=1))
 EOF
     # shellcheck disable=SC2086
-    brainseg infer "$run/heldout" --checkpoint "$run/models/$MODEL" --out "$run/oof${TAG:-}" --no-progress ${INFER_ARGS:-}
-    brainseg evaluate "$run/oof${TAG:-}" --truth "$datalist" --fold "$k" --out "$run/report${TAG:-}" --train-dir "$run" \
-        --model "$run/models/$MODEL"
+    brainseg infer "$run/$patients" --checkpoint "$run/models/$MODEL" --out "$run/$predictions${TAG:-}" --no-progress \
+        ${INFER_ARGS:-}
+    brainseg evaluate "$run/$predictions${TAG:-}" --truth "$run/$patients.json" --out "$run/$report${TAG:-}" \
+        --train-dir "$run" --model "$run/models/$MODEL"
 done
-reports=("$OUT/${NAME}"_f*/report${TAG:-}/metrics.json)
+reports=("$OUT/${NAME}"_f*/$report${TAG:-}/metrics.json)
 if [[ ${#reports[@]} -ge 2 ]]; then
-    brainseg aggregate-folds "${reports[@]}" --out "$OUT/${NAME}_summary${TAG:-}"
+    brainseg aggregate-folds "${reports[@]}" --out "$OUT/${NAME}_summary${report#report}${TAG:-}"
 else
     echo "one fold scored so far (${reports[0]}); the summary over folds needs two or more"
 fi
