@@ -326,12 +326,14 @@ def test_two_process_gloo_run(lgg_phantoms: Path, tmp_path: Path) -> None:
         "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs),
         "--bundle_root", str(REPO_ROOT / "bundle"), "--output_dir", str(out), "--dataset_dir", str(lgg_phantoms),
         "--max_epochs", "1", "--roi_size", "[64, 64]", "--batch_size", "2", "--device", "cpu",
+        "--channels_last", "true",  # DistributedDataParallel over channels-last weights
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
     assert latest_checkpoint(out / "models") is not None
+    assert json.loads((out / "config_resolved.json").read_text())["channels_last"] is True
 
 
 @pytest.mark.parametrize("flag", ["false", "False", False, 0])
