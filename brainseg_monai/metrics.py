@@ -25,7 +25,6 @@ volume (sum of intersections over sum of sizes), not the mean of its slice Dices
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +42,7 @@ __all__ = [
     "DEFAULT_SIZE_EDGES",
     "DEFAULT_THRESHOLDS",
     "RATIO_METRICS",
+    "best_on_curve",
     "describe",
     "detection_metrics",
     "image_metrics",
@@ -50,11 +50,9 @@ __all__ = [
     "pooled_metrics",
     "size_bins",
     "summarise",
+    "threshold_grid",
     "tumour_free_metrics",
-    "tune_threshold",
 ]
-
-logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -330,47 +328,6 @@ def summarise(per_image: Sequence[Mapping[str, Any]], per_patient: Sequence[Mapp
     return out
 
 
-def tune_threshold(
-    probs_by_patient: Mapping[str, Sequence[ArrayLike]],
-    truths_by_patient: Mapping[str, Sequence[ArrayLike]],
-    thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
-) -> tuple[float, list[tuple[float, float]]]:
-    """The probability threshold that maximises the mean per-patient Dice (prediction = ``prob >= threshold``, as in
-    MONAI's ``AsDiscrete`` and our post-processing); ties go to the threshold closest to 0.5, then the lower one.
-
-    One pass over each slice bins its probabilities between the thresholds, so every threshold costs nothing more.
-
-    Args:
-        probs_by_patient: patient id -> its probability maps (slices or volumes), values in [0, 1].
-        truths_by_patient: patient id -> its true masks, matching the probability maps one to one.
-        thresholds: candidate thresholds in (0, 1); rounded to 6 decimals (so 0.15000000000000002 is 0.15).
-
-    Returns:
-        ``(best_threshold, curve)`` with ``curve`` the list of ``(threshold, mean patient Dice)`` in increasing order.
-
-    Raises:
-        InputError: when probabilities fall outside [0, 1], or a patient's maps and masks do not match.
-        ValueError: when the patients differ between the mappings, none is given, or a threshold is outside (0, 1).
-    """
-    grid = threshold_grid(thresholds)
-    if not probs_by_patient:
-        raise ValueError("probs_by_patient must hold at least one patient, got none.")
-    if set(probs_by_patient) != set(truths_by_patient):
-        only_probs = sorted(set(probs_by_patient) - set(truths_by_patient))
-        only_truths = sorted(set(truths_by_patient) - set(probs_by_patient))
-        raise ValueError(
-            f"patients differ: only in probs_by_patient {only_probs}, only in truths_by_patient {only_truths}."
-        )
-    counts = [_threshold_counts(pid, probs, truths_by_patient[pid], grid) for pid, probs in probs_by_patient.items()]
-    matrices = torch.tensor(np.stack(counts), dtype=torch.float64)  # (patients, thresholds, 4): (tp, fp, tn, fn)
-    dice = compute_confusion_matrix_metric("f1 score", matrices)
-    dice = torch.nan_to_num(dice, nan=1.0).numpy()  # nan only when truth and prediction are both empty: Dice 1
-    curve = [(float(t), float(v)) for t, v in zip(grid, dice.mean(axis=0))]
-    best = best_on_curve(curve)
-    logger.info("threshold %.3f: mean patient Dice %.4f over %d patients", best, dict(curve)[best], len(counts))
-    return best, curve
-
-
 def threshold_grid(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
     """Candidate thresholds sorted, deduplicated and rounded to 6 decimals (so 0.15000000000000002 is 0.15).
 
@@ -389,35 +346,6 @@ def best_on_curve(curve: Sequence[tuple[float, float]]) -> float:
     grid, values = np.array([t for t, _ in curve]), np.array([v for _, v in curve])
     tied = np.flatnonzero(np.isclose(values, values.max(), rtol=0.0, atol=1e-12))
     return float(grid[tied[np.argmin(np.abs(grid[tied] - 0.5))]])
-
-
-def _threshold_counts(
-    pid: str, probs: Sequence[ArrayLike], truths: Sequence[ArrayLike], grid: np.ndarray
-) -> np.ndarray:
-    """(thresholds, 4) confusion counts (tp, fp, tn, fn) of one patient at every threshold of the sorted ``grid``."""
-    if len(probs) != len(truths):
-        raise InputError(None, f"patient {pid!r} has {len(probs)} probability maps but {len(truths)} masks")
-    # at_least[k]: pixels with prob >= grid[k]; tumour_at_least[k]: the same among tumour pixels
-    at_least = np.zeros(grid.size, dtype=np.int64)
-    tumour_at_least = np.zeros(grid.size, dtype=np.int64)
-    tumour = total = 0
-    for index, (prob, truth) in enumerate(zip(probs, truths)):
-        p = _to_numpy(prob)
-        t = _as_mask(truth, "truth")
-        if p.shape != t.shape:
-            raise InputError(None, f"patient {pid!r}, map {index}: probability shape {p.shape} != mask shape {t.shape}")
-        if p.size and not (p.min() >= 0 and p.max() <= 1):  # nan fails both comparisons
-            raise InputError(None, f"patient {pid!r}, map {index}: probabilities must lie in [0, 1] (sigmoid first)")
-        # compare in the maps' own float type, as `prob >= threshold` does on a float32 tensor or array
-        edges = grid.astype(p.dtype) if np.issubdtype(p.dtype, np.floating) else grid
-        reached = np.searchsorted(edges, p.ravel(), side="right")  # how many thresholds each pixel reaches
-        at_least += np.cumsum(np.bincount(reached, minlength=grid.size + 1)[::-1])[::-1][1:]
-        tumour_at_least += np.cumsum(np.bincount(reached[t.ravel()], minlength=grid.size + 1)[::-1])[::-1][1:]
-        tumour += int(np.count_nonzero(t))
-        total += int(t.size)
-    tp, fp = tumour_at_least, at_least - tumour_at_least
-    fn = tumour - tp
-    return np.stack([tp, fp, total - tp - fp - fn, fn], axis=-1)
 
 
 def _mask_metrics(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from monai.metrics import get_confusion_matrix
 
 from brainseg_monai.errors import InputError
 from brainseg_monai.metrics import (
+    DEFAULT_THRESHOLDS,
     Confusion,
+    best_on_curve,
     describe,
     detection_metrics,
     image_metrics,
@@ -20,8 +22,8 @@ from brainseg_monai.metrics import (
     pooled_metrics,
     size_bins,
     summarise,
+    threshold_grid,
     tumour_free_metrics,
-    tune_threshold,
 )
 
 
@@ -314,76 +316,21 @@ def test_summary_of_a_constructed_evaluation() -> None:
         summarise([], [])
 
 
-def _separable_case(p_tumour: float, p_other: float) -> tuple[dict, dict]:
-    """Two patients whose tumour pixels have probability ``p_tumour`` and every other pixel ``p_other``."""
-    t1 = [mask((8, 8), *[(i, 0) for i in range(8)], (0, 1), (1, 1)), mask((8, 8), *[(3, j) for j in range(6)])]
-    t2 = [mask((8, 8), *[(i, j) for i in range(4) for j in range(4)])]
-    truths = {"p1": t1, "p2": t2}
-    probs = {pid: [np.where(t, p_tumour, p_other).astype(np.float32) for t in ts] for pid, ts in truths.items()}
-    return probs, truths
+def test_threshold_grid_rounds_sorts_and_refuses_bad_thresholds() -> None:
+    grid = threshold_grid(np.arange(1, 20) * 0.05)
+    assert grid == pytest.approx(np.arange(1, 20) * 0.05)
+    assert grid[2] == 0.15  # rounded, not 0.15000000000000002
+    assert list(threshold_grid([0.6, 0.4, 0.4000000001])) == [0.4, 0.6]
+    assert np.array_equal(threshold_grid(DEFAULT_THRESHOLDS), DEFAULT_THRESHOLDS)
+    for bad in ([0.0, 0.5], [0.5, 1.0], []):
+        with pytest.raises(ValueError, match="thresholds must be numbers in \\(0, 1\\)"):
+            threshold_grid(bad)
 
 
-def test_threshold_tuning_finds_the_gap_and_prefers_the_middle() -> None:
-    probs, truths = _separable_case(0.62, 0.38)
-    best, curve = tune_threshold(probs, truths)
-    assert best == 0.5  # every threshold in (0.38, 0.62] is perfect: the one closest to 0.5 wins
-    thresholds = [t for t, _ in curve]
-    assert thresholds == pytest.approx(np.arange(1, 20) * 0.05)
-    assert thresholds[2] == 0.15  # rounded, not 0.15000000000000002
-    low = (2 * 16 / (16 + 128) + 2 * 16 / (16 + 64)) / 2  # everything predicted: 2T / (T + all)
-    for t, dice in curve:
-        expected = low if t <= 0.38 else 1.0 if t <= 0.62 else 0.0
-        assert dice == pytest.approx(expected), t
-
-
-def test_threshold_tuning_picks_an_off_centre_best_and_breaks_ties_low() -> None:
-    # tumour 0.9 (6 px) and 0.42 (2 px), 4 background pixels at 0.38: only thresholds in (0.38, 0.42] are perfect
-    truth = mask((6, 6), *[(0, j) for j in range(6)], (1, 0), (1, 1))
-    prob = np.zeros((6, 6))
-    prob[0, :] = 0.9
-    prob[1, :2] = 0.42
-    prob[5, :4] = 0.38
-    best, curve = tune_threshold({"a": [prob]}, {"a": [truth]})
-    assert best == 0.4
-    values = dict(curve)
-    assert values[0.35] == pytest.approx(16 / 20) and values[0.4] == 1.0 and values[0.45] == pytest.approx(12 / 14)
-    # 0.4 and 0.6 tie at Dice 1 and are equally close to 0.5: the lower wins
-    probs, truths = _separable_case(0.7, 0.3)
-    assert tune_threshold(probs, truths, thresholds=[0.6, 0.4])[0] == 0.4
-
-
-def test_threshold_curve_equals_direct_patient_dice() -> None:
-    rng = np.random.default_rng(11)
-    truths = {f"p{i}": [rng.random((12, 10)) > 0.7 for _ in range(3)] for i in range(3)}
-    truths["empty"] = [np.zeros((12, 10), bool)] * 2
-    probs = {pid: [torch.from_numpy(np.clip(0.35 * t + 0.65 * rng.random(t.shape), 0, 1)) for t in ts]
-             for pid, ts in truths.items()}  # fmt: skip
-    thresholds = [0.1, 0.3, 0.5, 0.55, 0.7, 0.9]
-    _, curve = tune_threshold(probs, truths, thresholds=thresholds)
-    for t, dice in curve:
-        direct = [
-            Confusion.from_masks(np.stack([p.numpy() >= t for p in probs[pid]], -1), np.stack(truths[pid], -1)).dice
-            for pid in truths
-        ]
-        assert dice == pytest.approx(np.mean(direct)), t
-
-
-def test_threshold_tuning_compares_like_post_processing_in_float32() -> None:
-    # float32(0.35) is just below the float64 0.35; `prob >= 0.35` on a float32 tensor still keeps it
-    truth = mask((4, 4), (1, 1), (1, 2))
-    prob = np.where(truth, np.float32(0.35), np.float32(0.1)).astype(np.float32)
-    assert bool((torch.from_numpy(prob) >= 0.35).equal(torch.from_numpy(truth)))
-    _, curve = tune_threshold({"a": [prob]}, {"a": [truth]}, thresholds=[0.35, 0.36])
-    assert curve == [(0.35, 1.0), (0.36, 0.0)]
-
-
-def test_threshold_tuning_refuses_bad_input() -> None:
-    probs, truths = _separable_case(0.62, 0.38)
-    with pytest.raises(ValueError, match="only in probs_by_patient \\['p2'\\]"):
-        tune_threshold(probs, {"p1": truths["p1"]})
-    with pytest.raises(ValueError, match="thresholds must be numbers in \\(0, 1\\)"):
-        tune_threshold(probs, truths, thresholds=[0.0, 0.5])
-    with pytest.raises(InputError, match="must lie in \\[0, 1\\]"):
-        tune_threshold({"p2": [probs["p2"][0] * 3]}, {"p2": truths["p2"]})
-    with pytest.raises(InputError, match="2 probability maps but 1 masks"):
-        tune_threshold({"p2": probs["p2"] * 2}, {"p2": truths["p2"]})
+def test_best_on_curve_prefers_the_middle_then_the_lower_threshold() -> None:
+    # every threshold in (0.38, 0.62] is perfect: the one closest to 0.5 wins
+    assert best_on_curve([(0.35, 0.7), (0.4, 1.0), (0.5, 1.0), (0.6, 1.0), (0.65, 0.0)]) == 0.5
+    # an off-centre best
+    assert best_on_curve([(0.35, 16 / 20), (0.4, 1.0), (0.45, 12 / 14), (0.5, 0.8)]) == 0.4
+    # 0.4 and 0.6 tie and are equally close to 0.5: the lower wins
+    assert best_on_curve([(0.4, 1.0), (0.6, 1.0)]) == 0.4
