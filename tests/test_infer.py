@@ -175,6 +175,48 @@ def _untrained_one_channel_model(folder: Path) -> Path:
     return folder / "model.pt"
 
 
+class _BrightVoxels(torch.nn.Module):
+    """A stand-in network whose mask is known: every voxel above the mean of the head (z-scored > 0) is tumour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x[:, :1] > 0, 100.0, -100.0)
+
+
+@pytest.mark.parametrize("direction, spacing", [
+    (np.diag([1.0, 1.0, 1.0]), (1.0, 1.0, 1.0)),
+    (np.diag([-1.0, 1.0, 1.0]), (0.9, 1.1, 2.0)),  # flipped: reoriented to RAS before the network
+    (np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (0.9, 1.1, 2.0)),  # axes permuted
+])
+def test_3d_model_masks_land_on_the_source_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                direction: np.ndarray, spacing: tuple[float, ...]) -> None:
+    """Orientation and foreground crop of 3D preprocessing are undone: each mask voxel is its own source voxel."""
+    import brainseg_monai.inference.runner as runner
+
+    rng = np.random.default_rng(3)
+    array = np.zeros((12, 40, 36), dtype=np.float32)  # (z, y, x); the head does not fill the volume, so it is cropped
+    array[2:10, 5:33, 4:30] = rng.uniform(1.0, 100.0, size=(8, 28, 26))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((12.3, -45.6, 78.9))
+    image.SetDirection(direction.flatten().tolist())
+    source = tmp_path / "volume.nii.gz"
+    sitk.WriteImage(image, str(source))
+    spec = ModelSpec(network_name="unet", spatial_dims=3, in_channels=1, roi_size=[64, 64, 64], channels=["image"])
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels().eval(), spec))
+    rows = run_inference([source], tmp_path / "pred", InferenceSettings("unused.pt", tta="none", threshold=0.5,
+                                                                         progress=False, device="cpu"))
+    assert rows[0]["status"] == "ok", rows
+    mask = sitk.ReadImage(str(tmp_path / "pred" / rows[0]["case"] / "mask.nii.gz"))
+    _assert_same_geometry(mask, sitk.ReadImage(str(source)))
+    foreground = array[array != 0]
+    expected = (array > foreground.mean()) & (array != 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask) > 0, expected)
+
+
 @pytest.mark.realdata
 def test_real_oblique_series_end_to_end_one_channel(tmp_path: Path) -> None:
     series_dir = shared_path("dicom", "C3L-03728_AX_T1_SE")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.blocks import Convolution
 from monai.transforms import (
@@ -316,9 +317,16 @@ class Predictor:
         self._check_channels(image, str(image.meta.get("filename_or_obj", "")))
         prob = self.predict_batch(image[None])[0]
         data = dict(data)
-        data["pred"] = prob[None]
+        # a MetaTensor: Invertd skips a plain tensor (with only a warning) and would leave the mask on the cropped,
+        # reoriented grid
+        data["pred"] = MetaTensor(prob[None])
         inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)
-        return np.asarray(inverted["pred"][0].detach().cpu().numpy(), dtype=np.float32)
+        out = np.asarray(inverted["pred"][0].detach().cpu().numpy(), dtype=np.float32)
+        source_shape = tuple(int(s) for s in image.meta["spatial_shape"])
+        if out.shape != source_shape:
+            raise RuntimeError(f"the probability of {image.meta.get('filename_or_obj', 'the volume')} was inverted to "
+                               f"{out.shape}, not the source grid {source_shape}: a preprocessing step is not invertible")
+        return out
 
 
 def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec) -> dict:
