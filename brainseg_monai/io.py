@@ -410,6 +410,34 @@ def _keep_only_safe_metadata(image: sitk.Image, tags: dict[str, str]) -> None:
         image.SetMetaData(name, value)
 
 
+def _check_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal: a missing slice or a repeated position.
+
+    SimpleITK stacks such a series anyway, with one spacing for all slices (and only a warning on stderr), so
+    every slice after the gap would sit at the wrong place and volumes would be wrong.
+    """
+    count = len(reader.GetFileNames())
+    if count < 3 or image.GetDimension() != 3:
+        return
+    positions = []
+    for k in range(count):
+        if not reader.HasMetaDataKey(k, "0020|0032"):
+            return  # no ImagePositionPatient: the geometry is SimpleITK's to make, nothing to check against
+        positions.append([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    steps = np.diff(np.asarray(positions) @ normal)
+    typical = float(np.median(np.abs(steps)))
+    uneven = np.flatnonzero(np.abs(np.abs(steps) - typical) > max(0.1 * typical, 1e-3))
+    if typical == 0.0 or uneven.size:
+        k = int(uneven[0]) if uneven.size else 0
+        names = [Path(f).name for f in reader.GetFileNames()]
+        raise InputError(
+            folder, f"the series' slices are not evenly spaced: {names[k]} and {names[k + 1]} are "
+                    f"{abs(steps[k]):.3g} mm apart where the others are {typical:.3g} mm (a missing slice, or several "
+                    f"images at one position?)"
+        )
+
+
 def read_sitk(
     path: PathLike,
     series_uid: str | None = None,
@@ -439,6 +467,7 @@ def read_sitk(
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(series.files)
         reader.SetOutputPixelType(output_pixel_type)
+        reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the spacing check below
         tags = {
             "Modality": series.modality,
             "SeriesDescription": series.description,
@@ -456,6 +485,8 @@ def read_sitk(
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(path, f"cannot read the image, corrupt or truncated? ({_sitk_reason(error)})") from error
+    if isinstance(reader, sitk.ImageSeriesReader):
+        _check_slice_spacing(path, reader, image)
     if path.is_file() and _is_dicom_file(path):
         tags = {
             name: image.GetMetaData(key).strip() for name, key in SAFE_DICOM_TAGS.items() if image.HasMetaDataKey(key)

@@ -268,6 +268,27 @@ def test_series_files_are_in_slice_order(files):
     assert heights == sorted(heights) and len(heights) == 5
 
 
+@pytest.mark.parametrize("damage", ["missing slice", "repeated position"])
+def test_unevenly_spaced_series_is_refused_naming_the_gap(tmp_path, damage):
+    """SimpleITK would stack it with one spacing and misplace every slice after the gap; the reader refuses it."""
+    volume = np.random.default_rng(RNG_SEED).integers(0, 500, (6, 5, 4)).astype(np.int16)
+    folder = tmp_path / "series"
+    write_dicom_series(folder, volume, f"{UID}.31", "AX T2")
+    assert read_sitk(folder).GetSize() == (4, 5, 6)  # intact: read
+    if damage == "missing slice":
+        (folder / "im002.dcm").unlink()
+        gap = ("im001.dcm", "im003.dcm", "5 mm", "2.5 mm")
+    else:
+        header = pydicom.dcmread(folder / "im003.dcm")
+        header.ImagePositionPatient = pydicom.dcmread(folder / "im002.dcm").ImagePositionPatient
+        header.save_as(folder / "im003.dcm")
+        gap = ("0 mm", "2.5 mm")
+    with pytest.raises(InputError, match="not evenly spaced") as error:
+        read_sitk(folder)
+    for piece in (str(folder), *gap):
+        assert piece in str(error.value)
+
+
 def test_two_series_need_a_choice(two_series):
     found = find_dicom_series(two_series)
     assert sorted((s.description, len(s.files)) for s in found) == [("AX FLAIR", 3), ("AX T1 PRE", 4)]
