@@ -7,6 +7,7 @@ bundle/docs/README.md (each patient predicted by a model that never saw it) are 
 
 from __future__ import annotations
 
+import configparser
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from brainseg_monai import __version__
 from brainseg_monai.evaluation import evaluate_predictions
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, load_for_case, load_model
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
@@ -44,6 +46,20 @@ def test_the_shipped_model_loads_with_its_settings() -> None:
     with torch.no_grad():
         out = network(torch.zeros(1, 3, 256, 256))
     assert out.shape == (1, 1, 256, 256) and torch.isfinite(out).all()
+
+
+def test_the_metadata_has_its_schema_fields_and_pins_this_package_version() -> None:
+    """The required fields of the model-zoo schema named (checked offline; the schema itself is a download)."""
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["schema"].endswith("/meta_schema_20240725.json")  # the schema that has required_packages_version
+    required = {"schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+                "task", "description", "authors", "copyright", "network_data_format"}
+    assert required <= set(meta), required - set(meta)
+    for tensor in [*meta["network_data_format"]["inputs"].values(), *meta["network_data_format"]["outputs"].values()]:
+        assert {"type", "format", "num_channels", "spatial_shape", "dtype", "value_range"} <= set(tensor)
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    assert meta["required_packages_version"]["brainseg-monai"] == __version__ == setup["metadata"]["version"]
 
 
 @pytest.mark.slow

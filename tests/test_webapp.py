@@ -103,14 +103,15 @@ def test_page_says_research_tool_and_info_lists_model(client: TestClient) -> Non
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text
     info = client.get("/api/info").json()
-    assert info["channels"] == ["t1", "flair", "t1c"] and info["threshold"] == 0.5 and "dihedral" in info["tta_modes"]
+    assert info["channels"] == ["t1", "flair", "t1c"] and info["threshold"] == 0.5
+    assert info["tta_modes"] == ["none", "flip", "dihedral"] and info["tta"] == "dihedral"  # as brainseg infer
 
 
 def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     rgb, mask = known_slice()
-    response = post(client, [("case7.png", png_bytes(rgb)), ("case7_mask.png", png_bytes(mask))], tta="dihedral")
+    response = post(client, [("case7.png", png_bytes(rgb)), ("case7_mask.png", png_bytes(mask))])  # default TTA
     assert response.status_code == 200, response.text
     result = response.json()
     expected_pct = round(100.0 * 120 / mask.size, 4)
@@ -134,7 +135,8 @@ def test_several_slices_list_their_masks_in_slice_order_once_each(client: TestCl
     tif = io.BytesIO()
     Image.fromarray(rgb).save(tif, format="TIFF", dpi=(72, 72))  # a print resolution, not a scanner pixel size
     files = [(name, png_bytes(rgb)) for name in names[:3]] + [(names[3], tif.getvalue())]
-    result = post(client, files).json()
+    result = post(client, files, tta="flip").json()
+    assert result["settings"]["tta"] == "flip"  # the faster choice stays selectable
     assert result["stats"]["tumour_voxels"] == 4 * 120 and "area_mm2" not in result["stats"]
     assert [d["name"] for d in result["downloads"]] == ["p_1_pred.png", "p_2_pred.png", "p_10_pred.png", "overlay.png"]
 

@@ -128,6 +128,8 @@ def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: 
         coverage = float(page.get_attribute("#coverage", "data-value"))
         assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
         assert "Dice" in page.inner_text("#stats")
+        # The page opens on brainseg infer's TTA, the one every figure of the shipped model describes.
+        assert page.input_value("#tta") == "dihedral" and stat_row(page, "TTA / threshold") == "dihedral / 0.5"
         # The canvas shows red where the known tumour is: sample its centre pixel in the page.
         red = page.evaluate(
             """([row, col, rows]) => { const c = document.getElementById('view');

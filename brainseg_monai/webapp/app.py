@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.webapp.service import Segmenter, Upload
+from brainseg_monai.webapp.service import DEFAULT_TTA, Segmenter, Upload
 from brainseg_monai.webapp.uploads import UploadTooLarge
 
 __all__ = ["create_app", "serve"]
@@ -92,7 +92,7 @@ async def _segment_form(segmenter: Segmenter, form: FormData) -> JSONResponse:
     uploads, truths = _uploads(form, "files"), _uploads(form, "truth")
     try:
         result = await run_in_threadpool(
-            segmenter.segment, uploads, truths[0] if truths else None, str(form.get("tta") or "flip"),
+            segmenter.segment, uploads, truths[0] if truths else None, str(form.get("tta") or DEFAULT_TTA),
             _threshold(str(form.get("threshold") or "")), str(form.get("case") or "") or None)
     except UploadTooLarge as err:
         return JSONResponse({"error": f"upload refused: {err}"}, status_code=413)

@@ -24,9 +24,12 @@ from brainseg_monai.webapp.gate import check_dicom_modality, check_plausible_mr
 from brainseg_monai.webapp.uploads import SizeBudget, Uploads, sort_uploads, stem_of, store_upload, unpack_zip
 from brainseg_monai.webapp.view import case_view, read_channels_first
 
-__all__ = ["Segmenter", "Upload"]
+__all__ = ["DEFAULT_TTA", "Segmenter", "Upload"]
 
 logger = logging.getLogger(__name__)
+
+#: The TTA of ``brainseg infer``, which every figure of the shipped model describes; the page offers the others.
+DEFAULT_TTA = InferenceSettings.tta
 
 #: A zip may unpack to at most this many times the upload limit (DICOM compresses well; zip bombs do not pass).
 ZIP_EXPANSION = 4
@@ -71,10 +74,11 @@ class Segmenter:
         spec: ModelSpec = self.spec
         return {
             "channels": list(spec.channels), "spatial_dims": spec.spatial_dims, "network": spec.network_name,
-            "threshold": self.default_threshold, "tta_modes": list(TTA_MODES), "max_upload_mb": self.max_upload_bytes / 2**20,
+            "threshold": self.default_threshold, "tta_modes": list(TTA_MODES), "tta": DEFAULT_TTA,
+            "max_upload_mb": self.max_upload_bytes / 2**20,
         }
 
-    def segment(self, uploads: Sequence[Upload], truth: Upload | None = None, tta: str = "flip",
+    def segment(self, uploads: Sequence[Upload], truth: Upload | None = None, tta: str = DEFAULT_TTA,
                 threshold: float | None = None, case_id: str | None = None) -> dict:
         """Segment the uploaded case; returns the page's result, or ``{"choose": [...]}`` when several cases were found.
 
