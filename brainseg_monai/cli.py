@@ -196,14 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment images, volumes, LGG folders or DICOM trees; masks in the source geometry")
     p.add_argument("inputs", nargs="+", help="image files, folders of slices, volumes, DICOM series or study trees")
-    p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv")
+    p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv (never read as an input, "
+                                                "even inside an input folder)")
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
                    "if present, else the bundle installed with the package)")
     p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
-    p.add_argument("--resume", action="store_true", help="skip cases already complete in --out")
+    p.add_argument("--resume", action="store_true", help="skip cases already complete in --out from the same input files")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
     p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
     p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")

@@ -176,14 +176,18 @@ def _untrained_one_channel_model(folder: Path) -> Path:
 
 
 class _BrightVoxels(torch.nn.Module):
-    """A stand-in network whose mask is known: every voxel above the mean of the head (z-scored > 0) is tumour."""
+    """A stand-in network whose mask is known: every voxel above the mean of the head (z-scored > 0) is tumour.
 
-    def __init__(self) -> None:
+    ``channel`` is the input channel it looks at (a 2D model z-scores each slice, so per slice: above the slice's mean).
+    """
+
+    def __init__(self, channel: int = 0) -> None:
         super().__init__()
+        self.channel = channel
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x[:, :1] > 0, 100.0, -100.0)
+        return torch.where(x[:, self.channel:self.channel + 1] > 0, 100.0, -100.0)
 
 
 @pytest.mark.parametrize("direction, spacing", [
@@ -355,3 +359,298 @@ def test_post_processing_flags_default_to_the_models_settings() -> None:
     assert args.keep_largest is None and args.stack_slices is None  # None: the model.json setting applies
     args = parser.parse_args(["infer", "in", "--out", "o", "--no-keep-largest", "--stack-slices"])
     assert args.keep_largest is False and args.stack_slices is True
+
+
+# --------------------------------------------------------------------- what a batch reads, and what it writes where
+
+
+THREE_CHANNELS = ["t1", "flair", "t1c"]
+
+
+def _stand_in(monkeypatch: pytest.MonkeyPatch, in_channels: int = 1, channel: int = 0) -> ModelSpec:
+    """Make ``run_inference`` use a 2D :class:`_BrightVoxels` on ``channel`` instead of loading a checkpoint."""
+    import brainseg_monai.inference.runner as runner
+
+    spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=in_channels, roi_size=[64, 64],
+                     channels=THREE_CHANNELS if in_channels == 3 else ["image"])
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels(channel).eval(), spec))
+    return spec
+
+
+def _settings(**values) -> InferenceSettings:
+    return InferenceSettings("unused.pt", tta="none", threshold=0.5, progress=False, device="cpu", **values)
+
+
+def _cli(*args: str | Path) -> int:
+    return cli_main(["infer", *map(str, args), "--checkpoint", "unused.pt", "--tta", "none", "--device", "cpu",
+                     "--no-progress"])
+
+
+def _bright_per_slice(volume: np.ndarray, channel: int = 0) -> np.ndarray:
+    """The mask :class:`_BrightVoxels` gives through a 2D model: a (C, x, y[, z]) image -> (x, y[, z]) bool.
+
+    Per slice, the non-zero pixels above the mean of the slice's non-zero pixels; slices of noise only stay empty.
+    """
+    from brainseg_monai.inference.predictor import noise_only_slices
+
+    planar = volume.ndim == 3
+    values = (volume[..., None] if planar else volume).astype(np.float64)
+    expected = np.zeros(values.shape[1:], dtype=bool)
+    noise = set(noise_only_slices(values)) if not planar else set()
+    for z in range(values.shape[-1]):
+        plane = values[channel, ..., z]
+        if z not in noise and (plane != 0).any():
+            expected[..., z] = (plane > plane[plane != 0].mean()) & (plane != 0)
+    return expected[..., 0] if planar else expected
+
+
+def _xyz(image: sitk.Image) -> np.ndarray:
+    """A SimpleITK image's pixels in reader axis order (x, y[, z])."""
+    return sitk.GetArrayFromImage(image).T
+
+
+def _write_image(path: Path, array_xy: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array_xy.T)), str(path))
+    return path
+
+
+def _random_image(seed: int, shape: tuple[int, int] = (40, 28)) -> np.ndarray:
+    """A (x, y) uint8 image with a bright block whose place depends on ``seed``: masks of two seeds differ."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(1, 60, size=shape, dtype=np.uint8)
+    x0 = 3 + seed % 17
+    image[x0:x0 + 12, 4:14] = 250
+    return image
+
+
+def _pred_png(path: Path) -> np.ndarray:
+    return _xyz(sitk.ReadImage(str(path))) > 0
+
+
+def test_folder_holding_several_series_reads_each_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Series exported into one folder: each case reads exactly its own series, also when picked by --channel."""
+    study = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=31, size=(32, 24, 4)) / "SYN_0001"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for folder in ("T1_PRE", "FLAIR", "T1_POST"):
+        for dcm in (study / folder).iterdir():
+            shutil.copy(dcm, flat / f"{folder}_{dcm.name}")
+    volumes = {name: _xyz(_read_series(study / name)) for name in ("T1_PRE", "FLAIR", "T1_POST")}
+    expected = {name: _bright_per_slice(volume[None]) for name, volume in volumes.items()}
+    assert (expected["T1_PRE"] != expected["FLAIR"]).any(), "the phantom's series must give different masks"
+
+    _stand_in(monkeypatch)
+    out = tmp_path / "each"
+    rows = {r["case"]: r for r in run_inference([flat], out, _settings())}
+    assert {case: row["status"] for case, row in rows.items()} == {
+        "flat_AX_T1_PRE": "ok", "flat_AX_FLAIR": "ok", "flat_AX_T1_POST_GD": "ok"}, rows
+    for case, folder in (("flat_AX_T1_PRE", "T1_PRE"), ("flat_AX_FLAIR", "FLAIR"), ("flat_AX_T1_POST_GD", "T1_POST")):
+        mask = sitk.ReadImage(str(out / case / "mask.nii.gz"))
+        _assert_same_geometry(mask, _read_series(study / folder))
+        np.testing.assert_array_equal(_xyz(mask) > 0, expected[folder])
+    seg = pydicom.dcmread(out / "flat_AX_FLAIR" / "seg.dcm")
+    flair_uid = pydicom.dcmread(next((study / "FLAIR").iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    assert [item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence] == [flair_uid]
+
+    rows = run_inference([flat], tmp_path / "flair", _settings(channels={"image": "FLAIR"}))
+    assert [(r["case"], r["status"]) for r in rows] == [("flat_AX_FLAIR", "ok")]
+    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(tmp_path / "flair" / "flat_AX_FLAIR" / "mask.nii.gz"))) > 0,
+                                  expected["FLAIR"])
+
+    _stand_in(monkeypatch, in_channels=3, channel=1)  # looks at the second channel, FLAIR
+    rows = run_inference([flat], tmp_path / "three", _settings(channels=ModelSpec().dicom_channels()))
+    assert [(r["case"], r["status"]) for r in rows] == [("flat", "ok")], rows
+    stacked = np.stack([volumes["T1_PRE"], volumes["FLAIR"], volumes["T1_POST"]])
+    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(tmp_path / "three" / "flat" / "mask.nii.gz"))) > 0,
+                                  _bright_per_slice(stacked, channel=1))
+
+
+def test_output_folder_inside_the_input_is_never_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "lgg", "lgg", cases=2, seed=32, size=(32, 32, 4))
+    _stand_in(monkeypatch, in_channels=3, channel=1)
+    out = data / "pred"
+    first = run_inference([data], out, _settings())
+    assert [(r["case"], r["status"]) for r in first] == [("SYN_0001", "ok"), ("SYN_0002", "ok")], first
+    before = _hashes(out)
+    second = run_inference([data], out, _settings())
+    assert [(r["case"], r["status"]) for r in second] == [("SYN_0001", "ok"), ("SYN_0002", "ok")], second
+    assert sorted(p.name for p in out.iterdir()) == ["SYN_0001", "SYN_0002", "summary.csv"]
+    assert _hashes(out) == before
+
+
+def test_out_that_is_a_file_or_holds_a_users_summary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    image = _write_image(tmp_path / "img.png", _random_image(1))
+    _stand_in(monkeypatch)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.csv").write_text("patient,volume_ml\nA,12.5\n")
+    with pytest.raises(InputError, match="summary.csv: exists and was not written by brainseg infer"):
+        run_inference([image], results, _settings())
+    assert (results / "summary.csv").read_text() == "patient,volume_ml\nA,12.5\n"
+    assert [p.name for p in results.iterdir()] == ["summary.csv"]
+    taken = tmp_path / "taken.txt"
+    taken.write_text("notes")
+    assert _cli(image, "--out", taken) == 2
+    error = capsys.readouterr().err
+    assert "taken.txt: exists and is not a folder" in error and "Traceback" not in error
+    assert taken.read_text() == "notes"
+
+
+def test_resume_skips_only_cases_finished_from_the_same_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``img.png`` in different folders: resuming with the new one first must segment it, not skip it."""
+    images = {seed: _write_image(tmp_path / name / "img.png", _random_image(seed)) for seed, name in ((1, "rx"), (2, "ry"))}
+    _stand_in(monkeypatch)
+    out = tmp_path / "pred"
+    run_inference([images[1]], out, _settings())
+    finished = (out / "img" / "case.json").stat().st_mtime_ns
+    rows = run_inference([images[2], images[1]], out, _settings(resume=True))
+    by_source = {r["source"]: r for r in rows}
+    assert sorted(by_source) == sorted(str(p) for p in images.values()) and {r["status"] for r in rows} == {"ok"}
+    assert by_source[str(images[1])]["case"] == "img"
+    assert (out / "img" / "case.json").stat().st_mtime_ns == finished, "the finished case was redone"
+    new_case = by_source[str(images[2])]["case"]
+    assert new_case != "img"
+    for seed, image in images.items():
+        case = by_source[str(image)]["case"]
+        np.testing.assert_array_equal(_pred_png(out / case / "img_pred.png"), _bright_per_slice(_random_image(seed)[None]))
+    assert _summary(out) == [{k: str(v) for k, v in r.items()} for r in rows]
+
+
+def test_folder_mixing_a_series_an_image_and_a_volume_gives_each_its_case(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    study = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=33, size=(32, 24, 4)) / "SYN_0001"
+    mixed = tmp_path / "mixed"
+    shutil.copytree(study / "FLAIR", mixed)
+    _write_image(mixed / "thumbnail.png", _random_image(3))
+    volume = np.zeros((20, 16, 3), dtype=np.float32)
+    volume[4:16, 3:13, :] = np.random.default_rng(4).uniform(1, 100, size=(12, 10, 3))
+    _write_image(mixed / "converted.nii.gz", volume)
+    _stand_in(monkeypatch)
+    out = tmp_path / "pred"
+    rows = {r["kind"]: r for r in run_inference([mixed], out, _settings())}
+    assert sorted(rows) == ["dicom", "slices", "volume"] and {r["status"] for r in rows.values()} == {"ok"}, rows
+    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(out / rows["dicom"]["case"] / "mask.nii.gz"))) > 0,
+                                  _bright_per_slice(_xyz(_read_series(study / "FLAIR"))[None]))
+    np.testing.assert_array_equal(_pred_png(out / rows["slices"]["case"] / "thumbnail_pred.png"),
+                                  _bright_per_slice(_random_image(3)[None]))
+    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(out / rows["volume"]["case"] / "mask.nii.gz"))) > 0,
+                                  _bright_per_slice(volume[None]))
+
+
+def test_bad_inputs_are_failed_rows_and_the_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    good = _write_image(tmp_path / "good.png", _random_image(5))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    series = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=34, size=(24, 24, 4)) / "SYN_0001" / "FLAIR"
+    no_suffix = tmp_path / "IM0002"  # DICOM "with any name": recognised by its preamble
+    shutil.copy(sorted(series.iterdir())[1], no_suffix)
+    _stand_in(monkeypatch)
+    out = tmp_path / "pred"
+    assert _cli(good, empty, tmp_path / "missing.png", notes, no_suffix, "--out", out) == 1
+    rows = {Path(r["source"]).name: r for r in _summary(out)}
+    assert list(rows) == ["good.png", "empty", "missing.png", "notes.txt", "IM0002"]
+    assert rows["good.png"]["status"] == "ok" and rows["IM0002"]["status"] == "ok"
+    assert rows["IM0002"]["kind"] == "volume" and (out / rows["IM0002"]["case"] / "mask.nii.gz").is_file()
+    assert "holds no image, volume or DICOM series" in rows["empty"]["error"]
+    assert rows["missing.png"]["error"] == "does not exist"
+    assert "unsupported file type" in rows["notes.txt"]["error"]
+    assert {rows[name]["status"] for name in ("empty", "missing.png", "notes.txt")} == {"failed"}
+    capsys.readouterr()
+    assert _cli(empty, tmp_path / "missing.png", "--out", tmp_path / "none") == 2  # nothing usable: a clear error
+    error = capsys.readouterr().err
+    assert "none of the inputs can be segmented" in error and "empty" in error and "missing.png" in error
+
+
+def test_slices_sharing_a_stem_are_written_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "slices"
+    sources = {"a.png": 6, "a.tif": 7, "b.png": 8}
+    for name, seed in sources.items():
+        _write_image(folder / name, _random_image(seed))
+    _stand_in(monkeypatch)
+    out = tmp_path / "pred"
+    rows = run_inference([folder], out, _settings())
+    assert rows[0]["status"] == "ok" and rows[0]["images"] == 3
+    written = {"a.png": "a_pred.png", "a.tif": "a.tif_pred.png", "b.png": "b_pred.png"}  # the first keeps <stem>
+    assert sorted(p.name for p in (out / "slices").glob("*_pred.png")) == sorted(written.values())
+    for name, seed in sources.items():
+        np.testing.assert_array_equal(_pred_png(out / "slices" / written[name]), _bright_per_slice(_random_image(seed)[None]))
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_2d_volume_file_mask_keeps_its_geometry_and_has_no_volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  suffix: str) -> None:
+    array = _random_image(9).astype(np.int16)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+    image.SetSpacing((0.5, 0.7))
+    image.SetOrigin((10.0, -20.0))
+    image.SetDirection((-1.0, 0.0, 0.0, 1.0))
+    source = tmp_path / f"plane{suffix}"
+    sitk.WriteImage(image, str(source))
+    _stand_in(monkeypatch)
+    out = tmp_path / "pred"
+    row = run_inference([source], out, _settings())[0]
+    assert row["status"] == "ok", row
+    mask = sitk.ReadImage(str(out / "plane" / "mask.nii.gz"))
+    assert mask.GetSize() == (40, 28, 1)
+    np.testing.assert_allclose(mask.GetSpacing()[:2], (0.5, 0.7), atol=1e-6)
+    np.testing.assert_allclose(mask.GetOrigin()[:2], (10.0, -20.0), atol=1e-6)
+    np.testing.assert_allclose(np.reshape(mask.GetDirection(), (3, 3))[:2, :2], [[-1, 0], [0, 1]], atol=1e-6)
+    expected = _bright_per_slice(array[None])
+    np.testing.assert_array_equal(_xyz(mask)[..., 0] > 0, expected)
+    assert row["tumour_voxels"] == int(expected.sum())
+    assert row["tumour_ml"] == "", "a 2D image has no slice thickness, so no volume"
+
+
+def test_unreadable_slice_and_channels_on_other_grids_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    patient = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=35, size=(32, 32, 4)) / "SYN_0001"
+    broken = patient / "SYN_0001_2.tif"
+    broken.write_bytes(broken.read_bytes()[:200])  # cut in transfer
+    _stand_in(monkeypatch, in_channels=3, channel=1)
+    row = run_inference([patient], tmp_path / "pred", _settings())[0]
+    assert row["status"] == "failed"
+    assert str(broken) in row["error"] and "corrupt or truncated" in row["error"], row["error"]
+    assert "applying transform" not in row["error"]
+
+    study = make_dataset(tmp_path / "a", "dicom", cases=1, seed=36, size=(32, 32, 4)) / "SYN_0001"
+    other = make_dataset(tmp_path / "b", "dicom", cases=1, seed=37, size=(24, 24, 4)) / "SYN_0001"
+    shutil.rmtree(study / "FLAIR")
+    shutil.copytree(other / "FLAIR", study / "FLAIR")
+    row = run_inference([study], tmp_path / "pred2", _settings(channels=ModelSpec().dicom_channels()))[0]
+    assert row["status"] == "failed"
+    error = row["error"]
+    assert "channel 'flair' (series 'AX FLAIR'" in error and "channel 't1' (series 'AX T1 PRE'" in error, error
+    assert "(24, 24, 4)" in error and "(32, 32, 4)" in error
+
+
+@pytest.mark.parametrize("order, flip", [
+    ((0, 1, 2), (False, False, False)),  # axial as stored: the reference
+    ((1, 2, 0), (False, False, False)),  # sagittal: stored slices run left to right
+    ((2, 0, 1), (False, True, False)),  # coronal, stored upside down
+])
+def test_2d_model_segments_every_volume_in_axial_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        order: tuple[int, int, int], flip: tuple[bool, bool, bool]) -> None:
+    """One head stored axial, sagittal or coronal gets the same mask: the 2D model sees axial slices, and the mask
+    lands on the stored grid."""
+    rng = np.random.default_rng(10)
+    array = rng.uniform(1.0, 100.0, size=(20, 24, 6)).astype(np.float32)  # (x, y, z): axial, z to the head
+    array *= np.linspace(0.5, 2.0, 6, dtype=np.float32)  # slices differ in brightness: the plane matters
+    axial = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+    axial.SetSpacing((0.9, 1.1, 2.0))
+    axial.SetOrigin((12.3, -45.6, 78.9))
+    stored = sitk.Flip(sitk.PermuteAxes(axial, order), flip)  # the same head in physical space, another index order
+    source = tmp_path / "head.nii.gz"
+    sitk.WriteImage(stored, str(source))
+    truth = sitk.GetImageFromArray(np.ascontiguousarray(_bright_per_slice(array[None]).T.astype(np.uint8)))
+    truth.CopyInformation(axial)
+    expected = sitk.Flip(sitk.PermuteAxes(truth, order), flip)
+    _stand_in(monkeypatch)
+    row = run_inference([source], tmp_path / "pred", _settings())[0]
+    assert row["status"] == "ok", row
+    mask = sitk.ReadImage(str(tmp_path / "pred" / "head" / "mask.nii.gz"))
+    _assert_same_geometry(mask, sitk.ReadImage(str(source)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(expected))

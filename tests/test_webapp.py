@@ -131,14 +131,15 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
 
 def test_several_slices_list_their_masks_in_slice_order_once_each(client: TestClient) -> None:
     rgb, _ = known_slice()
-    names = ["p_1.png", "p_2.png", "p_10.png", "p_2.tif"]  # 10 sorts before 2 as text; p_2.* share p_2_pred.png
+    names = ["p_1.png", "p_2.png", "p_10.png", "p_2.tif"]  # 10 sorts before 2 as text; p_2.* share a stem
     tif = io.BytesIO()
     Image.fromarray(rgb).save(tif, format="TIFF", dpi=(72, 72))  # a print resolution, not a scanner pixel size
     files = [(name, png_bytes(rgb)) for name in names[:3]] + [(names[3], tif.getvalue())]
     result = post(client, files, tta="flip").json()
     assert result["settings"]["tta"] == "flip"  # the faster choice stays selectable
     assert result["stats"]["tumour_voxels"] == 4 * 120 and "area_mm2" not in result["stats"]
-    assert [d["name"] for d in result["downloads"]] == ["p_1_pred.png", "p_2_pred.png", "p_10_pred.png", "overlay.png"]
+    assert [d["name"] for d in result["downloads"]] == [
+        "p_1_pred.png", "p_2_pred.png", "p_2.tif_pred.png", "p_10_pred.png", "overlay.png"]  # the runner's names
 
 
 def test_threshold_change_reaches_the_runner(client: TestClient) -> None:

@@ -5,11 +5,14 @@ A case is the unit of the batch job: it succeeds or fails on its own and owns th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pydicom
 
 from brainseg_monai.errors import InputError
 from brainseg_monai.io import DicomSeries, find_dicom_series, is_dicom_image_file
@@ -17,7 +20,10 @@ from brainseg_monai.io import DicomSeries, find_dicom_series, is_dicom_image_fil
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
+CASE_MARKER = "case.json"
+"""Written last into every finished case folder of ``brainseg infer``: the case's summary row."""
 _MASK_NAME = re.compile(r"(_mask|_seg|_label|_pred)$", re.IGNORECASE)
+_UNREADABLE = "holds DICOM files but no readable series (all truncated or corrupt?): "
 
 
 @dataclass
@@ -25,9 +31,10 @@ class Case:
     """One unit of work.
 
     ``kind`` is ``"slices"`` (2D images, each predicted on its own and written as ``<stem>_pred.png``),
-    ``"volume"`` (one volume from channel files) or ``"dicom"`` (one volume from DICOM series folders, one per
-    channel; a SEG is written too). ``images`` lists the slice files (``slices``) or the channel paths.
-    ``error`` is set when the case was found but cannot run (e.g. a missing channel): it is reported as failed.
+    ``"volume"`` (one volume from channel files) or ``"dicom"`` (one volume from DICOM series, one per channel; a SEG
+    is written too). ``images`` lists the slice files (``slices``) or the channel paths (for DICOM, the folder of
+    each series in ``series``, which says which series of that folder is read). ``error`` is set when the case was
+    found but cannot run (e.g. a missing channel): it is reported as failed.
     """
 
     case_id: str
@@ -37,13 +44,36 @@ class Case:
     series: list[DicomSeries] = field(default_factory=list)
     error: str | None = None
 
+    def inputs(self) -> list[str]:
+        """What exactly the case reads (absolute paths, ``folder#SeriesInstanceUID`` per series): its identity.
 
-def _stem(path: Path) -> str:
-    name = path.name
+        ``--resume`` skips a case only when the finished case on disk read these same inputs, not just one with the
+        same id (two ``img.png`` in different folders get the ids ``img`` and ``img_2`` in the order given).
+        """
+        if self.series:
+            return [f"{os.path.abspath(s.folder)}#{s.series_uid}" for s in self.series]
+        return [os.path.abspath(p) for p in self.images] or [os.path.abspath(self.source)]
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """The file name without its known image suffix (``.nii.gz`` counts as one)."""
+    name = Path(path).name
     for suffix in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES + DICOM_FILE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return Path(path).stem
+
+
+def is_case_output(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a finished case of ``brainseg infer`` (its marker holds a summary row)."""
+    marker = Path(folder) / CASE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        row = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and {"case", "source", "status"} <= set(row)
 
 
 def _natural_key(text: str) -> list:
@@ -60,7 +90,12 @@ def _is_volume(path: Path) -> bool:
 
 def _slices_in(folder: Path) -> list[Path]:
     """2D images of a folder in natural order; masks (``*_mask``, ``*_seg``, ``*_pred``) are truth, never inputs."""
-    files = [p for p in folder.iterdir() if p.is_file() and _is_2d_image(p) and not _MASK_NAME.search(_stem(p))]
+    files = [p for p in folder.iterdir() if p.is_file() and _is_2d_image(p) and not _MASK_NAME.search(file_stem(p))]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _volumes_in(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and _is_volume(p) and not _MASK_NAME.search(file_stem(p))]
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
@@ -72,63 +107,109 @@ def _unique(case_id: str, taken: set[str]) -> str:
     return candidate
 
 
-def _unreadable_dicom_folders(root: Path, series: list[DicomSeries]) -> list[Path]:
-    """Folders under ``root`` holding DICOM image files of which GDCM read no series at all.
+class _Skipped:
+    """Folders discovery never enters: the output folder, finished cases of ``brainseg infer`` and hidden folders.
 
-    GDCM passes over files it cannot parse without a word, so a study whose every file was truncated in transfer
-    would otherwise vanish from the batch instead of being reported as failed. DICOMDIR, reports and other non-image
-    objects do not count (:func:`is_dicom_image_file`), nor do 2D images and volumes.
+    An output folder inside an input (``infer lgg --out lgg/pred``) would otherwise be read back in as cases on the
+    next run (its overlays as images, its SEGs as series). Hidden folders are not data: the runner's unfinished cases,
+    ``.git`` and the like.
     """
-    with_series = {Path(s.folder) for s in series}
-    found = []
-    for dirpath, _, filenames in os.walk(root):
+
+    def __init__(self, exclude: Sequence[str | os.PathLike]) -> None:
+        self.excluded = {Path(os.path.abspath(p)) for p in exclude}
+
+    def __call__(self, folder: Path) -> bool:
+        """Whether to leave out ``folder``, a sub-folder of an input (walks check each level, top down)."""
+        return folder.name.startswith(".") or Path(os.path.abspath(folder)) in self.excluded or is_case_output(folder)
+
+    @staticmethod
+    def is_output(path: Path) -> bool:
+        """Whether a path given as input is a finished case of ``brainseg infer`` or lies in one."""
+        path = Path(os.path.abspath(path))
+        return any(is_case_output(f) for f in [path, *path.parents])
+
+
+def _may_be_dicom(path: Path) -> bool:
+    """A file GDCM may read: a DICOM suffix, none (exports without a preamble), or the DICM preamble."""
+    if _is_2d_image(path) or _is_volume(path):
+        return False
+    return path.suffix == "" or path.suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path)
+
+
+def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[Path]]:
+    """Every DICOM series under ``root``, and the folders holding DICOM image files of which GDCM read no series.
+
+    Only folders holding files that may be DICOM are handed to GDCM (an LGG tree of TIFs is not scanned). GDCM passes
+    over files it cannot parse without a word, so a study whose every file was truncated in transfer would otherwise
+    vanish from the batch instead of being reported as failed. DICOMDIR, reports and other non-image objects do not
+    count (:func:`is_dicom_image_file`).
+    """
+    folders: list[tuple[Path, list[Path]]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
         folder = Path(dirpath)
-        if folder in with_series:
-            continue
-        if any(not _is_2d_image(folder / name) and not _is_volume(folder / name) and is_dicom_image_file(folder / name)
-               for name in filenames):
-            found.append(folder)
-    return sorted(found, key=lambda p: _natural_key(str(p)))
+        dirnames[:] = [d for d in dirnames if not skip(folder / d)]
+        candidates = [folder / name for name in filenames if _may_be_dicom(folder / name)]
+        if candidates:
+            folders.append((folder, candidates))
+    series: list[DicomSeries] = []
+    unreadable = []
+    for folder, candidates in sorted(folders, key=lambda item: _natural_key(str(item[0]))):
+        found = find_dicom_series(folder)
+        series.extend(found)
+        if not found and any(is_dicom_image_file(path) for path in candidates):
+            unreadable.append(folder)
+    return series, unreadable
 
 
-def _holds_other_inputs(root: Path) -> bool:
-    """Whether any 2D image or volume that is not a mask lies under ``root``."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if (_is_2d_image(path) or _is_volume(path)) and not _MASK_NAME.search(_stem(path)):
-                return True
-    return False
+def _rel_id(root: Path, folder: Path) -> str:
+    """A case id from a folder's path below ``root`` (``study_series``), or ``root``'s name for ``root`` itself."""
+    rel = folder.relative_to(root) if folder != root else Path(root.name)
+    return "_".join(rel.parts) or root.name
+
+
+def _unreadable_cases(root: Path, unreadable: list[Path], taken: set[str]) -> list[Case]:
+    """One failed case per folder of DICOM files without a readable series."""
+    return [Case(_unique(_rel_id(root, f), taken), str(f), "dicom", [], error=_UNREADABLE + str(f)) for f in unreadable]
+
+
+def _label(text: str) -> str:
+    """A SeriesDescription as part of a case id: letters, digits and underscores."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
 def _dicom_cases(
-    root: Path, series: list[DicomSeries], channels: Mapping[str, str] | None, in_channels: int, taken: set[str]
+    root: Path, series: list[DicomSeries], unreadable: list[Path], channels: Mapping[str, str] | None,
+    in_channels: int, taken: set[str]
 ) -> list[Case]:
     """Group series into cases: by study folder matched to channels, or one case per series for 1-channel models.
 
-    Folders of DICOM files without one readable series become failed cases (a whole study of them, or the folder
-    itself for 1-channel models), so nothing in the tree is skipped silently.
+    A folder holding several series is a study exported flat (one folder, every series); a folder holding one
+    series is a series folder of the study above it. Each case keeps its series, so exactly those are read. Folders
+    of DICOM files without one readable series become failed cases (a whole study of them, or the folder itself for
+    1-channel models), so nothing in the tree is skipped silently.
     """
-    def rel_id(folder: Path) -> str:
-        rel = folder.relative_to(root) if folder != root else Path(root.name)
-        return "_".join(rel.parts) or root.name
+    per_folder: dict[Path, int] = {}
+    for s in series:
+        per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
 
     def study_of(folder: Path) -> Path:
-        return folder.parent if folder != root else root
-
-    unreadable = _unreadable_dicom_folders(root, series)
-    reason = "holds DICOM files but no readable series (all truncated or corrupt?): "
+        return folder if folder == root or per_folder.get(folder, 0) > 1 else folder.parent
 
     if in_channels == 1:
         regex = next(iter(channels.values()), None) if channels else None
         picked = [s for s in series if regex is None or re.search(regex, s.description, re.IGNORECASE)]
         if picked:
-            cases = [Case(_unique(rel_id(s.folder), taken), str(s.folder), "dicom", [str(s.folder)], [s]) for s in picked]
+            cases = []
+            for s in picked:
+                name = _rel_id(root, s.folder)
+                if per_folder[s.folder] > 1:  # the folder's name alone would not say which series
+                    name = f"{name}_{_label(s.description) or 'series'}"
+                cases.append(Case(_unique(name, taken), str(s.folder), "dicom", [str(s.folder)], [s]))
         else:
             listing = "; ".join(f"'{s.description}'" for s in series)
-            cases = [Case(_unique(rel_id(root), taken), str(root), "dicom", [],
+            cases = [Case(_unique(_rel_id(root, root), taken), str(root), "dicom", [],
                           error=f"no series matches channel pattern {regex!r} (series: {listing})")]
-        cases += [Case(_unique(rel_id(f), taken), str(f), "dicom", [], error=reason + str(f)) for f in unreadable]
+        cases += _unreadable_cases(root, unreadable, taken)
         return sorted(cases, key=lambda c: _natural_key(c.source))
 
     if not channels or len(channels) != in_channels:
@@ -138,11 +219,10 @@ def _dicom_cases(
         )
     by_study: dict[Path, list[DicomSeries]] = {}
     for s in series:
-        study_folder = s.folder.parent if s.folder != root else root
-        by_study.setdefault(study_folder, []).append(s)
+        by_study.setdefault(study_of(s.folder), []).append(s)
     cases = []
     for study_folder, members in sorted(by_study.items(), key=lambda kv: _natural_key(str(kv[0]))):
-        case_id = _unique(rel_id(study_folder), taken)
+        case_id = _unique(_rel_id(root, study_folder), taken)
         chosen: list[DicomSeries] = []
         problem = None
         for name, regex in channels.items():
@@ -164,8 +244,8 @@ def _dicom_cases(
         if study_of(folder) not in by_study:
             broken_studies.setdefault(study_of(folder), []).append(folder)
     for study_folder, folders in broken_studies.items():
-        error = reason + ", ".join(str(f.relative_to(study_folder)) if f != study_folder else "." for f in folders)
-        cases.append(Case(_unique(rel_id(study_folder), taken), str(study_folder), "dicom", [], error=error))
+        error = _UNREADABLE + ", ".join(str(f.relative_to(study_folder)) if f != study_folder else "." for f in folders)
+        cases.append(Case(_unique(_rel_id(root, study_folder), taken), str(study_folder), "dicom", [], error=error))
     return sorted(cases, key=lambda c: _natural_key(c.source))
 
 
@@ -174,30 +254,49 @@ def discover_cases(
     in_channels: int = 3,
     series_channels: Mapping[str, str] | None = None,
     file_channels: Mapping[str, str] | None = None,
+    exclude: Sequence[str | os.PathLike] = (),
 ) -> list[Case]:
     """Find the cases under ``inputs`` (files or folders), in a stable order, with unique ids.
 
     - a 2D image file: one ``slices`` case of one image, id = file stem;
-    - a volume file (NIfTI, MHA, NRRD): one ``volume`` case, id = file stem;
-    - a folder of 2D images (an LGG patient folder included; ``*_mask`` files are truth and skipped): one ``slices``
+    - a volume file (NIfTI, MHA, NRRD) or a DICOM file (by suffix or by its preamble): one ``volume`` case, id = stem;
+    - a folder's 2D images (an LGG patient folder included; ``*_mask`` files are truth and skipped): one ``slices``
       case, id = folder name;
-    - a folder of volumes: with a 1-channel model each volume is a case; with several channels the folder is one
+    - a folder's volumes: with a 1-channel model each volume is a case; with several channels the folder is one
       case whose channels are the files matching ``file_channels`` (name -> file-name regex);
-    - a folder or tree holding DICOM: every series is found; with a multi-channel model a study's series are
+    - the DICOM in a folder's tree: every series is found; with a multi-channel model a study's series are
       matched to ``series_channels`` (name -> SeriesDescription regex) and form one case; with a 1-channel model every
       series (matching the one pattern, if given) is a case;
-    - a folder of case folders (e.g. an LGG root or BraTS-style cases): each sub-folder as above.
+    - each sub-folder as above (an LGG root, BraTS-style case folders).
+
+    A folder may hold several of these kinds (a series beside a NIfTI and a PNG thumbnail): each becomes its own
+    case. The user pointed at all of it, and a case too many costs a row in the summary, while picking one kind would
+    skip the others without a word. ``exclude`` (the output folder), finished cases of ``brainseg infer`` and hidden
+    folders are never entered.
+
+    An input that cannot be used (missing, unsupported, holding nothing to segment) becomes a failed case, so the
+    other inputs still run.
 
     Raises:
-        InputError: when an input does not exist, or a folder holds nothing this tool can read.
+        InputError: when no input can be used at all (the message names each input and why).
     """
     cases: list[Case] = []
     taken: set[str] = set()
+    skip = _Skipped(exclude)
+    problems: list[InputError] = []
     for raw in inputs:
         path = Path(raw)
-        if not path.exists():
-            raise InputError(path, "does not exist")
-        cases.extend(_discover_one(path, in_channels, series_channels, file_channels, taken))
+        try:
+            cases.extend(_discover_one(path, in_channels, series_channels, file_channels, taken, skip))
+        except InputError as err:
+            problems.append(err)
+            kind = "slices" if _is_2d_image(path) else "volume"
+            cases.append(Case(_unique(file_stem(path) or path.name or "input", taken), str(path), kind, [],
+                              error=err.reason))
+    if problems and len(problems) == len(inputs):
+        if len(problems) == 1:
+            raise problems[0]
+        raise InputError(None, "none of the inputs can be segmented: " + "; ".join(str(e) for e in problems))
     return cases
 
 
@@ -207,40 +306,66 @@ def _discover_one(
     series_channels: Mapping[str, str] | None,
     file_channels: Mapping[str, str] | None,
     taken: set[str],
+    skip: _Skipped,
 ) -> list[Case]:
+    """The cases of one input path; raises InputError when it cannot be used at all."""
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if skip.is_output(path):
+        raise InputError(path, "is an output of brainseg infer, not an input")
     if path.is_file():
         if _is_2d_image(path):
-            return [Case(_unique(_stem(path), taken), str(path), "slices", [str(path)])]
-        if _is_volume(path):
-            return [Case(_unique(_stem(path), taken), str(path), "volume", [str(path)])]
-        if path.suffix.lower() in DICOM_FILE_SUFFIXES:
-            return [Case(_unique(_stem(path), taken), str(path), "volume", [str(path)])]
-        raise InputError(path, f"unsupported file type; expected one of {IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + DICOM_FILE_SUFFIXES}")
-    slices = _slices_in(path)
-    if slices:
-        return [Case(_unique(path.name, taken), str(path), "slices", [str(p) for p in slices])]
-    volumes = sorted((p for p in path.iterdir() if p.is_file() and _is_volume(p) and not _MASK_NAME.search(_stem(p))),
-                     key=lambda p: _natural_key(p.name))
-    if volumes and in_channels == 1:
-        return [Case(_unique(_stem(p), taken), str(p), "volume", [str(p)]) for p in volumes]
-    if volumes:
-        return [_volume_channels_case(path, volumes, file_channels, in_channels, taken)]
-    series = find_dicom_series(path, recursive=True)
+            return [Case(_unique(file_stem(path), taken), str(path), "slices", [str(path)])]
+        if _is_volume(path) or path.suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path):
+            return [Case(_unique(file_stem(path), taken), str(path), "volume", [str(path)])]
+        raise InputError(path, f"unsupported file type; expected one of "
+                               f"{IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + DICOM_FILE_SUFFIXES} or a DICOM file")
+    series, unreadable = _dicom_in_tree(path, skip)
+    dicom: list[Case] = []
     if series:
-        return _dicom_cases(path, series, series_channels, in_channels, taken)
-    unreadable = [] if _holds_other_inputs(path) else _unreadable_dicom_folders(path, [])
-    if unreadable:
-        listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
-        raise InputError(path, f"holds DICOM files but no readable series (all truncated or corrupt?): {listing}")
-    subfolders = sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
-    found = []
-    for sub in subfolders:
-        try:
-            found.extend(_discover_one(sub, in_channels, series_channels, file_channels, taken))
-        except InputError as err:  # one unreadable case folder must not hide the others
-            found.append(Case(_unique(sub.name, taken), str(sub), "volume", [], error=err.reason))
-    if not found:
+        dicom = _dicom_cases(path, series, unreadable, series_channels, in_channels, taken)
+    found = _discover_folder(path, in_channels, file_channels, taken, skip, dicom_tree=bool(series or unreadable))
+    if not series and unreadable:
+        if not found:  # nothing else to run: the folder as a whole is unusable
+            listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
+            raise InputError(path, _UNREADABLE + listing)
+        dicom = _unreadable_cases(path, unreadable, taken)
+    cases = dicom + found
+    if not cases:
         raise InputError(path, "holds no image, volume or DICOM series to segment")
+    return cases
+
+
+def _discover_folder(
+    folder: Path,
+    in_channels: int,
+    file_channels: Mapping[str, str] | None,
+    taken: set[str],
+    skip: _Skipped,
+    dicom_tree: bool,
+) -> list[Case]:
+    """The slices and volume cases in ``folder`` and below it (DICOM is found once for the whole tree).
+
+    A sub-folder holding nothing to segment is a failed case, unless the tree holds DICOM: there such folders are
+    part of a study (reports, a DICOMDIR's folders) and not cases.
+    """
+    found: list[Case] = []
+    slices = _slices_in(folder)
+    if slices:
+        found.append(Case(_unique(folder.name, taken), str(folder), "slices", [str(p) for p in slices]))
+    volumes = _volumes_in(folder)
+    if volumes and in_channels == 1:
+        found.extend(Case(_unique(file_stem(p), taken), str(p), "volume", [str(p)]) for p in volumes)
+    elif volumes:
+        found.append(_volume_channels_case(folder, volumes, file_channels, in_channels, taken))
+    subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not skip(p)),
+                        key=lambda p: _natural_key(p.name))
+    for sub in subfolders:
+        below = _discover_folder(sub, in_channels, file_channels, taken, skip, dicom_tree)
+        if not below and not dicom_tree:
+            below = [Case(_unique(sub.name, taken), str(sub), "volume", [],
+                          error="holds no image, volume or DICOM series to segment")]
+        found.extend(below)
     return found
 
 

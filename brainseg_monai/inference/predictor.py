@@ -21,17 +21,20 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.blocks import Convolution
 from monai.transforms import (
+    Compose,
     DivisiblePad,
-    EnsureChannelFirst,
+    EnsureChannelFirstd,
     Invertd,
     LoadImage,
+    LoadImaged,
+    Orientation,
 )
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from brainseg_monai.datalist import DEFAULT_DICOM_CHANNELS
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.tta import predict_with_tta
-from brainseg_monai.io import SimpleITKReader, check_image_values
+from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
 from brainseg_monai.networks import get_network
 from brainseg_monai.training import resolve_device, with_memory_format
 from brainseg_monai.transforms import channel_statistics, infer_transforms, normalise_with
@@ -43,6 +46,8 @@ MODEL_SIDECAR = "model.json"
 _NORMALISE_CHUNK = 64
 # Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
 _DIVISOR = 32
+#: MONAI axis codes (RAS space) of an axial DICOM series as ITK reads it: x to the left, y to the back, z to the head
+_AXIAL_AXCODES = "LPS"
 
 
 @dataclass
@@ -297,14 +302,32 @@ class Predictor:
     def predict_volume_by_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
         """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched.
 
+        A volume read with its affine (a MetaTensor) is first turned so that its last axis runs foot to head, with
+        the in-plane layout of an axial DICOM slice and of a 2D image (MONAI ``Orientation`` to LPS, which leaves
+        such a series as it is); the probability is turned back onto the source grid. Sliced along the stored last
+        axis, a sagittal or coronal acquisition would be segmented in planes the 2D model never saw. A plain tensor
+        is taken to be axial already.
+        """
+        self._check_channels(volume, source)
+        if not isinstance(volume, MetaTensor):
+            return self._predict_axial_slices(torch.as_tensor(volume), source)
+        orientation = Orientation(axcodes=_AXIAL_AXCODES, labels=None)  # labels from the volume's space (RAS)
+        axial = orientation(volume)
+        probs = self._predict_axial_slices(axial.as_tensor(), source)
+        turned = MetaTensor(torch.as_tensor(probs)[None], affine=axial.affine,
+                            applied_operations=list(axial.applied_operations))
+        return np.ascontiguousarray(orientation.inverse(turned)[0].numpy())
+
+    def _predict_axial_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
+        """2D model over the last axis of a (C, x, y, z) volume.
+
         Slices outside the head hold only noise; z-scoring them per slice (as training does) would blow that noise
         up into texture the network was never shown, so they get probability 0 (see :func:`noise_only_slices`).
         """
-        self._check_channels(volume, source)
         probs = np.zeros(tuple(volume.shape[1:]), dtype=np.float32)
         noise = set(noise_only_slices(volume))
         keep = [z for z in range(volume.shape[-1]) if z not in noise]
-        kept = torch.as_tensor(volume)[..., keep]
+        kept = volume[..., keep]
         stats = channel_statistics([kept]) if self.spec.normalisation == "case" and keep else None
         slices = list(normalise_slices(kept, stats))
         for z, prob in zip(keep, self.predict_slices(slices, [source] * len(slices))):
@@ -329,33 +352,127 @@ class Predictor:
         return out
 
 
-def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec) -> dict:
+def _input_error_in(error: BaseException) -> InputError | None:
+    """The InputError behind ``error``: MONAI's ``Compose`` re-raises a transform's error as "applying transform"."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, InputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _read_channel(path: str, series: DicomSeries | None = None) -> MetaTensor:
+    """One image file, or exactly ``series`` of the folder ``path``, as a channel-first float32 MetaTensor."""
+    reader = SimpleITKReader(series_uid=series.series_uid) if series is not None else SimpleITKReader()
+    # The reader is passed at call time: MONAI would otherwise fall back to other readers and hide our errors.
+    image = LoadImage(image_only=True, ensure_channel_first=True)(path, reader=reader)
+    check_image_values(image, path)
+    return image
+
+
+def _grid(image: MetaTensor) -> str:
+    """Size, spacing and origin of a channel-first image, for messages."""
+    affine = np.asarray(image.affine, dtype=np.float64)
+    rank = affine.shape[0] - 1
+    spacing = np.linalg.norm(affine[:rank, :rank], axis=0)
+    return (f"size {tuple(int(s) for s in image.shape[1:])}, spacing {np.round(spacing, 4).tolist()}, "
+            f"origin {np.round(affine[:rank, -1], 2).tolist()}")
+
+
+def _read_channels(images: Sequence[str], series: Sequence[DicomSeries], spec: ModelSpec, source: str) -> MetaTensor:
+    """A case's channels stacked into one (C, x, y[, z]) MetaTensor with the first channel's metadata.
+
+    Each channel is read on its own so that the series of a folder holding several is named, and a channel on
+    another grid is refused naming both channels (MONAI's stacking error names neither).
+
+    Raises:
+        InputError: a channel cannot be read, or its size or geometry differs from the first channel's.
+    """
+    picked = list(series) or [None] * len(images)
+    channels = [_read_channel(path, one) for path, one in zip(images, picked)]
+    names = list(spec.channels) if len(spec.channels) == len(images) else [f"channel{i}" for i in range(len(images))]
+
+    def named(i: int) -> str:
+        what = f"series '{picked[i].description}' in {images[i]}" if picked[i] is not None else images[i]
+        return f"channel '{names[i]}' ({what})"
+
+    first = channels[0]
+    for i, channel in enumerate(channels[1:], start=1):
+        same = channel.shape[1:] == first.shape[1:] and np.allclose(channel.affine, first.affine, rtol=0, atol=1e-3)
+        if not same:
+            detail = f"{_grid(channel)} vs {_grid(first)}"
+            if _grid(channel) == _grid(first):
+                detail = "same size, spacing and origin but another orientation"
+            raise InputError(source, f"{named(i)} is not on the grid of {named(0)}: {detail}")
+    return torch.cat(channels) if len(channels) > 1 else first
+
+
+def _without_loading(preprocessing: Compose) -> Compose:
+    """``preprocessing`` without its reading steps, for an image already read by :func:`_read_channels`."""
+    return Compose([t for t in preprocessing.transforms if not isinstance(t, (LoadImaged, EnsureChannelFirstd))])
+
+
+def _as_single_slice_volume(image: MetaTensor) -> MetaTensor:
+    """A (C, x, y) 2D image as a (C, x, y, 1) volume whose 4x4 affine keeps the in-plane geometry (unit z)."""
+    affine = np.asarray(image.affine, dtype=np.float64)
+    volume = MetaTensor(image.as_tensor()[..., None], meta=dict(image.meta))
+    full = np.eye(4)
+    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+    volume.affine = torch.as_tensor(full)
+    volume.meta["original_affine"] = full
+    volume.meta["spatial_shape"] = np.asarray(volume.shape[1:])
+    return volume
+
+
+def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = ()) -> dict:
     """Read a case's inputs the way the predictor needs them (runs in a background thread, overlapping compute).
 
-    Returns a dict with ``kind`` and either ``slices`` (normalised (C, x, y) tensors with their raw images and
-    affines) or ``volume`` (raw (C, x, y, z) tensor and affine) or ``data`` (3D-transformed dict).
+    Args:
+        kind: the case's kind (``slices``, ``volume`` or ``dicom``).
+        images: the slice files, or one path per channel (a file, or the folder of a DICOM series).
+        spec: the model's settings.
+        series: for DICOM, the series of each channel: exactly that series of its folder is read.
+
+    Returns a dict with ``kind`` and either ``slices`` (normalised (C, x, y) tensors) or ``volume`` (raw
+    (C, x, y, z) MetaTensor; ``planar`` when it is a 2D image given a unit-thick z axis) or ``data``
+    (3D-transformed dict) with its ``preprocessing``.
+
+    Raises:
+        InputError: naming the file and the reason, also for errors raised inside MONAI's transforms.
+        ValueError: when ``images`` is empty or ``series`` does not give one series per path.
     """
+    try:
+        return _load_for_case(kind, images, spec, series)
+    except RuntimeError as error:
+        cause = _input_error_in(error)
+        if cause is None:
+            raise
+        raise cause from error
+
+
+def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries]) -> dict:
+    if not images:
+        raise ValueError("images must name at least one file or series folder but is empty.")
+    if series and len(series) != len(images):
+        raise ValueError(f"series must give one series per channel path ({len(images)}) but has {len(series)}.")
     if kind == "slices":
         if spec.spatial_dims != 2:
             raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
-        loader = infer_transforms(2, normalisation=None)
-        raw = []
-        for path in images:
-            image = loader({"image": path})["image"]
-            check_image_values(image, path)
-            raw.append(image.as_tensor())
+        raw = [_read_channel(path).as_tensor() for path in images]
         # the case's statistics over all its slices (a slice alone: its own)
         stats = channel_statistics(raw) if spec.normalisation == "case" else None
         return {"kind": kind, "slices": normalise_images(raw, stats)}
+    source = os.path.commonpath(list(images))
+    volume = _read_channels(images, series, spec, source)
+    if volume.ndim == 3 and spec.spatial_dims == 3:
+        raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
     if spec.spatial_dims == 3:
-        preprocessing = infer_transforms(3, spec.pixdim)
-        data = preprocessing({"image": list(images) if len(images) > 1 else images[0]})
-        check_image_values(data["image"], images[0])
+        preprocessing = _without_loading(infer_transforms(3, spec.pixdim))
+        data = preprocessing({"image": volume})
         return {"kind": kind, "data": data, "preprocessing": preprocessing}
-    # The reader is passed at call time: MONAI would otherwise fall back to other readers and hide our errors.
-    load = LoadImage(image_only=True)
-    volume = EnsureChannelFirst()(load(list(images) if len(images) > 1 else images[0], reader=SimpleITKReader()))
-    if volume.ndim == 3:  # a single 2D DICOM file or 2D image read as a volume case
-        volume = volume[..., None]
-    check_image_values(volume, images[0])
-    return {"kind": kind, "volume": volume}
+    planar = volume.ndim == 3  # a 2D MHA/NRRD/NIfTI or a 2D image read as a volume case
+    if planar:
+        volume = _as_single_slice_volume(volume)
+    return {"kind": kind, "volume": volume, "planar": planar}

@@ -1,9 +1,9 @@
 """The batch job behind ``brainseg infer``: every case independent, failures recorded, outputs atomic, resumable.
 
 Each case is predicted into a hidden temporary folder that is renamed to ``DIR/<case id>`` when complete, with a
-``case.json`` marker holding its summary row; ``resume`` skips cases whose marker exists. ``summary.csv`` is
-rewritten atomically after every case. Under ``torchrun`` each rank takes every WORLD_SIZE-th case and rank 0
-merges the per-rank summaries.
+``case.json`` marker holding its summary row and the inputs it read; ``resume`` skips cases whose marker lists the
+same inputs. ``summary.csv`` is rewritten atomically after every case. Under ``torchrun`` each rank takes every
+WORLD_SIZE-th case and rank 0 merges the per-rank summaries.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.cases import Case, discover_cases
+from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases, file_stem
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case, load_model
 from brainseg_monai.inference.writers import write_dicom_seg, write_overlay_png, write_png_mask, write_volume_mask
@@ -38,7 +39,8 @@ SUMMARY_FIELDS = [
     "case", "source", "status", "error", "kind", "images", "tumour_voxels", "tumour_ml", "slices_with_tumour",
     "coverage_pct", "seconds",
 ]
-CASE_MARKER = "case.json"
+#: the columns that say a ``summary.csv`` is ours: any other file of that name is the user's and is never replaced
+_OWN_SUMMARY_COLUMNS = {"case", "source", "status", "error"}
 
 
 @dataclass
@@ -57,14 +59,6 @@ class InferenceSettings:
     stack_slices: bool | None = None
     channels: Mapping[str, str] | None = None
     progress: bool = True
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".tiff", ".tif", ".png", ".jpg", ".jpeg", ".bmp", ".mha", ".mhd", ".nrrd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 def _row(case: Case, status: str, error: str = "", **values: Any) -> dict:
@@ -87,8 +81,30 @@ def _volume_stats(mask: np.ndarray, spacing: Sequence[float] | None) -> dict:
 
 
 def _spacing(affine: Any) -> list[float]:
+    """Voxel spacing from the spatial block of a (d+1)x(d+1) affine, never its translation column."""
     matrix = np.asarray(affine, dtype=np.float64)
-    return np.linalg.norm(matrix[:3, :3], axis=0).tolist()
+    rank = matrix.shape[0] - 1
+    return np.linalg.norm(matrix[:rank, :rank], axis=0).tolist()
+
+
+def slice_output_names(paths: Sequence[str]) -> list[str]:
+    """``<stem>_pred.png`` per slice, or ``<file name>_pred.png`` for a later slice sharing an earlier one's stem.
+
+    ``a.tif`` after ``a.png`` would otherwise overwrite its mask; the first keeps the usual name, which
+    ``brainseg evaluate`` and the web app look for.
+
+    Raises:
+        InputError: when two slices would still be written to one name.
+    """
+    names: list[str] = []
+    for path in paths:
+        name = f"{file_stem(path)}_pred.png"
+        names.append(f"{Path(path).name}_pred.png" if name in names else name)
+    clash = next((n for n, count in Counter(names).items() if count > 1), None)
+    if clash is not None:
+        both = [p for p, n in zip(paths, names) if n == clash]
+        raise InputError(os.path.commonpath(both), f"{', '.join(map(str, both))} would all be written as {clash}")
+    return names
 
 
 class _CaseWriter:
@@ -103,8 +119,10 @@ class _CaseWriter:
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def commit(self, row: dict) -> None:
-        (self.tmp / CASE_MARKER).write_text(json.dumps(row, indent=2, default=str) + "\n")
+    def commit(self, row: dict, inputs: Sequence[str]) -> None:
+        """Write the marker (summary row and the inputs read, for ``--resume``) and move the case into place."""
+        marker = {**row, "inputs": list(inputs)}
+        (self.tmp / CASE_MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
         old = None
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old")
@@ -121,10 +139,11 @@ class _CaseWriter:
 def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProcessing, writer: _CaseWriter) -> dict:
     """Predict one loaded case and write its outputs into ``writer``; returns the summary values."""
     if loaded["kind"] == "slices":
+        names = slice_output_names(case.images)
         probs = predictor.predict_slices(loaded["slices"], case.images)
         masks = post.apply_to_slices(probs, case.images)
-        for path, image, mask in zip(case.images, loaded["slices"], masks):
-            write_png_mask(mask, writer.path(f"{_stem(path)}_pred.png"), reference=path)
+        for path, name, mask in zip(case.images, names, masks):
+            write_png_mask(mask, writer.path(name), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
         write_overlay_png(np.asarray(loaded["slices"][best]), masks[best], writer.path("overlay.png"))
         voxels = int(sum(int(m.sum()) for m in masks))
@@ -152,7 +171,8 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
         write_overlay_png(prob[None], mask, writer.path("overlay.png"))
     if case.kind == "dicom" and case.series:
         write_dicom_seg(mask, case.series[0].files, writer.path("seg.dcm"))
-    return _volume_stats(mask, _spacing(affine))
+    # a 2D image has no slice thickness, so no volume in ml
+    return _volume_stats(mask, None if loaded.get("planar") else _spacing(affine))
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
@@ -176,12 +196,15 @@ def _distributed() -> tuple[int, int]:
 def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, settings: InferenceSettings) -> list[dict]:
     """Segment every case under ``inputs`` into ``out_dir``; returns the summary rows (also in ``summary.csv``).
 
-    A case that cannot be read or predicted is recorded as ``failed`` with its reason and the others go on.
+    A case that cannot be read or predicted, and an input that cannot be used, is recorded as ``failed`` with its
+    reason and the others go on. ``out_dir`` and what it holds are never read as inputs, even inside an input folder.
 
     Raises:
-        InputError: when the checkpoint or an input path is unusable as a whole (nothing could run).
+        InputError: when the checkpoint is unusable, no input can be used at all, or ``out_dir`` is a file or holds a
+            ``summary.csv`` that ``brainseg infer`` did not write.
     """
     out = Path(out_dir)
+    _check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     network, spec = load_model(settings.checkpoint, settings.device)
     device = next(network.parameters()).device
@@ -190,14 +213,71 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                  "keep_largest": settings.keep_largest, "stack_slices": settings.stack_slices}
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
-    cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels())
+    cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels(),
+                           exclude=[out])
+    finished = _match_finished_cases(cases, out) if settings.resume else {}
     rank, world = _distributed()
     mine = cases[rank::world]
-    rows = _run_cases(mine, out, predictor, post, spec, settings, rank)
+    rows = _run_cases(mine, out, predictor, post, spec, settings, rank, finished)
     if world > 1:
         return _merge_ranks(out, cases, rows, rank, world)
     _write_summary(out / "summary.csv", rows)
     return rows
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or whose ``summary.csv`` is not ours (it would be replaced).
+
+    Raises:
+        InputError: naming the path and the reason.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; --out must be a folder (it is created when missing)")
+    summary = out / "summary.csv"
+    if not summary.exists():
+        return
+    try:
+        with summary.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(summary, f"cannot be read to check that brainseg infer wrote it ({err})") from err
+    if not _OWN_SUMMARY_COLUMNS <= set(header):
+        raise InputError(summary, "exists and was not written by brainseg infer; refusing to replace it "
+                                  "(choose another --out, or move the file)")
+
+
+def _match_finished_cases(cases: list[Case], out: Path) -> dict[str, dict]:
+    """For ``--resume``: the summary rows of cases already finished in ``out`` from the same inputs, by case id.
+
+    A finished case is recognised by the inputs its marker lists, not by its id: ids follow the order of the inputs
+    (``img`` and ``img_2`` for two ``img.png``), so the same id may name other inputs in this run. Such a case takes
+    the id it was finished under, and the other cases take ids no finished case uses, so none is replaced.
+    """
+    on_disk: dict[tuple[str, ...], tuple[str, dict]] = {}
+    for marker in sorted(out.glob(f"*/{CASE_MARKER}")):
+        try:
+            row = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable marker: the case is redone
+        if isinstance(row, dict) and row.get("inputs"):
+            on_disk[tuple(row["inputs"])] = (marker.parent.name, row)
+    finished: dict[str, dict] = {}
+    rest = []
+    for case in cases:
+        hit = on_disk.get(tuple(case.inputs()))
+        if hit is not None and hit[0] not in finished:
+            case.case_id = hit[0]
+            finished[case.case_id] = {key: hit[1].get(key, "") for key in SUMMARY_FIELDS}
+        else:
+            rest.append(case)
+    taken = set(finished) | {name for name, _ in on_disk.values()}
+    for case in rest:
+        candidate, n = case.case_id, 2
+        while candidate in taken:
+            candidate, n = f"{case.case_id}_{n}", n + 1
+        case.case_id = candidate
+        taken.add(candidate)
+    return finished
 
 
 def _spare_core_for_reading(device: torch.device) -> bool:
@@ -214,22 +294,20 @@ def _spare_core_for_reading(device: torch.device) -> bool:
 
 
 def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostProcessing, spec, settings: InferenceSettings,
-               rank: int) -> list[dict]:
+               rank: int, finished: Mapping[str, dict]) -> list[dict]:
     rows: list[dict] = []
     summary = out / ("summary.csv" if _distributed()[1] == 1 else f".summary.rank{rank}.csv")
     todo = []
     for case in cases:
-        marker = out / case.case_id / CASE_MARKER
-        if settings.resume and marker.is_file():
-            rows.append(json.loads(marker.read_text()))
+        if case.case_id in finished:
+            rows.append(dict(finished[case.case_id]))
         else:
             todo.append(case)
-    done_ids = {r["case"] for r in rows}
 
     def load(case: Case) -> dict:
         if case.error:
             raise InputError(case.source, case.error)
-        return load_for_case(case.kind, case.images, spec)
+        return load_for_case(case.kind, case.images, spec, case.series)
 
     bar = tqdm(total=len(cases), initial=len(rows), unit="case", disable=not settings.progress or rank > 0)
     overlap = _spare_core_for_reading(predictor.device)
@@ -245,16 +323,15 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
                 writer = _CaseWriter(out, case.case_id)
                 values = _predict_case(case, loaded, predictor, post, writer)
                 row = _row(case, "ok", seconds=round(time.perf_counter() - started, 3), **values)
-                writer.commit(row)
+                writer.commit(row, case.inputs())
             except Exception as err:  # one bad case is recorded, never fatal to the batch
                 if writer is not None:
                     writer.abort()
-                reason = err.reason if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                reason = _failure_reason(case, err)
                 logger.warning("case %s failed: %s", case.case_id, reason)
                 logger.debug("%s", traceback.format_exc())
                 row = _row(case, "failed", reason, seconds=round(time.perf_counter() - started, 3))
             rows.append(row)
-            done_ids.add(case.case_id)
             order = {c.case_id: i for i, c in enumerate(cases)}
             rows.sort(key=lambda r: order.get(r["case"], len(order)))
             _write_summary(summary, rows)
@@ -262,6 +339,16 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
     bar.close()
     return rows
+
+
+def _failure_reason(case: Case, error: Exception) -> str:
+    """The reason a case failed for its summary row, naming the file at fault when it is not the case's source."""
+    if not isinstance(error, InputError):
+        cause = error.__cause__  # MONAI's Compose hides the transform's own error behind "applying transform"
+        return f"{type(error).__name__}: {error}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    if error.path is None or os.path.abspath(error.path) == os.path.abspath(case.source):
+        return error.reason
+    return str(error)
 
 
 def _merge_ranks(out: Path, cases: list[Case], rows: list[dict], rank: int, world: int) -> list[dict]:

@@ -123,7 +123,11 @@ class Segmenter:
                                      progress=False)
         with self._lock:
             rows = run_inference([case.source], tmp / "output", settings)
-        row = rows[0]
+        # a folder holding several series gives a row for each, in discovery order: take the chosen one's
+        again = discover_cases([case.source], spec.in_channels, spec.dicom_channels(), spec.file_channels())
+        row = next((r for r, c in zip(rows, again) if c.inputs() == case.inputs()), None)
+        if row is None:
+            raise InputError(case.source, "the chosen case was not found again when segmenting its folder")
         if row["status"] != "ok":
             raise InputError(row["source"], row["error"])
         truths = _truths_for(case, sources, found)

@@ -20,7 +20,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.runner import _stem  # the runner's own naming of ``<stem>_pred.png``; never a copy
+from brainseg_monai.inference.runner import slice_output_names  # the runner's own naming; never a copy
 from brainseg_monai.io import SimpleITKReader
 from brainseg_monai.metrics import image_metrics, patient_metrics
 
@@ -126,9 +126,10 @@ def case_view(
     if kind == "slices":
         # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
         preds, refs, layers = [], [], []
-        for image, source, truth_path in zip(images, sources, truths):
+        names = slice_output_names([str(source) for source in sources])
+        for image, source, name, truth_path in zip(images, sources, names, truths):
             plane = np.asarray(image[channel])
-            pred = _binary(case_dir / f"{_stem(source)}_pred.png", plane.shape, Path(source).name)
+            pred = _binary(case_dir / name, plane.shape, Path(source).name)
             truth = None if truth_path is None else _binary(truth_path, plane.shape, Path(source).name)
             layers.append({"name": Path(source).name, **_layers(plane, _window(plane), pred, truth)})
             if truth is not None:
@@ -138,8 +139,7 @@ def case_view(
         if refs and len({r.shape for r in refs}) == 1:
             values = image_metrics(preds[0], refs[0]) if len(refs) == 1 else patient_metrics(preds, refs)
             metrics = {**_metrics(values), "slices_with_truth": len(refs)}
-        # in the slider's order; a.png and a.tif uploaded together share a_pred.png, listed once
-        downloads = list(dict.fromkeys(case_dir / f"{_stem(source)}_pred.png" for source in sources))
+        downloads = [case_dir / name for name in names]  # in the slider's order
     else:
         volume = np.asarray(images[0][channel])
         pred = _binary(case_dir / "mask.nii.gz", volume.shape, Path(sources[0]).name)
