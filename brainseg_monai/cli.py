@@ -27,11 +27,21 @@ def _channels(pairs: Sequence[str] | None) -> dict[str, str] | None:
 
 
 def _bundle(arg: str | None) -> Path:
-    """``--bundle``, else ``./bundle`` when there is one, else the bundle shipped beside the package (its model)."""
+    """``--bundle``, else ``./bundle`` when there is one, else the repository's bundle beside an editable install.
+
+    Raises:
+        InputError: when neither exists (a wheel holds the package, not the bundle and its model).
+    """
     if arg:
         return Path(arg)
     here = Path("bundle")
-    return here if (here / "configs").is_dir() else Path(__file__).resolve().parents[1] / "bundle"
+    if (here / "configs").is_dir():
+        return here
+    beside = Path(__file__).resolve().parents[1] / "bundle"
+    if not (beside / "configs").is_dir():
+        raise InputError(None, "no bundle found: ./bundle does not exist and this installation holds none (the bundle "
+                               "and its model ship with the repository, not in the wheel); pass --checkpoint or --bundle")
+    return beside
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -199,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv (never read as an input, "
                                                 "even inside an input folder)")
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
-                   "if present, else the bundle installed with the package)")
+                   "if present, else the repository's bundle of an editable install)")
     p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -257,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
-                   "if present, else the bundle installed with the package)")
+                   "if present, else the repository's bundle of an editable install)")
     p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

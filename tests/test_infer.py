@@ -242,6 +242,19 @@ def test_missing_checkpoint_and_input_are_clear_errors(tmp_path: Path, capsys: p
     assert "nope" in capsys.readouterr().err
 
 
+def test_no_bundle_anywhere_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """As after a wheel install run outside the repository: no ./bundle and none beside the package."""
+    import brainseg_monai.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "brainseg_monai" / "cli.py"))
+    image = tmp_path / "slice.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(image))
+    assert cli_main(["infer", str(image), "--out", str(tmp_path / "o")]) == 2
+    assert "no bundle found" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_output_folder_of_other_files_is_never_replaced(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=24, size=(32, 32, 4))
     patient = next(p for p in data.iterdir() if p.is_dir())
