@@ -94,7 +94,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from brainseg_monai.evaluation import evaluate_predictions
     from brainseg_monai.report import write_report
 
-    result = evaluate_predictions(args.pred_dir, args.truth, args.source, args.spacing, split=args.split, fold=args.fold)
+    result = evaluate_predictions(args.pred_dir, args.truth, args.source, args.spacing, split=args.split,
+                                  fold=args.fold, allow_missing=args.allow_missing)
     files = write_report(result, args.out, train_dir=args.train_dir, model=args.model, n_worst=args.n_worst)
     summary = result["summary"]
 
@@ -128,9 +129,8 @@ def _cmd_tune_threshold(args: argparse.Namespace) -> int:
     if not args.dry_run and target is None:
         raise ValueError("with several fold checkpoints, say which model receives the "
                          "threshold with --store-in MODEL (e.g. the model trained on all patients), or use --dry-run")
-    if len(checkpoints) > 1:
-        for ckpt, fold in zip(checkpoints, folds):
-            check_fold_model(ckpt, fold)
+    for ckpt, fold in zip(checkpoints, folds):  # each model must never have seen the patients it is tuned on
+        check_fold_model(ckpt, fold)
     result = tune_threshold_out_of_fold(
         [(ckpt, training_split(args.datalist, fold)[1]) for ckpt, fold in zip(checkpoints, folds)],
         target=target, tta=args.tta, device=args.device, batch_size=args.batch_size, thresholds=args.thresholds,
@@ -236,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], help="layout of a truth root (default: detected)")
     p.add_argument("--split", choices=["training", "validation", "testing", "all"], help="datalist split to score")
     p.add_argument("--fold", type=int, help="with a K-fold datalist: score fold K's validation patients")
-    p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm for 2D distances (default 1)")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                   help="pixel spacing in mm for 2D distances (default: pixels): X [Y]; a third value Z, the slice "
+                        "spacing, also gives the 3D HD95/ASD of a patient's stacked slices (without it they are "
+                        "undefined). Volumes: X Y Z or one value for all, instead of the files' spacing")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score a truth item without a prediction as an empty prediction (perfect on a tumour-free "
+                        "item) instead of refusing")
     p.add_argument("--out", required=True, help="report folder: metrics.json, report.md, report.html, plots")
     p.add_argument("--train-dir", help="a training output folder: its TensorBoard curves go into the report")
     p.add_argument("--model", help="checkpoint or model.json whose threshold tuning curve goes into the report")
@@ -248,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="the model; or one model per fold, each scored on the --fold it never saw (out of fold)")
     p.add_argument("--datalist", required=True, help="datalist whose validation items (or --fold) are used")
-    p.add_argument("--fold", type=int, nargs="+", help="the held-out fold of each --checkpoint, in the same order")
+    p.add_argument("--fold", type=int, nargs="+",
+                   help="the held-out fold of each --checkpoint, in the same order (checked against each run's "
+                        "config_resolved.json; without --fold, the run must have held out the datalist's validation "
+                        "split and not trained on it with train_all)")
     p.add_argument("--store-in", help="model whose model.json receives the threshold (default: the one --checkpoint)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
                    help="tune with the TTA you infer with (default dihedral, as brainseg infer)")
@@ -259,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tune_threshold)
 
     p = sub.add_parser("aggregate-folds", help="mean and spread of K folds' metrics.json, pooled per-patient Dice")
-    p.add_argument("metrics", nargs="+", help="metrics.json files or report folders, one per fold")
+    p.add_argument("metrics", nargs="+", help="metrics.json files or report folders, one per fold (numbered by "
+                                              "the --fold each was evaluated with, else by their order)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_aggregate_folds)
 

@@ -1,12 +1,16 @@
 """Score what ``brainseg infer`` wrote against the truth: per image (slice), per patient (stacked volume) and pooled.
 
 Predictions are found where the runner puts them: ``PRED_DIR/<case>/<image stem>_pred.png`` for 2D images and
-``PRED_DIR/<case>/mask.nii.gz`` for volumes. A truth item without a prediction is listed in ``missing`` and scored
-as an empty prediction, so a case the model (or the batch job) missed lowers the scores instead of vanishing.
+``PRED_DIR/<case>/mask.nii.gz`` for volumes. A truth item without a prediction is refused (`MISSING_POLICY`):
+scoring it as an empty prediction would count a tumour-free item as perfect, so deleting predictions could raise
+the scores. ``allow_missing`` scores such items as empty predictions all the same and lists them in ``missing``.
 
 Per-patient metrics are those of the patient's slices stacked in slice order (`metrics.patient_metrics`): Dice is
-the sum of intersections over the sum of sizes, not the mean of slice Dices. A volume's per-image records are its
-slices along the third axis (the acquisition slices). The returned dict is JSON-ready: nan and inf are ``None``.
+the sum of intersections over the sum of sizes, not the mean of slice Dices. Only the numbered slices of one patient
+(``<patient>_<n>``, as in an LGG folder; the rule of `inference.postprocess.slice_stacks`) form a volume: the
+images of a ``pairs`` group (figshare's ``cvfold<k>``, which is no patient) are pooled instead, with HD95 and ASD
+undefined. A volume's per-image records are its slices along the third axis (the acquisition slices). The returned
+dict is JSON-ready: nan and inf are ``None``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from brainseg_monai.datalist import (
     training_split,
 )
 from brainseg_monai.errors import InputError
+from brainseg_monai.inference.postprocess import slice_stacks
 from brainseg_monai.io import READ_SUFFIXES, find_dicom_series, read_sitk, write_text_atomic
 from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metrics, summarise
 
@@ -51,7 +56,9 @@ PRED_SUFFIX = "_pred.png"
 """What ``brainseg infer`` appends to a 2D input's stem."""
 VOLUME_MASK = "mask.nii.gz"
 """The mask ``brainseg infer`` writes for a volume or DICOM case."""
-MISSING_POLICY = "scored as an empty prediction (all background)"
+MISSING_POLICY = ("refused unless allowed (allow_missing, --allow-missing); allowed, each is scored as an empty "
+                  "prediction (all background): 0 on an item with tumour, but perfect on a tumour-free one")
+"""What happens to a truth item without a prediction; ``settings["missing_policy"]`` of every result."""
 SPLITS = ("training", "validation", "testing", "all")
 
 _STEM_SUFFIXES = sorted(READ_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".gz"-less ".nii"
@@ -74,6 +81,7 @@ def evaluate_predictions(
     *,
     split: str | None = None,
     fold: int | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Score the masks ``brainseg infer`` wrote into ``pred_dir`` against ``truth``.
 
@@ -90,25 +98,32 @@ def evaluate_predictions(
             ``split``, or fold ``fold``'s validation patients) or a JSON list of items ``{"image", "label",
             "patient"}``; items without a patient are their own patient (the image stem).
         source: ``lgg``, ``pairs``, ``nifti`` or ``dicom`` for a dataset folder; None: recognised from its layout.
-        spacing: mm per axis (x, y[, z]); one number is isotropic. None: 2D images in pixels (slice step 1),
-            volumes at the truth file's spacing.
+        spacing: mm per axis. 2D images: (x, y) or one number for both; the 3D distances of a patient's stacked
+            slices need the slice spacing too, (x, y, z), else their HD95 and ASD are None (a patient of one image
+            keeps its 2D distances). Volumes: (x, y, z) or one number for all three, instead of the files' spacing.
+            None: 2D images in pixels (a stack's z is one slice step), volumes at each truth file's spacing.
+            ``settings`` records what was used (``image_spacing``, ``patient_spacing``, ``distances``).
         split: the datalist list to score, one of ``SPLITS``; default ``validation`` (datalist JSON only).
         fold: score the validation patients of this fold of a datalist built with folds (datalist JSON only).
+        allow_missing: score a truth item without a prediction as an empty prediction instead of refusing it.
 
     Returns:
         ``{"summary", "per_patient", "per_image", "missing", "skipped", "settings"}``: ``summary`` is
         `metrics.summarise` plus ``missing_predictions`` and ``unmatched_predictions`` (prediction files of no truth
-        item); ``per_patient`` records ``{"patient", "images", "stacked", "missing_predictions", <metrics>}`` (a
-        patient whose images differ in size, or who has several volumes, is not stacked: its ratios come from the
-        pooled confusion and HD95/ASD are None); ``per_image`` records ``{"patient", "image", "label",
-        "prediction"[, "slice"], <metrics>}`` (a volume's image is its FLAIR channel when a file or folder is named
-        so, else its first); ``missing`` lists ``{"patient", "image", "label", "expected"}``; ``skipped`` lists
-        items without a label.
+        item) and ``patients_pooled``; ``per_patient`` records ``{"patient", "images", "stacked",
+        "missing_predictions", "spacing", <metrics>}`` (``spacing``: what its HD95/ASD were computed at, None when
+        undefined; a patient whose images are not the numbered slices of one size of that patient, or who has several
+        volumes, is not stacked but pooled: its ratios come from the pooled confusion and HD95/ASD are None);
+        ``per_image`` records ``{"patient", "image", "label", "prediction"[, "slice"], <metrics>}`` (a volume's
+        image is its FLAIR channel when a file or folder is named so, else its first); ``missing`` lists
+        ``{"patient", "image", "label", "expected"}``; ``skipped`` lists items without a label; ``settings`` says
+        what a patient is (``patient_definition``) and what distances were measured in.
 
     Raises:
         ValueError: for a bad ``source``, ``spacing``, ``split`` or ``fold``.
         InputError: a missing folder or file, no labelled item, an unreadable mask, a prediction whose size (or, for
-            volumes, geometry) differs from its truth (the message names both files), an ambiguous prediction.
+            volumes, geometry) differs from its truth (the message names both files), an ambiguous prediction, a
+            truth item without a prediction unless ``allow_missing`` (the message names the first few expected).
     """
     pred_root = Path(pred_dir).expanduser().resolve()
     if not pred_root.is_dir():
@@ -119,6 +134,8 @@ def evaluate_predictions(
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or None but is {split!r}")
     if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))):
         raise ValueError(f"fold must be an integer or None but is {fold!r}")
+    if not isinstance(allow_missing, (bool, np.bool_)):
+        raise ValueError(f"allow_missing must be a bool but is {allow_missing!r}")
     spacing_values = _check_spacing(spacing)
 
     items, source, truth_path, split = _truth_items(Path(truth).expanduser().resolve(), source, split, fold)
@@ -132,25 +149,29 @@ def evaluate_predictions(
         if not item.get("patient"):
             item["patient"] = image_stem(_first(item["image"]))
 
-    by_patient: dict[str, list[dict[str, Any]]] = {}
-    for item in labelled:
-        by_patient.setdefault(str(item["patient"]), []).append(item)
-    if kind == "slices":
-        scored = _SliceScorer(pred_root, spacing_values)
-    else:
-        scored = _VolumeScorer(pred_root, spacing_values)
+    scored = _SliceScorer(pred_root, spacing_values) if kind == "slices" else _VolumeScorer(pred_root, spacing_values)
+    by_patient: dict[str, list[tuple[dict[str, Any], Path | None]]] = {}
+    for item in labelled:  # every prediction is found before any is read, so a missing one fails fast
+        by_patient.setdefault(str(item["patient"]), []).append((item, scored.find(item)))
+    if scored.missing and not allow_missing:
+        shown = ", ".join(_relative(m["expected"], pred_root) for m in scored.missing[:3])
+        raise InputError(pred_root, f"{len(scored.missing)} of {len(labelled)} truth items have no prediction here "
+                                    f"(expected {shown}{', ...' if len(scored.missing) > 3 else ''}): predict them "
+                                    f"with brainseg infer, or pass --allow-missing (allow_missing=True) to score each "
+                                    f"as an empty prediction, which is perfect on a tumour-free item")
     per_patient, per_image = [], []
-    for patient, patient_items in by_patient.items():
-        patient_record, image_records = scored.patient(patient, patient_items)
+    for patient, found in by_patient.items():
+        patient_record, image_records = scored.patient(patient, found)
         per_patient.append(patient_record)
         per_image.extend(image_records)
 
     summary = summarise(per_image, per_patient)
     summary["missing_predictions"] = len(scored.missing)
     summary["unmatched_predictions"] = len(scored.unmatched())
+    summary["patients_pooled"] = sum(1 for p in per_patient if not p["stacked"])
     if scored.missing:
-        logger.warning("%d of %d truth items have no prediction in %s; %s",
-                       len(scored.missing), len(labelled), pred_root, MISSING_POLICY)
+        logger.warning("%d of %d truth items have no prediction in %s; allowed: each is scored as an empty prediction",
+                       len(scored.missing), len(labelled), pred_root)
     settings = {
         "pred_dir": str(pred_root),
         "truth": str(truth_path),
@@ -158,8 +179,13 @@ def evaluate_predictions(
         "kind": kind,
         "split": split,
         "fold": fold,
+        "patient_definition": _patient_definition(source, kind),
         "spacing": None if spacing_values is None else list(spacing_values),
         "distance_unit": "pixel" if kind == "slices" and spacing_values is None else "mm",
+        "image_spacing": scored.image_spacing,
+        "patient_spacing": scored.patient_spacing,
+        "distances": scored.distances(),
+        "allow_missing": bool(allow_missing),
         "missing_policy": MISSING_POLICY,
         "items": len(labelled),
     }
@@ -294,11 +320,15 @@ def _kind(items: Sequence[Mapping[str, Any]], source: str | None, truth: Path) -
 
 
 class _Scorer:
-    """Shared bookkeeping: missing predictions and the prediction files used."""
+    """Shared bookkeeping: missing predictions, the prediction files used, and the spacing distances are taken at
+    (``image_spacing`` for per-image records, ``patient_spacing`` for a patient's volume: lists of mm or pixels,
+    ``"truth file"`` for each file's own, None for none)."""
 
-    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+    image_spacing: list[float] | str
+    patient_spacing: list[float] | str | None
+
+    def __init__(self, pred_root: Path) -> None:
         self.pred_root = pred_root
-        self.spacing = spacing
         self.missing: list[dict[str, Any]] = []
         self.used: set[Path] = set()
 
@@ -315,16 +345,33 @@ class _SliceScorer(_Scorer):
     """2D images: ``<case>/<stem>_pred.png`` PNGs on the truth's pixel grid."""
 
     def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
-        super().__init__(pred_root, spacing)
+        super().__init__(pred_root)
+        self.in_pixels = spacing is None
+        if spacing is None:  # pixel units throughout: a stack's z is one slice step
+            self.image_spacing, self.patient_spacing = [1.0, 1.0], [1.0, 1.0, 1.0]
+        else:  # pixel spacing says nothing of the slice spacing: a stack's 3D distances need it given
+            self.image_spacing = list((spacing * 2)[:2])
+            self.patient_spacing = list(spacing) if len(spacing) == 3 else None
         self.index: dict[str, list[Path]] = {}
         for case in self._case_dirs():
             for path in case.glob(f"*{PRED_SUFFIX}"):
                 self.index.setdefault(path.name[: -len(PRED_SUFFIX)], []).append(path)
 
+    def distances(self) -> str:
+        """What HD95 and ASD are measured in, in words."""
+        image = f"images at (x, y) = ({_shown(self.image_spacing)})"
+        if self.in_pixels:
+            return f"pixels: {image}; stacked slices at (x, y, z) = (1, 1, 1), z one slice step"
+        if self.patient_spacing is None:
+            return (f"mm: {image} mm; a patient of several slices has no HD95 or ASD (the slice spacing z was not "
+                    f"given: give x y z)")
+        return f"mm: {image} mm; stacked slices at (x, y, z) = ({_shown(self.patient_spacing)}) mm"
+
     def unmatched(self) -> list[Path]:
         return [p for paths in self.index.values() for p in paths if p not in self.used]
 
-    def _prediction(self, item: Mapping[str, Any]) -> Path | None:
+    def find(self, item: Mapping[str, Any]) -> Path | None:
+        """The prediction of ``item``, or None (recorded as missing)."""
         stem = image_stem(_first(item["image"]))
         own = self.pred_root / str(item["patient"]) / f"{stem}{PRED_SUFFIX}"
         if own.is_file():
@@ -339,14 +386,16 @@ class _SliceScorer(_Scorer):
             return None
         return found[0]
 
-    def patient(self, patient: str, items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        items = sorted(items, key=lambda it: _natural_key(Path(_first(it["image"]))))
+    def patient(
+        self, patient: str, found: list[tuple[dict[str, Any], Path | None]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        images = [_first(item["image"]) for item, _ in found]
+        numbered = _numbered_slices(patient, images)
+        order = numbered or sorted(range(len(found)), key=lambda i: _natural_key(Path(images[i])))
         truths, preds, records = [], [], []
-        spacing_2d = None if self.spacing is None else self.spacing[:2]
-        for item in items:
+        for item, pred_path in (found[i] for i in order):
             label = Path(item["label"])
             truth, _ = _read_mask(label, "truth", dims=2)
-            pred_path = self._prediction(item)
             if pred_path is None:
                 pred = np.zeros_like(truth)
             else:
@@ -359,24 +408,41 @@ class _SliceScorer(_Scorer):
             preds.append(pred)
             records.append({"patient": patient, "image": _first(item["image"]), "label": str(label),
                             "prediction": None if pred_path is None else str(pred_path),
-                            **image_metrics(pred, truth, spacing_2d)})
-        # slices are stacked one step apart unless a third spacing is given
-        spacing_3d = None if self.spacing is None else (*self.spacing[:2], (*self.spacing, 1.0)[2])
-        if len({t.shape for t in truths}) == 1:
-            metrics, stacked = patient_metrics(preds, truths, spacing_3d), True
-        else:
-            metrics, stacked = _pooled_patient(records), False
-        return _patient_record(patient, len(items), stacked, records, metrics), records
+                            **image_metrics(pred, truth, self.image_spacing)})
+        stacked = len(records) == 1 or (numbered is not None and len({t.shape for t in truths}) == 1)
+        if len(records) == 1:  # the patient is its image: its 2D distances are the patient's
+            metrics, spacing = _single_image(records[0]), self.image_spacing
+        elif stacked and self.patient_spacing is not None:
+            metrics, spacing = patient_metrics(preds, truths, self.patient_spacing), self.patient_spacing
+        else:  # images that form no volume, or a stack whose slice spacing z is unknown
+            metrics, spacing = _pooled_patient(records), None
+        return _patient_record(patient, len(found), stacked, spacing, records, metrics), records
 
 
 class _VolumeScorer(_Scorer):
     """Volumes: ``<case>/mask.nii.gz`` on the truth's grid; per-image records are the slices along the third axis."""
 
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+        if spacing is not None and len(spacing) == 2:
+            raise ValueError(f"spacing of volumes must be one or three numbers (x, y, z) but is {list(spacing)!r}")
+        super().__init__(pred_root)
+        self.spacing = None if spacing is None else tuple((spacing * 3)[:3])
+        self.image_spacing = "truth file" if self.spacing is None else list(self.spacing[:2])
+        self.patient_spacing = "truth file" if self.spacing is None else list(self.spacing)
+
+    def distances(self) -> str:
+        """What HD95 and ASD are measured in, in words."""
+        if self.spacing is None:
+            return "mm: each truth file's spacing (per patient: its 'spacing'); slices at its (x, y)"
+        return (f"mm: volumes at (x, y, z) = ({_shown(self.spacing)}) mm instead of the files' spacing; slices at "
+                f"(x, y) = ({_shown(self.spacing[:2])}) mm")
+
     def unmatched(self) -> list[Path]:
         masks = (case / VOLUME_MASK for case in self._case_dirs())
         return [p for p in masks if p.is_file() and p not in self.used]
 
-    def _prediction(self, item: Mapping[str, Any]) -> Path | None:
+    def find(self, item: Mapping[str, Any]) -> Path | None:
+        """The prediction of ``item``, or None (recorded as missing with every place looked at)."""
         patient = str(item["patient"])
         candidates = [patient]
         for image in _as_list(item["image"]):
@@ -394,17 +460,13 @@ class _VolumeScorer(_Scorer):
             return None
         return found[0]
 
-    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
-        if spacing is not None and len(spacing) != 3:
-            raise ValueError(f"spacing of volumes must be one or three numbers (x, y, z) but is {spacing!r}")
-        super().__init__(pred_root, spacing)
-
-    def patient(self, patient: str, items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def patient(
+        self, patient: str, found: list[tuple[dict[str, Any], Path | None]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         truths, preds, records, spacings = [], [], [], []
-        for item in items:
+        for item, pred_path in found:
             label = Path(item["label"])
             truth, truth_image = _read_mask(label, "truth", dims=3)
-            pred_path = self._prediction(item)
             if pred_path is None:
                 pred = np.zeros_like(truth)
             else:
@@ -421,18 +483,53 @@ class _VolumeScorer(_Scorer):
                     "prediction": None if pred_path is None else str(pred_path)}
             for z in range(truth.shape[2]):
                 records.append({**base, "slice": z, **image_metrics(pred[..., z], truth[..., z], spacing[:2])})
-        if len(items) == 1:
-            metrics, stacked = patient_metrics(preds[0], truths[0], spacings[0]), True
+        if len(found) == 1:
+            metrics, spacing = patient_metrics(preds[0], truths[0], spacings[0]), list(spacings[0])
         else:
-            metrics, stacked = _pooled_patient(records), False
-        return _patient_record(patient, len(items), stacked, records, metrics), records
+            metrics, spacing = _pooled_patient(records), None
+        return _patient_record(patient, len(found), len(found) == 1, spacing, records, metrics), records
+
+
+def _numbered_slices(patient: str, images: Sequence[str]) -> list[int] | None:
+    """The order of ``images`` in slice number when they are all the numbered slices ``<patient>_<n>`` of
+    ``patient`` in one folder (`slice_stacks`, as inference stacks them), else None: a group of other images,
+    such as figshare's ``cvfold<k>``, is no volume."""
+    stacks = slice_stacks(images)
+    if len(stacks) != 1 or len(stacks[0]) != len(images):
+        return None
+    return stacks[0] if image_stem(images[0]).rsplit("_", 1)[0] == patient else None
+
+
+def _patient_definition(source: str | None, kind: str) -> str:
+    """What one per-patient record is, in words, for the report."""
+    if kind == "volumes":
+        return "a case (case folder or DICOM study) and its volume; a patient of several volumes is pooled"
+    if source == "pairs":
+        who = ("each pair's patient in cases.csv: its pid, else its cv_fold group cvfold<k> (figshare: a group of "
+               "patients, not one), else the image alone")
+    elif source == "lgg":
+        who = "an LGG patient folder"
+    else:
+        who = "each item's patient in the datalist, else the image alone"
+    return (f"{who}: its numbered slices <patient>_<n> of one size are stacked in slice order; other images of a "
+            f"patient are pooled (Dice from their summed confusion; HD95 and ASD undefined)")
 
 
 def _patient_record(
-    patient: str, n_images: int, stacked: bool, records: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
+    patient: str, n_images: int, stacked: bool, spacing: Sequence[float] | None,
+    records: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any],
 ) -> dict[str, Any]:
     missing = len({r["label"] for r in records if r["prediction"] is None})
-    return {"patient": patient, "images": n_images, "stacked": stacked, "missing_predictions": missing, **metrics}
+    return {"patient": patient, "images": n_images, "stacked": stacked, "missing_predictions": missing,
+            "spacing": None if spacing is None else list(spacing), **metrics}
+
+
+def _single_image(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The patient metrics of a patient of one 2D image: the image's own."""
+    out = {k: v for k, v in record.items() if k not in ("patient", "image", "label", "prediction")}
+    out["slices"] = 1
+    out["slices_with_tumour"] = int(record["truth_size"] > 0)
+    return out
 
 
 def _pooled_patient(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -470,14 +567,23 @@ def _grid_difference(pred: sitk.Image, truth: sitk.Image) -> str:
 
 
 def _check_spacing(spacing: float | Sequence[float] | None) -> tuple[float, ...] | None:
+    """The one to three spacing values as given (x, y[, z]), checked."""
     if spacing is None:
         return None
     values = np.ravel(np.asarray(spacing, dtype=np.float64))
     if values.size not in (1, 2, 3) or not np.all(np.isfinite(values) & (values > 0)):
         raise ValueError(f"spacing must be one to three positive numbers (mm per axis x, y[, z]) but is {spacing!r}")
-    if values.size == 1:
-        values = np.repeat(values, 3)
     return tuple(float(v) for v in values)
+
+
+def _shown(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def _relative(expected: str | Sequence[str], root: Path) -> str:
+    """An expected prediction path (or the alternatives of a volume) relative to the prediction folder."""
+    paths = [expected] if isinstance(expected, str) else list(expected)
+    return " or ".join(os.path.relpath(p, root) for p in paths)
 
 
 def _as_list(image: Any) -> list[str]:

@@ -2,8 +2,9 @@
 
 Masks are numpy arrays or torch tensors, 2D or 3D, in reader axis order (x, y[, z]); any nonzero value is
 tumour ({0,1}, {0,255}, bool, or a label map scored as whole tumour). ``spacing`` is mm per axis in the same
-order (default 1). Distances are between boundary-voxel centres (MONAI's definition): HD95 is the larger of
-the two directed 95th percentiles, ASD the mean of the distances pooled over both directions, both in mm.
+order (default 1: pixels). Distances are between boundary-voxel centres (MONAI's definition): HD95 is the larger
+of the two directed 95th percentiles, ASD the mean of the distances pooled over both directions, both in the unit
+of ``spacing``.
 
 Conventions when a mask is empty (Dice and F1 are the same number for binary masks):
 
@@ -158,11 +159,11 @@ def image_metrics(pred: ArrayLike, truth: ArrayLike, spacing: float | Sequence[f
     Args:
         pred: predicted mask, (x, y[, z]); nonzero is tumour.
         truth: true mask of the same shape.
-        spacing: mm per axis in the same order (one number: isotropic); None means 1.
+        spacing: mm per axis in the same order (one number: isotropic); None means 1 (distances in pixels).
 
     Returns:
         ``tp, fp, fn, tn, truth_size, pred_size`` (pixel counts), ``dice, iou, precision, recall, specificity,
-        f1, accuracy, hd95, asd`` (mm) and ``missed`` (tumour in the truth, nothing predicted).
+        f1, accuracy, hd95, asd`` (in the unit of ``spacing``) and ``missed`` (tumour in the truth, nothing predicted).
 
     Raises:
         InputError: when the shapes differ.
@@ -186,7 +187,7 @@ def patient_metrics(
         preds: the patient's predicted 2D slices in slice order (stacked along a new last axis, z), or one
             3D volume (x, y, z).
         truths: the true slices (or volume), matching ``preds``.
-        spacing: mm per axis of the volume (x, y, z), e.g. (1, 1, 1) for the LGG slices; None means 1.
+        spacing: mm per axis of the volume (x, y, z), z the slice spacing; None means 1 (pixels and slice steps).
 
     Returns:
         What `image_metrics` returns for the stacked volume, plus ``slices`` and ``slices_with_tumour``.
@@ -357,7 +358,7 @@ def _mask_metrics(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> d
 
 
 def _surface_distances(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float]:
-    """(HD95, ASD) in mm from MONAI, after the empty-mask conventions."""
+    """(HD95, ASD) in the unit of ``spacing`` from MONAI, after the empty-mask conventions."""
     has_p, has_t = bool(p.any()), bool(t.any())
     if not has_p and not has_t:
         return 0.0, 0.0

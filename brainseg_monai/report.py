@@ -36,6 +36,9 @@ TRAINING_TAGS = ("train_loss", "val_mean_dice", "val_mean_iou", "learning_rate")
 """The TensorBoard scalars the training bundle writes, plotted in this order."""
 _STEP_UNIT = {"train_loss": "iteration"}  # the bundle logs the loss per iteration, the others per epoch
 
+_MISSING_ALLOWED = ("allowed with --allow-missing: each is scored as an empty prediction, so a missed item with tumour "
+                    "scores 0 but a tumour-free one scores as perfect, and these scores can be higher than with the "
+                    "predictions made")
 _SUMMARY_ROWS = ("dice", "iou", "precision", "recall", "specificity", "accuracy", "hd95", "asd")
 _PATIENT_COLUMNS = ("patient", "slices", "slices_with_tumour", "truth_size", "pred_size", "dice", "iou", "precision",
                     "recall", "hd95", "asd", "missing_predictions")
@@ -118,7 +121,7 @@ def write_report(
 
     sections = [
         _overview(result),
-        _summary_table(summary, unit),
+        _summary_table(summary, unit, result["settings"].get("distances")),
         _dice_distribution(patients, out, files),
         _dice_versus_size(patients, images, out, files),
         _confusion(summary, out, files),
@@ -164,7 +167,8 @@ def write_folds_report(aggregate: Mapping[str, Any], out_dir: str | os.PathLike)
         f"{len(aggregate['folds'])} folds, {pooled['patients']} patients in all. Per-patient Dice pooled over every "
         f"fold's validation patients: mean {_fmt(pooled['patient_dice']['mean'])}, median "
         f"{_fmt(pooled['patient_dice']['median'])}, std {_fmt(pooled['patient_dice']['std'])}; global Dice "
-        f"{_fmt(pooled['global_dice'])}.")
+        f"{_fmt(pooled['global_dice'])}. Distances (HD95, ASD) in {aggregate['settings']['distance_unit']} in every "
+        f"fold; each fold is numbered by its report's settings.fold.")
     folds = _Section("Folds").table(
         ["fold", "patients", "patient Dice mean", "patient Dice median", "global Dice", "metrics.json"],
         [[f["fold"], f["patients"], f["patient_dice_mean"], f["patient_dice_median"], f["global_dice"], f["path"]]
@@ -207,20 +211,25 @@ def _overview(result: Mapping[str, Any]) -> _Section:
     s, settings = result["summary"], result["settings"]
     section = _Section("Overview")
     section.text(
-        f"Per-patient Dice (each patient's slices stacked): mean {_fmt(s.get('patient_dice_mean'))}, median "
+        f"Per-patient Dice (all of a patient's pixels together, not the mean of its slice Dices): mean {_fmt(s.get('patient_dice_mean'))}, median "
         f"{_fmt(s.get('patient_dice_median'))} over {s.get('patients')} patients. Global Dice (all pixels pooled): "
         f"{_fmt(s.get('global_dice'))}. Mean slice Dice over the {s.get('tumour_images')} images with tumour: "
         f"{_fmt(s.get('image_dice_mean'))}.")
+    if settings.get("patient_definition"):
+        pooled = s.get("patients_pooled") or 0
+        section.text(f"A patient here is {settings['patient_definition']}."
+                     + (f" {pooled} of {s.get('patients')} patients are pooled, not stacked." if pooled else ""))
+    missing = s.get("missing_predictions", 0)
     section.text(
         f"Predictions {settings.get('pred_dir')} scored against {settings.get('truth')} "
         f"({settings.get('source') or 'datalist'}, {settings.get('kind')}): {settings.get('items')} items, "
-        f"{s.get('images')} images. Missing predictions: {s.get('missing_predictions', 0)}"
-        + (f", each {settings.get('missing_policy')}" if s.get("missing_predictions") else "")
+        f"{s.get('images')} images. Missing predictions: {missing}"
+        + (f" ({_MISSING_ALLOWED})" if missing else "")
         + f". Prediction files matching no truth item: {s.get('unmatched_predictions', 0)}.")
     return section
 
 
-def _summary_table(summary: Mapping[str, Any], unit: str) -> _Section:
+def _summary_table(summary: Mapping[str, Any], unit: str, distances: str | None) -> _Section:
     rows = []
     for metric in _SUMMARY_ROWS:
         patient = {s: summary.get(f"patient_{metric}_{s}") for s in ("mean", "median", "std", "n", "undefined")}
@@ -232,7 +241,8 @@ def _summary_table(summary: Mapping[str, Any], unit: str) -> _Section:
     return _Section("Summary").table(
         ["metric", "patients: mean", "median", "std", "n (undefined)", "tumour images: mean", "median", "pooled"], rows
     ).note("Undefined values (e.g. precision with nothing predicted, HD95 with an empty mask) are left out of means "
-           "and counted in 'undefined'; both-empty counts as Dice 1. Pooled: all pixels of all patients together.")
+           "and counted in 'undefined'; both-empty counts as Dice 1. Pooled: all pixels of all patients together."
+           + (f" Distances in {distances}." if distances else ""))
 
 
 def _dice_distribution(patients: Sequence[Mapping[str, Any]], out: Path, files: dict[str, Path]) -> _Section:
@@ -320,8 +330,9 @@ def _patient_table(patients: Sequence[Mapping[str, Any]], unit: str) -> _Section
     section.table(headers, [[p.get(c) for c in _PATIENT_COLUMNS] for p in patients])
     if any(not p.get("stacked", True) for p in patients):
         unstacked = ", ".join(str(p["patient"]) for p in patients if not p.get("stacked", True))
-        section.note(f"Not stacked (images of different sizes or several volumes): {unstacked}; their Dice comes from "
-                     "the pooled confusion and HD95/ASD are undefined.")
+        section.note(f"Pooled, not stacked (images that are not the numbered slices <patient>_<n> of one size of the "
+                     f"patient, or several volumes): {unstacked}; their Dice comes from the pooled confusion and "
+                     f"HD95/ASD are undefined.")
     return section
 
 
@@ -363,8 +374,8 @@ def _missing(result: Mapping[str, Any]) -> _Section:
     missing = result.get("missing") or []
     if not missing:
         return section.text("None: every truth item has a prediction.")
-    section.text(f"{len(missing)} truth item{'s have' if len(missing) > 1 else ' has'} no prediction; each is "
-                 f"{result['settings'].get('missing_policy', 'scored as an empty prediction')}.")
+    section.text(f"{len(missing)} truth item{'s have' if len(missing) > 1 else ' has'} no prediction, "
+                 f"{_MISSING_ALLOWED}.")
     shown = missing[:50]
     section.table(["patient", "image", "expected prediction"],
                   [[m["patient"], m["image"], m["expected"] if isinstance(m["expected"], str) else " or ".join(

@@ -67,6 +67,7 @@ the cross-validation predictions: the threshold alone, or only the largest compo
 stacked into one volume; removing far-off false positives may let a lower threshold recover more tumour). The first
 wins ties, so the extra step is kept only when it raises the mean patient Dice."""
 _FOLD_METRICS = "metrics.json"
+_SHARED_SETTINGS = ("kind", "distance_unit", "spacing")  # what the folds' distances (and images) must agree on
 
 
 def model_sidecar_path(checkpoint: str | os.PathLike) -> Path:
@@ -241,23 +242,35 @@ def tune_threshold_out_of_fold(
     return result
 
 
-def check_fold_model(checkpoint: str | os.PathLike, fold: int) -> None:
-    """Refuse a fold model whose training run did not hold out ``fold``, as its ``config_resolved.json`` records
-    (a misordered ``--fold`` list or a model trained on every patient would give in-sample, optimistic scores).
-    A checkpoint outside a training run folder has no record and is taken as given."""
+def check_fold_model(checkpoint: str | os.PathLike, fold: int | None) -> None:
+    """Refuse a model whose training run did not hold out what it is to be tuned on, as the run's
+    ``config_resolved.json`` records: fold ``fold``, or with ``fold=None`` the datalist's validation split. A
+    misordered ``--fold`` list, or a model trained on every patient (``train_all``), would give in-sample,
+    optimistic scores and threshold. A checkpoint outside a training run folder has no record: it is taken as
+    given, with a warning.
+
+    Raises:
+        InputError: the record names another fold (or none), records ``train_all``, or cannot be read.
+    """
     record = Path(checkpoint).parent.parent / "config_resolved.json"
     if not record.is_file():
+        logger.warning("%s has no training record (%s): cannot check that it never saw the patients it is tuned on",
+                       checkpoint, record)
         return
     try:
         config = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(record, f"not a readable training record ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(record, "not a training record: expected a JSON object")
     if config.get("fold") != fold:
-        raise InputError(checkpoint, f"its run held out fold {config.get('fold')} ({record}), not fold {fold}: give "
-                                     f"each checkpoint the fold it never saw, in the same order")
+        raise InputError(checkpoint, f"its run held out {_held_out(config.get('fold'))} ({record}), not "
+                                     f"{_held_out(fold)}: give each checkpoint the fold it never saw (--fold), in the "
+                                     f"same order")
     if as_bool(config.get("train_all", False), f"train_all in {record}"):
-        raise InputError(checkpoint, f"its run trained on the validation patients too (train_all, {record}): it has "
-                                     f"no unseen fold to tune on")
+        raise InputError(checkpoint, f"its run trained on the validation patients too (train_all, {record}): it saw "
+                                     f"every patient and has no unseen ones to tune on; tune the fold models out "
+                                     f"of fold and store the result in it with --store-in")
 
 
 def plot_threshold_curve(
@@ -300,18 +313,23 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
 def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[str, Any]:
     """Mean and spread over K folds of their evaluation metrics, and the per-patient Dice pooled over all folds.
 
+    Each fold's number is its report's ``settings.fold`` (``brainseg evaluate --fold K``); a report without one
+    takes its place in the argument list. Distances are only averaged over reports measured alike.
+
     Args:
         fold_dirs_or_metrics: each fold's ``metrics.json`` (from ``brainseg evaluate``) or the folder holding it.
 
     Returns:
-        ``{"folds": [{"fold", "path", "patients", "patient_dice_mean", "patient_dice_median", "global_dice"}],
-        "metrics": {summary key: `metrics.describe` over folds}`` for every number of the summaries,
+        ``{"folds": [{"fold", "path", "patients", "patient_dice_mean", "patient_dice_median", "global_dice"}]`` in
+        fold order, ``"metrics": {summary key: `metrics.describe` over folds}`` for every number of the summaries,
         ``"pooled": {"patients", "patient_dice": describe over every fold's patients, "global_<ratio>" from the
-        confusion matrices of all patients summed}}``.
+        confusion matrices of all patients summed}``, ``"per_patient": [{"fold", "patient", "dice"}]``,
+        and ``"settings": {"kind", "distance_unit", "spacing"}``, which every fold shares.
 
     Raises:
         ValueError: when fewer than two folds are given.
-        InputError: a missing or unreadable metrics.json, or a patient scored in two folds (folds must be disjoint).
+        InputError: a missing or unreadable metrics.json, a patient scored in two folds (folds must be disjoint),
+            two reports of one fold number, or reports whose kind, distance unit or spacing differ.
     """
     if isinstance(fold_dirs_or_metrics, (str, os.PathLike)) or len(fold_dirs_or_metrics) < 2:
         raise ValueError(
@@ -319,7 +337,8 @@ def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[s
         )
     folds = []
     seen: dict[str, Path] = {}
-    for raw in fold_dirs_or_metrics:
+    numbered: dict[int, Path] = {}
+    for index, raw in enumerate(fold_dirs_or_metrics):
         path = Path(raw)
         path = path / _FOLD_METRICS if path.is_dir() else path
         metrics = _read_metrics(path)
@@ -328,19 +347,35 @@ def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[s
             if patient in seen:
                 raise InputError(path, f"patient {patient!r} is also scored in {seen[patient]}; folds must be disjoint")
             seen[patient] = path
-        folds.append((path, metrics))
+        fold = metrics["settings"].get("fold")
+        fold = index if fold is None else fold
+        if isinstance(fold, bool) or not isinstance(fold, int):
+            raise InputError(path, f"settings.fold must be an integer or null but is {fold!r}")
+        if fold in numbered:
+            raise InputError(path, f"fold {fold} is also the fold of {numbered[fold]} (settings.fold, else the place "
+                                   f"in the list): give each fold's report once")
+        numbered[fold] = path
+        folds.append((fold, path, metrics))
+    shared = {key: folds[0][2]["settings"].get(key) for key in _SHARED_SETTINGS}
+    for _, path, metrics in folds[1:]:
+        differ = [key for key in _SHARED_SETTINGS if metrics["settings"].get(key) != shared[key]]
+        if differ:
+            shown = "; ".join(f"{key} {metrics['settings'].get(key)!r} there, {shared[key]!r} in {folds[0][1]}"
+                              for key in differ)
+            raise InputError(path, f"scored unlike the other folds ({shown}): evaluate every fold alike")
+    folds.sort(key=lambda f: f[0])
 
-    keys = [k for k, v in folds[0][1]["summary"].items() if _is_number(v)]
-    per_metric = {key: describe(_number(m["summary"].get(key)) for _, m in folds) for key in keys}
-    patients = [record for _, m in folds for record in m["per_patient"]]
+    keys = [k for k, v in folds[0][2]["summary"].items() if _is_number(v)]
+    per_metric = {key: describe(_number(m["summary"].get(key)) for _, _, m in folds) for key in keys}
+    patients = [record for _, _, m in folds for record in m["per_patient"]]
     pooled = pooled_metrics(patients)
     return json_ready({
         "folds": [
-            {"fold": index, "path": str(path), "patients": m["summary"].get("patients"),
+            {"fold": fold, "path": str(path), "patients": m["summary"].get("patients"),
              "patient_dice_mean": m["summary"].get("patient_dice_mean"),
              "patient_dice_median": m["summary"].get("patient_dice_median"),
              "global_dice": m["summary"].get("global_dice")}
-            for index, (path, m) in enumerate(folds)
+            for fold, path, m in folds
         ],
         "metrics": per_metric,
         "pooled": {
@@ -348,8 +383,9 @@ def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[s
             "patient_dice": describe(_number(r.get("dice")) for r in patients),
             **{f"global_{name}": pooled[name] for name in RATIO_METRICS if name != "f1"},
         },
-        "per_patient": [{"fold": index, "patient": r["patient"], "dice": r.get("dice")}
-                        for index, (_, m) in enumerate(folds) for r in m["per_patient"]],
+        "per_patient": [{"fold": fold, "patient": r["patient"], "dice": r.get("dice")}
+                        for fold, _, m in folds for r in m["per_patient"]],
+        "settings": shared,
     })  # fmt: skip
 
 
@@ -438,9 +474,15 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(path, f"not a readable metrics.json ({e})") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("summary"), dict) \
-            or not isinstance(metrics.get("per_patient"), list):
-        raise InputError(path, "not a metrics.json of brainseg evaluate: expected 'summary' and 'per_patient'")
+            or not isinstance(metrics.get("per_patient"), list) or not isinstance(metrics.get("settings", {}), dict):
+        raise InputError(path, "not a metrics.json of brainseg evaluate: expected 'summary', 'per_patient' and "
+                               "'settings'")
+    metrics.setdefault("settings", {})
     return metrics
+
+
+def _held_out(fold: int | None) -> str:
+    return "the datalist's validation split (no fold)" if fold is None else f"fold {fold}"
 
 
 def _is_number(value: Any) -> bool:

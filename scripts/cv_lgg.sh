@@ -78,7 +78,10 @@ EOF
     # shellcheck disable=SC2086
     brainseg infer "$run/$patients" --checkpoint "$run/models/$MODEL" --out "$run/$predictions${TAG:-}" --no-progress \
         ${INFER_ARGS:-}
-    brainseg evaluate "$run/$predictions${TAG:-}" --truth "$run/$patients.json" --out "$run/$report${TAG:-}" \
+    # held out: the fold of the datalist, so the report records its fold for aggregate-folds; trained on: the list
+    truth=(--truth "$datalist" --fold "$k")
+    [[ "$SCORE" == heldout ]] || truth=(--truth "$run/$patients.json")
+    brainseg evaluate "$run/$predictions${TAG:-}" "${truth[@]}" --out "$run/$report${TAG:-}" \
         --train-dir "$run" --model "$run/models/$MODEL"
 done
 reports=("$OUT/${NAME}"_f*/$report${TAG:-}/metrics.json)

@@ -4,6 +4,7 @@ and per-patient Dice is checked against an independent computation (sum of inter
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,7 @@ def write_lgg_predictions(root: Path, pred: Path, change: Perturb) -> dict[str, 
 def stacked_dice(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     intersection = sum(int(np.count_nonzero(t & p)) for t, p in pairs)
     sizes = sum(int(np.count_nonzero(t)) + int(np.count_nonzero(p)) for t, p in pairs)
-    return 2.0 * intersection / sizes
+    return 1.0 if sizes == 0 else 2.0 * intersection / sizes  # both empty: Dice 1
 
 
 def mean_slice_dice(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -113,7 +114,7 @@ def test_lgg_per_patient_dice_is_the_stacked_dice(lgg_root: Path, tmp_path: Path
     assert false_alarm["recall"] is None and false_alarm["hd95"] is None and false_alarm["dice"] == 0.0
 
 
-def test_missing_prediction_is_reported_and_scored_empty(lgg_root: Path, tmp_path: Path) -> None:
+def test_missing_prediction_is_refused_unless_allowed_then_scored_empty(lgg_root: Path, tmp_path: Path) -> None:
     pairs = write_lgg_predictions(lgg_root, tmp_path / "pred", lambda i, z, m: m)
     # remove the prediction of SYN_0002's slice with the most tumour
     sizes = [np.count_nonzero(t) for t, _ in pairs["SYN_0002"]]
@@ -122,8 +123,14 @@ def test_missing_prediction_is_reported_and_scored_empty(lgg_root: Path, tmp_pat
     gone.unlink()
     pairs["SYN_0002"][z] = (pairs["SYN_0002"][z][0], np.zeros_like(pairs["SYN_0002"][z][0]))
 
-    result = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
-    assert result["summary"]["missing_predictions"] == 1
+    with pytest.raises(InputError) as error:
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'pred'}: 1 of 18 truth items have no prediction")
+    assert f"SYN_0002/SYN_0002_{z + 1}_pred.png" in message and "--allow-missing" in message
+
+    result = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", allow_missing=True)
+    assert result["summary"]["missing_predictions"] == 1 and result["settings"]["allow_missing"]
     assert result["missing"] == [{"patient": "SYN_0002", "image": str(lgg_root / "SYN_0002" / f"SYN_0002_{z + 1}.tif"),
                                   "label": str(lgg_root / "SYN_0002" / f"SYN_0002_{z + 1}_mask.tif"),
                                   "expected": str(gone)}]
@@ -134,6 +141,39 @@ def test_missing_prediction_is_reported_and_scored_empty(lgg_root: Path, tmp_pat
     assert patient["dice"] == pytest.approx(stacked_dice(pairs["SYN_0002"]), abs=1e-6)
     assert patient["dice"] < 1.0
     assert all(p["dice"] == 1.0 for p in result["per_patient"] if p["patient"] != "SYN_0002")
+
+
+def test_deleting_a_false_positive_prediction_cannot_raise_the_score_by_default(lgg_root: Path, tmp_path: Path) -> None:
+    pairs = write_lgg_predictions(lgg_root, tmp_path / "pred", perturb)
+    truth, predicted = pairs["SYN_0003"][0]
+    assert not truth.any() and predicted.sum() == 9  # the tumour-free slice with the false-positive square
+    (tmp_path / "pred" / "SYN_0003" / "SYN_0003_1_pred.png").unlink()
+    with pytest.raises(InputError, match=r"1 of 18 truth items have no prediction here \(expected "
+                                         r"SYN_0003/SYN_0003_1_pred.png\)"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
+    # allowed, the empty prediction is perfect on that slice: the very reason it is refused by default
+    allowed = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", allow_missing=True)
+    patient = next(p for p in allowed["per_patient"] if p["patient"] == "SYN_0003")
+    with_square = stacked_dice(pairs["SYN_0003"])
+    without = stacked_dice([(truth, np.zeros_like(truth)), *pairs["SYN_0003"][1:]])
+    assert patient["dice"] == pytest.approx(without, abs=1e-9) and without > with_square
+    assert allowed["summary"]["tumour_free"]["with_false_positive"] == 0
+
+
+def test_command_line_refuses_missing_predictions_unless_allowed(
+    lgg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from brainseg_monai.cli import main
+
+    write_lgg_predictions(lgg_root, tmp_path / "pred", lambda i, z, m: m)
+    (tmp_path / "pred" / "SYN_0001" / "SYN_0001_2_pred.png").unlink()
+    args = ["evaluate", str(tmp_path / "pred"), "--truth", str(lgg_root), "--source", "lgg", "--n-worst", "0"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "1 of 18 truth items have no prediction" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--out", str(tmp_path / "report"), "--allow-missing"]) == 0
+    assert "missing predictions 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["settings"]["allow_missing"] is True
 
 
 def test_wrong_size_prediction_names_both_files(lgg_root: Path, tmp_path: Path) -> None:
@@ -193,6 +233,71 @@ def test_pairs_predictions_in_any_case_folder_and_ambiguity(tmp_path: Path) -> N
         evaluate_predictions(pred, root)
 
 
+def test_pairs_group_that_is_no_patient_is_pooled_not_stacked(tmp_path: Path) -> None:
+    # figshare's layout: no pid, so each image's patient is its cv_fold group; here cvfold1 holds SYN_0001 and SYN_0006
+    root = make_dataset(tmp_path / "pairs", "pairs", cases=6, seed=4, size=(32, 32, 4))
+    table = (root / "cases.csv").read_text().splitlines()
+    (root / "cases.csv").write_text("\n".join([table[0]] + [re.sub(r"^([^,]*),[^,]*,", r"\1,,", row)
+                                                          for row in table[1:]]) + "\n")
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for index, mask in enumerate(sorted((root / "masks").iterdir())):
+        truth = np.asarray(Image.open(mask)) > 0
+        shifted = np.roll(truth, 2, axis=1)
+        write_png_mask(shifted.T.astype(np.uint8), tmp_path / "pred" / "images" / f"{mask.stem}_pred.png")
+        group = f"cvfold{int(mask.stem.split('_')[1]) % 5 or 5}"  # SYN_000k is case k - 1, cv_fold (k - 1) % 5 + 1
+        pairs.setdefault(group, []).append((truth, shifted))
+
+    result = evaluate_predictions(tmp_path / "pred", root, "pairs")
+    assert sorted(p["patient"] for p in result["per_patient"]) == [f"cvfold{k}" for k in range(1, 6)]
+    for record in result["per_patient"]:
+        assert not record["stacked"] and record["hd95"] is None and record["asd"] is None and record["spacing"] is None
+        assert record["dice"] == pytest.approx(stacked_dice(pairs[record["patient"]]), abs=1e-9)
+    assert next(p for p in result["per_patient"] if p["patient"] == "cvfold1")["images"] == 8
+    assert result["summary"]["patients_pooled"] == 5 and result["summary"]["patient_hd95_n"] == 0
+    assert all(r["hd95"] is not None for r in result["per_image"] if r["truth_size"])  # per image they are defined
+    assert "cvfold<k>" in result["settings"]["patient_definition"]
+
+    # with patient ids, each patient's numbered slices SYN_000k_<n> are one stacked volume again
+    (root / "cases.csv").write_text("\n".join(table) + "\n")
+    stacked = evaluate_predictions(tmp_path / "pred", root, "pairs")
+    assert all(p["stacked"] and p["hd95"] is not None for p in stacked["per_patient"])
+    assert stacked["summary"]["patients_pooled"] == 0
+
+
+def test_spacing_of_2d_images_needs_the_slice_spacing_for_patient_distances(lgg_root: Path, tmp_path: Path) -> None:
+    pairs = write_lgg_predictions(lgg_root, tmp_path / "pred", perturb)
+    volumes = {patient: ([p.T for _, p in v], [t.T for t, _ in v]) for patient, v in pairs.items()}  # (x, y) order
+
+    pixels = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
+    assert pixels["settings"]["distance_unit"] == "pixel" and pixels["settings"]["spacing"] is None
+    assert pixels["settings"]["image_spacing"] == [1, 1] and pixels["settings"]["patient_spacing"] == [1, 1, 1]
+    in_plane = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", spacing=0.5)
+    assert in_plane["settings"]["distance_unit"] == "mm" and in_plane["settings"]["spacing"] == [0.5]
+    assert in_plane["settings"]["image_spacing"] == [0.5, 0.5] and in_plane["settings"]["patient_spacing"] is None
+    assert "give x y z" in in_plane["settings"]["distances"]
+    full = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", spacing=(0.5, 0.5, 5.0))
+    assert full["settings"]["patient_spacing"] == [0.5, 0.5, 5.0]
+    for a, b, c in zip(pixels["per_patient"], in_plane["per_patient"], full["per_patient"]):
+        preds, truths = volumes[a["patient"]]
+        assert a["hd95"] == pytest.approx(patient_metrics(preds, truths, (1, 1, 1))["hd95"], abs=1e-9)
+        # no slice spacing: a stack has no 3D distance rather than one with a made-up z
+        assert b["stacked"] and b["hd95"] is None and b["asd"] is None and b["spacing"] is None
+        assert b["dice"] == a["dice"] == c["dice"]
+        assert c["hd95"] == pytest.approx(patient_metrics(preds, truths, (0.5, 0.5, 5.0))["hd95"], abs=1e-9)
+        assert c["spacing"] == [0.5, 0.5, 5.0]
+    for a, b in zip(pixels["per_image"], in_plane["per_image"]):  # slices: (x, y) only, halved
+        assert (a["hd95"] is None and b["hd95"] is None) or b["hd95"] == pytest.approx(a["hd95"] / 2, abs=1e-9)
+
+    # a patient of one image keeps its 2D distances
+    one = [{"image": str(lgg_root / "SYN_0002" / f"SYN_0002_{n}.tif"),
+            "label": str(lgg_root / "SYN_0002" / f"SYN_0002_{n}_mask.tif")} for n in range(3, 5)]
+    (tmp_path / "items.json").write_text(json.dumps(one))
+    single = evaluate_predictions(tmp_path / "pred", tmp_path / "items.json", spacing=(0.5, 0.5))
+    for patient, image in zip(single["per_patient"], single["per_image"]):
+        assert patient["patient"] == Path(image["image"]).stem and patient["spacing"] == [0.5, 0.5]
+        assert patient["hd95"] == image["hd95"] is not None and patient["slices"] == 1
+
+
 @pytest.fixture(scope="module")
 def nifti_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("nifti") / "nifti", "nifti", cases=2, seed=5, size=(32, 32, 8))
@@ -235,7 +340,9 @@ def test_nifti_volumes_dice_spacing_and_geometry(nifti_root: Path, tmp_path: Pat
     assert str(pred / "SYN_0002" / "mask.nii.gz") in str(error.value) and "SYN_0002_seg.nii.gz" in str(error.value)
     assert "origin" in str(error.value)
     shutil.rmtree(pred / "SYN_0002")
-    result = evaluate_predictions(pred, nifti_root, "nifti")
+    with pytest.raises(InputError, match=r"1 of 2 truth items have no prediction here \(expected SYN_0002/mask.nii.gz "):
+        evaluate_predictions(pred, nifti_root, "nifti")
+    result = evaluate_predictions(pred, nifti_root, "nifti", allow_missing=True)
     assert result["summary"]["missing_predictions"] == 1
     assert str(pred / "SYN_0002" / "mask.nii.gz") in result["missing"][0]["expected"]
     assert result["per_patient"][1]["dice"] == 0.0 and result["per_patient"][1]["missed"]
@@ -260,6 +367,8 @@ def test_argument_errors(lgg_root: Path, tmp_path: Path) -> None:
         evaluate_predictions(tmp_path / "pred", lgg_root, spacing=(1, -1))
     with pytest.raises(ValueError, match="split and fold apply to a datalist"):
         evaluate_predictions(tmp_path / "pred", lgg_root, fold=0)
+    with pytest.raises(ValueError, match="allow_missing must be a bool"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, allow_missing="yes")
 
 
 @pytest.mark.realdata

@@ -83,7 +83,8 @@ def lgg_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "tuning": {"threshold": 0.3, "threshold_curve": [[0.1, 0.5], [0.3, 0.8], [0.5, 0.7]], "dice": 0.8,
                    "previous_threshold": 0.5, "previous_dice": 0.7, "patients": 3, "tta": "none"},
     }))  # fmt: skip
-    return {"root": root, "pred": pred, "run": run, "result": evaluate_predictions(pred, root, "lgg")}
+    result = evaluate_predictions(pred, root, "lgg", allow_missing=True)
+    return {"root": root, "pred": pred, "run": run, "result": result}
 
 
 def test_report_has_every_section_and_only_valid_references(lgg_run: dict, tmp_path: Path) -> None:
@@ -111,6 +112,13 @@ def test_report_has_every_section_and_only_valid_references(lgg_run: dict, tmp_p
     for patient in result["per_patient"]:
         assert f"<td>{patient['patient']}</td>" in page and f"<td>{patient['dice']:.4f}</td>" in page
     assert "SYN_0002_1.tif" in page and "1 truth item has no prediction" in page
+    # what a missing prediction counted as, what a patient is and what distances are in are said
+    overview = markdown.split("## Overview\n")[1].split("\n## ")[0]
+    assert "Missing predictions: 1 (allowed with --allow-missing: each is scored as an empty prediction" in overview
+    assert "a tumour-free one scores as perfect" in overview
+    assert "A patient here is an LGG patient folder: its numbered slices <patient>_<n> of one size are stacked" \
+        in overview
+    assert "Distances in pixels: images at (x, y) = (1, 1); stacked slices at (x, y, z) = (1, 1, 1)" in markdown
 
     # worst cases: the two lowest Dice, truth outlined in green and the prediction in red
     worst = sorted(result["per_patient"], key=lambda p: p["dice"])[:2]
@@ -173,9 +181,10 @@ def test_folds_report(lgg_run: dict, tmp_path: Path) -> None:
     datalist = write_datalist(build_datalist("lgg", lgg_run["root"], folds=3, seed=0), tmp_path / "folds.json")
     metrics = []
     for k in range(3):
-        result = evaluate_predictions(lgg_run["pred"], datalist, fold=k)
+        result = evaluate_predictions(lgg_run["pred"], datalist, fold=k, allow_missing=True)
         metrics.append(write_report(result, tmp_path / f"fold{k}", n_worst=0)["metrics"])
-    aggregate = aggregate_folds(metrics)
+    aggregate = aggregate_folds(metrics[::-1])  # numbered by each report's fold, not by the order given
+    assert [(f["fold"], f["path"]) for f in aggregate["folds"]] == [(k, str(m)) for k, m in enumerate(metrics)]
     assert aggregate["pooled"]["patients"] == 3
     summary = lgg_run["result"]["summary"]
     assert aggregate["pooled"]["patient_dice"]["mean"] == pytest.approx(summary["patient_dice_mean"])
@@ -185,3 +194,4 @@ def test_folds_report(lgg_run: dict, tmp_path: Path) -> None:
     assert referenced == ["folds_dice.png"]
     assert_valid_png(tmp_path / "folds" / "folds_dice.png")
     assert "patient_dice_mean" in files["markdown"].read_text(encoding="utf-8")
+    assert "Distances (HD95, ASD) in pixel in every fold" in files["markdown"].read_text(encoding="utf-8")

@@ -272,6 +272,41 @@ def test_tune_threshold_command_line_pairs_checkpoints_with_their_folds(
     assert "trained on the validation patients too" in capsys.readouterr().err
 
 
+def test_tune_threshold_command_line_checks_a_single_checkpoint_too(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from brainseg_monai.cli import main
+
+    items, _ = slice_items(tmp_path / "data", ("P1", "P2", "P3"), seed=5)
+    base = {"name": "t", "source": "lgg", "channels": ["t1", "flair", "t1c"], "testing": []}
+    folds, split = tmp_path / "folds.json", tmp_path / "split.json"
+    folds.write_text(json.dumps({**base, "folds": 2, "validation": [], "training": [
+        {**it, "fold": 0 if it["patient"] != "P3" else 1} for it in items]}))
+    split.write_text(json.dumps({**base, "training": [it for it in items if it["patient"] != "P3"],
+                                 "validation": [it for it in items if it["patient"] == "P3"]}))
+    model = _fold_models(model_dir, tmp_path, (0.0,))[0]
+    record = model.parent.parent / "config_resolved.json"
+
+    def tune(datalist: Path, *fold: str) -> int:
+        return main(["tune-threshold", "--checkpoint", str(model), "--datalist", str(datalist), *fold, "--dry-run",
+                     "--device", "cpu", "--tta", "none"])
+
+    record.write_text(json.dumps({"fold": 0, "train_all": False}))
+    assert tune(folds, "--fold", "1") == 2  # fold 1 is the one it trained on: an in-sample threshold
+    assert "its run held out fold 0" in capsys.readouterr().err
+    assert tune(folds, "--fold", "0") == 0 and "dry run: nothing stored" in capsys.readouterr().out
+    assert tune(split) == 2  # its run held out a fold, not this datalist's validation split
+    assert "held out fold 0" in capsys.readouterr().err
+
+    record.write_text(json.dumps({"fold": None, "train_all": True}))
+    assert tune(split) == 2  # it trained on the validation split too: it saw every patient
+    assert "trained on the validation patients too" in capsys.readouterr().err
+    record.write_text(json.dumps({"fold": None, "train_all": False}))
+    assert tune(split) == 0
+    assert tune(folds, "--fold", "1") == 2
+    assert "held out the datalist's validation split (no fold)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -321,12 +356,13 @@ def test_tuning_argument_errors(model_dir: Path, tmp_path: Path) -> None:
         plot_threshold_curve([], 0.5, tmp_path / "x.png")
 
 
-def _metrics(folder: Path, summary: dict, patients: dict[str, float | None]) -> Path:
+def _metrics(folder: Path, summary: dict, patients: dict[str, float | None], **settings: object) -> Path:
     folder.mkdir(parents=True)
     per_patient = [{"patient": p, "dice": d, "tp": 8, "fp": 2, "fn": 0 if d else 8, "tn": 90}
                    for p, d in patients.items()]
     path = folder / "metrics.json"
-    path.write_text(json.dumps({"summary": summary, "per_patient": per_patient, "per_image": []}))
+    report = {"summary": summary, "per_patient": per_patient, "per_image": []}
+    path.write_text(json.dumps({**report, "settings": settings} if settings else report))
     return path
 
 
@@ -354,6 +390,32 @@ def test_aggregate_folds_mean_spread_and_pooled(tmp_path: Path) -> None:
         aggregate_folds([first, tmp_path / "nowhere"])
     with pytest.raises(ValueError, match="at least two folds"):
         aggregate_folds([first])
+
+
+def test_aggregate_folds_numbers_folds_by_their_reports_and_refuses_unlike_ones(tmp_path: Path) -> None:
+    alike = {"kind": "slices", "distance_unit": "pixel", "spacing": None}
+    second = _metrics(tmp_path / "b", {"patients": 1, "patient_hd95_mean": 4.0}, {"c": 0.6}, fold=1, **alike)
+    first = _metrics(tmp_path / "a", {"patients": 1, "patient_hd95_mean": 2.0}, {"a": 0.8}, fold=0, **alike)
+    result = aggregate_folds([second, first])
+    assert [(f["fold"], f["path"]) for f in result["folds"]] == [(0, str(first)), (1, str(second))]
+    assert result["per_patient"] == [{"fold": 0, "patient": "a", "dice": 0.8}, {"fold": 1, "patient": "c", "dice": 0.6}]
+    assert result["settings"] == alike and result["metrics"]["patient_hd95_mean"]["mean"] == 3.0
+
+    again = _metrics(tmp_path / "c", {"patients": 1}, {"d": 0.5}, fold=1, **alike)
+    with pytest.raises(InputError, match=f"fold 1 is also the fold of {second}"):
+        aggregate_folds([first, second, again])
+    unnumbered = _metrics(tmp_path / "d", {"patients": 1}, {"e": 0.5}, **alike)  # no fold: its place in the list
+    with pytest.raises(InputError, match="fold 0 is also the fold of"):
+        aggregate_folds([unnumbered, first])
+    assert [f["fold"] for f in aggregate_folds([first, unnumbered])["folds"]] == [0, 1]
+    in_mm = _metrics(tmp_path / "e", {"patients": 1, "patient_hd95_mean": 1.0}, {"f": 0.5}, fold=2, kind="slices",
+                     distance_unit="mm", spacing=[0.5])
+    with pytest.raises(InputError, match=rf"^{in_mm}: scored unlike the other folds \(distance_unit 'mm' there, "
+                                         rf"'pixel' in {first}; spacing \[0.5\] there, None in {first}\)"):
+        aggregate_folds([first, in_mm])
+    volumes = _metrics(tmp_path / "f", {"patients": 1}, {"g": 0.5}, fold=2, **{**alike, "kind": "volumes"})
+    with pytest.raises(InputError, match="kind 'volumes' there, 'slices' in"):
+        aggregate_folds([first, second, volumes])
 
 
 @pytest.mark.slow
