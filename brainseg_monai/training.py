@@ -19,9 +19,10 @@ import SimpleITK as sitk
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from monai.handlers import CheckpointLoader
+from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+from monai.handlers import CheckpointLoader, EarlyStopHandler
 from monai.inferers import SimpleInferer
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
 from brainseg_monai import synth, transforms
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_PREFIX = "last"
 #: entries of a last checkpoint that older versions did not save; resuming from such a checkpoint goes on without them
-OPTIONAL_RESUME_KEYS = ("key_metric",)
+OPTIONAL_RESUME_KEYS = ("key_metric", "early_stop")
+#: folds of the datalist a run builds from ``dataset_dir`` when ``fold`` is set (the bundle's ``num_folds``)
+DEFAULT_NUM_FOLDS = 5
 
 
 def as_bool(value: bool | str | int, name: str = "value") -> bool:
@@ -157,14 +160,19 @@ def prepare_data(
     val: float = 0.2,
     seed: int = 0,
     train_all: bool | str = False,
+    num_folds: int = DEFAULT_NUM_FOLDS,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """The (training items, validation items, channel names) of a run.
 
-    With ``datalist`` (any file from ``brainseg datalist``) its split (or ``fold``) is used. Otherwise one is built
-    from ``dataset_dir`` with ``source`` and saved as ``output_dir/datalist.json``; an empty ``dataset_dir`` means
-    the embedded synthetic default, generated on first use. ``train_all`` trains on the validation patients too
-    (the final model of a recipe whose schedule, not a validation score, ends training): validation still runs
-    and is logged, but on patients the model has seen, so its Dice is no estimate of unseen-patient performance.
+    With ``datalist`` (any file from ``brainseg datalist``) its split (or ``fold``, among the folds it was built
+    with) is used. Otherwise one is built from ``dataset_dir`` with ``source`` (``num_folds`` folds when ``fold`` is
+    set) and saved as ``output_dir/datalist.json``; an empty ``dataset_dir`` means the embedded synthetic default,
+    generated on first use. ``train_all`` trains on the validation patients too (the final model of a recipe whose
+    schedule, not a validation score, ends training): validation still runs and is logged, but on patients the
+    model has seen, so its Dice is no estimate of unseen-patient performance.
+
+    Raises:
+        ValueError: when ``fold`` is not in ``0..num_folds - 1`` (a built datalist), or ``num_folds`` is below 2.
     """
     if datalist:
         dl = datalist_lib.load_datalist(datalist)
@@ -173,7 +181,7 @@ def prepare_data(
         if not dataset_dir:
             dataset_dir = synth.default_dataset(source)
             logger.info("no dataset_dir given: using the synthetic %s phantoms in %s", source, dataset_dir)
-        folds = None if fold is None else max(5, int(fold) + 1)
+        folds = None if fold is None else _check_fold(fold, num_folds)
         dl = datalist_lib.build_datalist(source, dataset_dir, val=0.0 if folds else val, folds=folds, seed=seed)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         datalist_lib.write_datalist(dl, Path(output_dir) / "datalist.json")
@@ -184,6 +192,16 @@ def prepare_data(
         )
         train = train + valid
     return train, valid, list(dl.get("channels") or [])
+
+
+def _check_fold(fold: int, num_folds: int) -> int:
+    """``num_folds`` after checking that ``fold`` is one of them: another count would regroup every fold's patients."""
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise ValueError(f"num_folds must be an integer of 2 or more but is {num_folds!r}.")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1} (num_folds is {num_folds}) but is {fold!r}; "
+                         "pass --num_folds to cross-validate with more folds.")
+    return int(num_folds)
 
 
 def with_normalisation(
@@ -203,7 +221,31 @@ def with_normalisation(
 
 
 def _has_tumour(label_path: str) -> bool:
-    return bool(sitk.GetArrayViewFromImage(read_sitk(label_path)).any())
+    """Whether the mask at ``label_path`` marks any tumour.
+
+    The pixels are copied (``GetArrayFromImage``): a ``GetArrayViewFromImage`` view of the temporary image read
+    freed memory and called tumour-free slices tumour.
+    """
+    return bool(sitk.GetArrayFromImage(read_sitk(label_path)).any())
+
+
+def check_tumour_fraction(tumour_fraction: float | str | None) -> float | None:
+    """``tumour_fraction`` from a config or the command line: a fraction in (0, 1), or None for plain shuffling.
+
+    ``--tumour_fraction null`` arrives as the string "null" (or "None"), so "null" and "none" (any case) mean None.
+
+    Raises:
+        ValueError: for anything else, naming the value.
+    """
+    if tumour_fraction is None or str(tumour_fraction).strip().lower() in ("null", "none"):
+        return None
+    try:
+        fraction = float(tumour_fraction)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"tumour_fraction must be in (0, 1), or null for plain shuffling, but is {tumour_fraction!r}.")
+    return fraction
 
 
 def tumour_weights(items: Sequence[Mapping], tumour_fraction: float = 0.5) -> list[float]:
@@ -215,19 +257,67 @@ def tumour_weights(items: Sequence[Mapping], tumour_fraction: float = 0.5) -> li
     Raises:
         ValueError: when ``tumour_fraction`` is not in (0, 1).
     """
-    if not 0.0 < tumour_fraction < 1.0:
-        raise ValueError(f"tumour_fraction must be in (0, 1) but is {tumour_fraction}.")
+    fraction = check_tumour_fraction(tumour_fraction)
+    if fraction is None:
+        raise ValueError("tumour_fraction must be in (0, 1) for tumour weights but is None.")
     has = np.array([_has_tumour(str(it["label"])) for it in items], dtype=bool)
     n_pos, n_neg = int(has.sum()), int((~has).sum())
     if n_pos == 0 or n_neg == 0:
         return [1.0] * len(items)
-    return np.where(has, tumour_fraction / n_pos, (1.0 - tumour_fraction) / n_neg).tolist()
+    return np.where(has, fraction / n_pos, (1.0 - fraction) / n_neg).tolist()
 
 
-def tumour_weighted_sampler(items: Sequence[Mapping], tumour_fraction: float = 0.5, seed: int = 0) -> WeightedRandomSampler:
-    """A seeded sampler drawing ``len(items)`` items per epoch with :func:`tumour_weights`."""
-    weights = torch.as_tensor(tumour_weights(items, tumour_fraction), dtype=torch.double)
-    return WeightedRandomSampler(weights, len(items), True, torch.Generator().manual_seed(int(seed)))
+def training_sampler(items: Sequence[Mapping], tumour_fraction: float | str | None = 0.5, seed: int = 0) -> Sampler:
+    """A seeded sampler of ``len(items)`` draws per epoch.
+
+    With a ``tumour_fraction``: drawn with replacement by :func:`tumour_weights`. With None: every item once per
+    epoch in random order (plain shuffling). Runs before the weights worked drew uniformly with replacement, or by
+    weights read from freed memory: plain shuffling is the nearest recipe that is reproducible.
+    """
+    fraction = check_tumour_fraction(tumour_fraction)
+    generator = torch.Generator().manual_seed(int(seed))
+    if fraction is None:
+        return RandomSampler(range(len(items)), generator=generator)
+    weights = torch.as_tensor(tumour_weights(items, fraction), dtype=torch.double)
+    return WeightedRandomSampler(weights, len(items), True, generator)
+
+
+def distributed_training_sampler(
+    dataset: Dataset,
+    items: Sequence[Mapping],
+    tumour_fraction: float | str | None = 0.5,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+) -> DistributedSampler:
+    """:func:`training_sampler` for one process of a distributed run: its share of every epoch's draws.
+
+    ``num_replicas`` and ``rank`` default to those of the initialised process group.
+    """
+    fraction = check_tumour_fraction(tumour_fraction)
+    common = dict(even_divisible=True, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed))
+    if fraction is None:
+        return DistributedSampler(dataset, **common)
+    return DistributedWeightedRandomSampler(dataset, tumour_weights(items, fraction), **common)
+
+
+def check_fresh_run(ckpt_dir: str | os.PathLike, resume: bool | str | int) -> None:
+    """Refuses to start a fresh run (``resume`` false) in a checkpoint folder holding an earlier run's last checkpoint.
+
+    That checkpoint would stay beside the new run's, and a later ``resume`` loads the one of the highest epoch,
+    which may be the earlier run's. User files are not deleted: the run stops before writing anything.
+
+    Raises:
+        FileExistsError: naming the folder and the checkpoint found.
+    """
+    if as_bool(resume, "resume"):
+        return
+    found = latest_checkpoint(ckpt_dir)
+    if found is not None:
+        raise FileExistsError(
+            f"{ckpt_dir}: holds {Path(found).name} of an earlier run, and a fresh run (resume false) there could later "
+            "resume from it; choose another --output_dir (or --ckpt_dir), or pass --resume true to continue that run."
+        )
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
@@ -274,6 +364,31 @@ class KeyMetricState:
             logger.warning("%s is missing: the next validation writes the best model afresh", self.best_file)
 
 
+class ResumableEarlyStop(EarlyStopHandler):
+    """MONAI's ``EarlyStopHandler`` whose count of validations without improvement and best score are checkpointable.
+
+    MONAI's handler has no ``state_dict``, so a resumed run counted its patience afresh: a run stopped and resumed
+    every few epochs would never stop early. Saved in the last checkpoint and loaded on resume, both carry on.
+    The arguments are ``EarlyStopHandler``'s.
+    """
+
+    def state_dict(self) -> dict:
+        stopping = self._stopping()
+        best = stopping.best_score  # None until the first validation
+        return {"counter": int(stopping.counter), "best_score": None if best is None else float(best)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        stopping = self._stopping()
+        stopping.counter = int(state["counter"])
+        stopping.best_score = None if state["best_score"] is None else float(state["best_score"])
+
+    def _stopping(self) -> Any:
+        """The ignite ``EarlyStopping`` that ``set_trainer`` made."""
+        if self._handler is None:
+            raise RuntimeError("early stopping has no trainer yet: call set_trainer() before saving or loading it.")
+        return self._handler
+
+
 def _saved_score(score: float) -> dict:
     """An ignite ``Checkpoint`` state recording one saved file of ``score``.
 
@@ -286,7 +401,8 @@ def _saved_score(score: float) -> dict:
 
 
 def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mapping[str, Any], device: Any = "cpu") -> list:
-    """``[CheckpointLoader]`` restoring network, optimizer, scheduler, epoch and best-metric tracking when ``resume``.
+    """``[CheckpointLoader]`` restoring network, optimizer, scheduler, epoch, best-metric tracking and early stopping
+    when ``resume``.
 
     An entry of ``load_dict`` that a checkpoint from an older version lacks (``OPTIONAL_RESUME_KEYS``) is skipped
     with a warning. Without ``resume``: ``[]``.
@@ -310,7 +426,7 @@ def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mappin
         raise ValueError(f"{path}: cannot read the checkpoint to resume from: {err}") from err
     skipped = [k for k in OPTIONAL_RESUME_KEYS if k in load_dict and k not in keys]
     if skipped:
-        logger.warning("%s holds no %s (saved by an older version); best-model tracking starts afresh", path, skipped)
+        logger.warning("%s holds no %s (saved by an older version): that tracking starts afresh", path, skipped)
     load = {k: v for k, v in load_dict.items() if k not in skipped}
     return [CheckpointLoader(load_path=path, load_dict=load, map_location=str(resolve_device(device)))]
 

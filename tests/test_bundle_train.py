@@ -13,6 +13,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
+from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from brainseg_monai.augment import BatchAugment
@@ -24,6 +25,7 @@ from conftest import REPO_ROOT, shared_path
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.json")
+LGG_2D = str(REPO_ROOT / "configs" / "lgg_2d.json")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_train_2d_writes_tensorboard_checkpoints_and_config(lgg_phantoms: Path, 
     last = latest_checkpoint(out / "models")
     assert last is not None and last.endswith("epoch=2.pt")
     state = torch.load(last, map_location="cpu", weights_only=False)
-    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "key_metric", "early_stop"} <= set(state)
     saved = json.loads((out / "config_resolved.json").read_text())
     assert saved["max_epochs"] == 2 and saved["spatial_dims"] == 2 and saved["network_name"] == "unet"
     datalist = json.loads((out / "datalist.json").read_text())
@@ -101,9 +103,14 @@ def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_pat
     common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
     _run(_workflow(TRAIN, out, max_epochs=2, **common))
     before = torch.load(latest_checkpoint(out / "models"), map_location="cpu", weights_only=False)
+    sidecar = out / "models" / "model.json"
+    tuned = {**json.loads(sidecar.read_text()), "postprocessing": {"threshold": 0.35}, "tuning": {"threshold": 0.35}}
+    sidecar.write_text(json.dumps(tuned))
 
     wf = _workflow(TRAIN, out, max_epochs=3, resume=True, **common)
     wf.initialize()
+    kept = json.loads(sidecar.read_text())  # the same run goes on: its tuned threshold stays
+    assert kept["postprocessing"] == {"threshold": 0.35} and kept["tuning"] == {"threshold": 0.35}
     trainer = wf.parser.get_parsed_content("train#trainer")
     epochs_run: list[int] = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: epochs_run.append(engine.state.epoch))
@@ -166,18 +173,90 @@ def test_resume_replaces_the_best_model_with_a_better_one_even_if_it_was_moved(l
 
 
 def test_resume_from_a_checkpoint_without_best_metric_state(lgg_phantoms: Path, tmp_path: Path) -> None:
-    """Runs started before best-metric tracking was checkpointed still resume (tracking starts afresh)."""
+    """Runs started before best-metric and early-stopping tracking were checkpointed still resume (afresh)."""
     out = tmp_path / "run"
     common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4)
     _run(_workflow(TRAIN, out, max_epochs=1, **common))
     last_path = latest_checkpoint(out / "models")
-    old = {k: v for k, v in torch.load(last_path, map_location="cpu", weights_only=True).items() if k != "key_metric"}
+    saved = torch.load(last_path, map_location="cpu", weights_only=True)
+    old = {k: v for k, v in saved.items() if k not in ("key_metric", "early_stop")}
     torch.save(old, last_path)
     wf = _workflow(TRAIN, out, max_epochs=2, resume=True, **common)
     wf.initialize()
     wf.run()
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
     assert latest_checkpoint(out / "models").endswith("epoch=2.pt")
+
+
+def test_resume_carries_on_the_early_stopping_count(lgg_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], batch_size=4, early_stop_patience=2)
+    first = _workflow(TRAIN, out, max_epochs=1, **common)
+    _run(first)
+    val_dice = first.parser.get_parsed_content("validate#evaluator").state.metrics["val_dice"]
+    path = latest_checkpoint(out / "models")
+    last = torch.load(path, map_location="cpu", weights_only=True)
+    assert last["early_stop"] == {"counter": 0, "best_score": pytest.approx(val_dice)}
+    # one validation without improvement counted already, and a best score no epoch can beat (Dice <= 1)
+    last["early_stop"] = {"counter": 1, "best_score": 2.0}
+    torch.save(last, path)
+    wf = _workflow(TRAIN, out, max_epochs=3, resume=True, **common)
+    wf.initialize()
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2  # the second validation without improvement stops it: patience 2
+    saved = torch.load(latest_checkpoint(out / "models"), map_location="cpu", weights_only=True)["early_stop"]
+    assert saved == {"counter": 2, "best_score": 2.0}
+
+
+def test_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoint(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """A fresh run never mixes with an earlier run's last checkpoint, and never inherits its tuned threshold."""
+    out = tmp_path / "run"
+    models = out / "models"
+    models.mkdir(parents=True)
+    (models / "model.json").write_text(json.dumps({"network_name": "segresnet", "postprocessing": {"threshold": 0.3},
+                                                   "tuning": {"threshold": 0.3}}))
+    common = dict(dataset_dir=str(lgg_phantoms), roi_size=[64, 64], max_epochs=1)
+    _workflow(TRAIN, out, **common).initialize()  # an earlier model.json, but no checkpoint: a fresh run may start
+    settings = json.loads((models / "model.json").read_text())
+    assert settings["network_name"] == "unet" and settings["postprocessing"] == {} and "tuning" not in settings
+
+    (models / "last_checkpoint_epoch=4.pt").write_bytes(b"an earlier run")
+    (out / "config_resolved.json").write_text("the earlier run's")
+    for flag in (False, "false"):
+        with pytest.raises(Exception) as info:
+            _workflow(TRAIN, out, resume=flag, **common).initialize()
+        message = _messages(info.value)
+        assert f"{models}: holds last_checkpoint_epoch=4.pt of an earlier run" in message
+        assert "choose another --output_dir" in message and "--resume true" in message
+    assert (out / "config_resolved.json").read_text() == "the earlier run's"  # refused before writing anything
+    assert json.loads((models / "model.json").read_text()) == settings
+    assert (models / "last_checkpoint_epoch=4.pt").read_bytes() == b"an earlier run"
+
+
+def test_num_folds_sets_the_folds_and_fold_is_checked(lgg_phantoms: Path, tmp_path: Path) -> None:
+    wf = _workflow(TRAIN, tmp_path / "k2of3", dataset_dir=str(lgg_phantoms), fold=2, num_folds=3)
+    _, valid, _ = wf.parser.get_parsed_content("data")
+    written = json.loads((tmp_path / "k2of3" / "datalist.json").read_text())
+    assert written["folds"] == 3 and valid == [it for it in written["training"] if it["fold"] == 2] and valid
+    wf = _workflow(TRAIN, tmp_path / "k5", dataset_dir=str(lgg_phantoms), fold=5)
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("data")
+    assert "fold must be in 0..4 (num_folds is 5) but is 5" in _messages(info.value)
+
+
+def test_tumour_fraction_null_shuffles_and_the_lgg_recipe_uses_it(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """The measured LGG recipe samples uniformly; the bundle's default draws tumour half of the time."""
+    wf = _workflow(TRAIN, tmp_path / "default", dataset_dir=str(lgg_phantoms))
+    sampler = wf.parser.get_parsed_content("train#sampler")
+    assert isinstance(sampler, WeightedRandomSampler) and len(set(sampler.weights.tolist())) == 2
+    for configs, override in (([TRAIN, LGG_2D], {}), (TRAIN, {"tumour_fraction": "null"})):
+        out = tmp_path / f"shuffled{len(override)}"
+        wf = _workflow(configs, out, dataset_dir=str(lgg_phantoms), roi_size=[64, 64], max_epochs=1, **override)
+        wf.initialize()
+        loader = wf.parser.get_parsed_content("train#dataloader")
+        assert isinstance(loader.sampler, RandomSampler) and sorted(loader.sampler) == list(range(len(loader.dataset)))
+        assert json.loads((out / "config_resolved.json").read_text())["tumour_fraction"] is None
 
 
 def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: Path) -> None:

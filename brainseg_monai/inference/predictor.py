@@ -36,7 +36,7 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
 from brainseg_monai.networks import get_network
-from brainseg_monai.training import resolve_device, with_memory_format
+from brainseg_monai.training import as_bool, resolve_device, with_memory_format
 from brainseg_monai.transforms import channel_statistics, infer_transforms, normalise_with
 
 logger = logging.getLogger(__name__)
@@ -93,18 +93,27 @@ class ModelSpec:
         return {name: rf"[_-]{name}\.(nii|mha|mhd|nrrd)" for name in self.channels}
 
 
-def write_model_sidecar(ckpt_dir: str | os.PathLike, run_config: Mapping[str, Any], channels: Sequence[str] | None = None) -> Path:
-    """Write ``ckpt_dir/model.json`` from a training run's settings (called when training starts)."""
+def write_model_sidecar(
+    ckpt_dir: str | os.PathLike,
+    run_config: Mapping[str, Any],
+    channels: Sequence[str] | None = None,
+    resume: bool | str | int = False,
+) -> Path:
+    """Write ``ckpt_dir/model.json`` from a training run's settings (called when training starts).
+
+    A resumed run keeps what was added to its ``model.json`` since it started (the tuned ``postprocessing``, the
+    ``tuning`` record). A fresh run writes the defaults: a threshold tuned for another model is not this model's.
+    """
     values = dict(run_config)
     if channels is not None:
         values["channels"] = list(channels)
     spec = ModelSpec.from_dict(values)
     path = Path(ckpt_dir) / MODEL_SIDECAR
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.is_file() else {}
+    existing = json.loads(path.read_text()) if as_bool(resume, "resume") and path.is_file() else {}
     if existing.get("postprocessing"):
-        spec.postprocessing = existing["postprocessing"]  # keep a tuned threshold across resumed runs
-    values = {**existing, **spec.to_dict()}  # keep other blocks (e.g. the threshold "tuning" record)
+        spec.postprocessing = existing["postprocessing"]
+    values = {**existing, **spec.to_dict()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(values, indent=2) + "\n")
     os.replace(tmp, path)
