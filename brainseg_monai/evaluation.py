@@ -36,7 +36,7 @@ from brainseg_monai.datalist import (
 )
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import slice_stacks
-from brainseg_monai.io import READ_SUFFIXES, find_dicom_series, read_sitk, write_text_atomic
+from brainseg_monai.io import file_stem, find_dicom_series, read_sitk, write_text_atomic
 from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metrics, summarise
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "SPLITS",
     "VOLUME_MASK",
     "evaluate_predictions",
-    "image_stem",
     "json_ready",
     "write_metrics_json",
 ]
@@ -60,18 +59,6 @@ MISSING_POLICY = ("refused unless allowed (allow_missing, --allow-missing); allo
                   "prediction (all background): 0 on an item with tumour, but perfect on a tumour-free one")
 """What happens to a truth item without a prediction; ``settings["missing_policy"]`` of every result."""
 SPLITS = ("training", "validation", "testing", "all")
-
-_STEM_SUFFIXES = sorted(READ_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".gz"-less ".nii"
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """The file name without its image suffix (``a.nii.gz`` -> ``a``): the rule ``brainseg infer`` names outputs by."""
-    name = Path(path).name
-    for suffix in _STEM_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
 
 def evaluate_predictions(
     pred_dir: str | os.PathLike,
@@ -147,7 +134,7 @@ def evaluate_predictions(
     kind = _kind(labelled, source, truth_path)
     for item in labelled:
         if not item.get("patient"):
-            item["patient"] = image_stem(_first(item["image"]))
+            item["patient"] = file_stem(_first(item["image"]))
 
     scored = _SliceScorer(pred_root, spacing_values) if kind == "slices" else _VolumeScorer(pred_root, spacing_values)
     by_patient: dict[str, list[tuple[dict[str, Any], Path | None]]] = {}
@@ -372,7 +359,7 @@ class _SliceScorer(_Scorer):
 
     def find(self, item: Mapping[str, Any]) -> Path | None:
         """The prediction of ``item``, or None (recorded as missing)."""
-        stem = image_stem(_first(item["image"]))
+        stem = file_stem(_first(item["image"]))
         own = self.pred_root / str(item["patient"]) / f"{stem}{PRED_SUFFIX}"
         if own.is_file():
             return own
@@ -447,7 +434,7 @@ class _VolumeScorer(_Scorer):
         candidates = [patient]
         for image in _as_list(item["image"]):
             path = Path(image)
-            candidates.append(image_stem(path))
+            candidates.append(file_stem(path))
             if path.is_dir():  # a DICOM series folder: the runner's ids join the folders below the input root
                 candidates.append(f"{patient}_{path.name}")
         candidates = list(dict.fromkeys(candidates))
@@ -497,7 +484,7 @@ def _numbered_slices(patient: str, images: Sequence[str]) -> list[int] | None:
     stacks = slice_stacks(images)
     if len(stacks) != 1 or len(stacks[0]) != len(images):
         return None
-    return stacks[0] if image_stem(images[0]).rsplit("_", 1)[0] == patient else None
+    return stacks[0] if file_stem(images[0]).rsplit("_", 1)[0] == patient else None
 
 
 def _patient_definition(source: str | None, kind: str) -> str:

@@ -110,6 +110,14 @@ class ImageHeader:
     pixel_type: str
 
 
+def file_stem(path: PathLike) -> str:
+    """The file name without its known image suffix (``a.nii.gz`` -> ``a``): the rule ``brainseg infer`` names its
+    outputs by and ``brainseg evaluate`` finds them by."""
+    name = Path(path).name
+    known = _suffix(name)
+    return name[: -len(known)] if known in READ_SUFFIXES else Path(name).stem
+
+
 def _suffix(path: PathLike) -> str:
     """The known suffix of `path` (``.nii.gz`` counts as one), or its last suffix when unknown."""
     name = Path(path).name.lower()

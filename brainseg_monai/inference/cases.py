@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import DicomSeries, find_dicom_series, is_dicom_image_file
+from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file
 
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -53,15 +53,6 @@ class Case:
         if self.series:
             return [f"{os.path.abspath(s.folder)}#{s.series_uid}" for s in self.series]
         return [os.path.abspath(p) for p in self.images] or [os.path.abspath(self.source)]
-
-
-def file_stem(path: str | os.PathLike) -> str:
-    """The file name without its known image suffix (``.nii.gz`` counts as one)."""
-    name = Path(path).name
-    for suffix in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES + DICOM_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 def is_case_output(folder: str | os.PathLike) -> bool:

@@ -28,9 +28,10 @@ import torch
 from tqdm import tqdm
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases, file_stem
+from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case, load_model
+from brainseg_monai.io import file_stem
 from brainseg_monai.inference.writers import write_dicom_seg, write_overlay_png, write_png_mask, write_volume_mask
 
 logger = logging.getLogger(__name__)
