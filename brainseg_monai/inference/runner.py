@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,15 +194,17 @@ def _distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, settings: InferenceSettings) -> list[dict]:
+def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, settings: InferenceSettings,
+                  select: Callable[[Case], bool] | None = None) -> list[dict]:
     """Segment every case under ``inputs`` into ``out_dir``; returns the summary rows (also in ``summary.csv``).
 
     A case that cannot be read or predicted, and an input that cannot be used, is recorded as ``failed`` with its
     reason and the others go on. ``out_dir`` and what it holds are never read as inputs, even inside an input folder.
+    ``select`` keeps only the cases it accepts (e.g. the series a web app user chose in a folder holding several).
 
     Raises:
-        InputError: when the checkpoint is unusable, no input can be used at all, or ``out_dir`` is a file or holds a
-            ``summary.csv`` that ``brainseg infer`` did not write.
+        InputError: when the checkpoint is unusable, no input can be used at all, ``select`` accepts no case, or
+            ``out_dir`` is a file or holds a ``summary.csv`` that ``brainseg infer`` did not write.
     """
     out = Path(out_dir)
     _check_output_folder(out)
@@ -216,6 +218,10 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
     cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels(),
                            exclude=[out])
+    if select is not None:
+        cases = [c for c in cases if select(c)]
+        if not cases:
+            raise InputError(None, f"no case under {', '.join(map(str, inputs))} is the one asked for")
     finished = _match_finished_cases(cases, out) if settings.resume else {}
     rank, world = _distributed()
     mine = cases[rank::world]

@@ -121,13 +121,9 @@ class Segmenter:
         images, sources = self._read_and_gate(case)
         settings = InferenceSettings(checkpoint=self.checkpoint, tta=tta, device=self.device, threshold=threshold,
                                      progress=False)
-        with self._lock:
-            rows = run_inference([case.source], tmp / "output", settings)
-        # a folder holding several series gives a row for each, in discovery order: take the chosen one's
-        again = discover_cases([case.source], spec.in_channels, spec.dicom_channels(), spec.file_channels())
-        row = next((r for r, c in zip(rows, again) if c.inputs() == case.inputs()), None)
-        if row is None:
-            raise InputError(case.source, "the chosen case was not found again when segmenting its folder")
+        with self._lock:  # the chosen case alone: its folder may hold other series
+            (row,) = run_inference([case.source], tmp / "output", settings,
+                                   select=lambda found_case: found_case.inputs() == case.inputs())
         if row["status"] != "ok":
             raise InputError(row["source"], row["error"])
         truths = _truths_for(case, sources, found)
