@@ -61,7 +61,7 @@ for k in "${FOLDS[@]}"; do
         exit 2
     fi
     # a folder with links to the patients to score only (held out, or trained on), so inference does no more than
-    # scoring needs, and the list of their items as the truth to score against
+    # scoring needs; for the patients trained on, also the list of their items as the truth to score against
     python - "$datalist" "$k" "$run/$patients" "$SCORE" <<'EOF'
 import json, os, sys
 from pathlib import Path
@@ -73,7 +73,8 @@ for folder in sorted({Path(item["image"]).parent for item in items}):
     link = target / folder.name
     if not link.exists():
         os.symlink(folder.resolve(), link, target_is_directory=True)
-(target.parent / f"{target.name}.json").write_text(json.dumps(items, indent=1))
+if score == "training":  # held out, evaluate takes the fold of the datalist itself
+    (target.parent / f"{target.name}.json").write_text(json.dumps(items, indent=1))
 EOF
     # shellcheck disable=SC2086
     brainseg infer "$run/$patients" --checkpoint "$run/models/$MODEL" --out "$run/$predictions${TAG:-}" --no-progress \
