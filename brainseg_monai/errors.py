@@ -12,3 +12,15 @@ class InputError(ValueError):
         self.path = None if path is None else str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
+
+
+def input_error_in(error: BaseException | None) -> InputError | None:
+    """The InputError behind ``error``, if any: MONAI's ``Compose`` re-raises a transform's error as "applying
+    transform", so a user's file error can sit several causes deep."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, InputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -667,3 +667,26 @@ def test_2d_model_segments_every_volume_in_axial_slices(tmp_path: Path, monkeypa
     mask = sitk.ReadImage(str(tmp_path / "pred" / "head" / "mask.nii.gz"))
     _assert_same_geometry(mask, sitk.ReadImage(str(source)))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(expected))
+
+
+def test_failure_reason_finds_an_input_error_behind_monai_wrappers(tmp_path: Path) -> None:
+    """A user's file error raised inside a MONAI transform reaches the summary row as that error, not the wrapper."""
+    from brainseg_monai.errors import input_error_in
+    from brainseg_monai.inference.cases import Case
+    from brainseg_monai.inference.runner import _failure_reason
+
+    case = Case("p1", str(tmp_path / "p1"), "volume", [str(tmp_path / "p1" / "flair.nii.gz")])
+    own = InputError(case.source, "holds no voxels")
+    other = InputError(case.images[0], "is truncated")
+    for inner, expected in ((own, "holds no voxels"), (other, str(other))):
+        try:
+            try:
+                raise inner
+            except InputError as err:
+                raise RuntimeError("applying transform <LoadImaged>") from err
+        except RuntimeError as wrapped:
+            assert input_error_in(wrapped) is inner
+            assert _failure_reason(case, wrapped) == expected
+    plain = RuntimeError("out of memory")
+    assert input_error_in(plain) is None
+    assert _failure_reason(case, plain) == "RuntimeError: out of memory"

@@ -32,7 +32,7 @@ from monai.transforms import (
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from brainseg_monai.datalist import DEFAULT_DICOM_CHANNELS
-from brainseg_monai.errors import InputError
+from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
 from brainseg_monai.networks import get_network
@@ -361,17 +361,6 @@ class Predictor:
         return out
 
 
-def _input_error_in(error: BaseException) -> InputError | None:
-    """The InputError behind ``error``: MONAI's ``Compose`` re-raises a transform's error as "applying transform"."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, InputError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def _read_channel(path: str, series: DicomSeries | None = None) -> MetaTensor:
     """One image file, or exactly ``series`` of the folder ``path``, as a channel-first float32 MetaTensor."""
     reader = SimpleITKReader(series_uid=series.series_uid) if series is not None else SimpleITKReader()
@@ -455,7 +444,7 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Seq
     try:
         return _load_for_case(kind, images, spec, series)
     except RuntimeError as error:
-        cause = _input_error_in(error)
+        cause = input_error_in(error)
         if cause is None:
             raise
         raise cause from error

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from brainseg_monai.errors import InputError
+from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case, load_model
@@ -350,9 +350,11 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
 
 def _failure_reason(case: Case, error: Exception) -> str:
     """The reason a case failed for its summary row, naming the file at fault when it is not the case's source."""
-    if not isinstance(error, InputError):
+    found = input_error_in(error)
+    if found is None:
         cause = error.__cause__  # MONAI's Compose hides the transform's own error behind "applying transform"
         return f"{type(error).__name__}: {error}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    error = found
     if error.path is None or os.path.abspath(error.path) == os.path.abspath(case.source):
         return error.reason
     return str(error)
