@@ -290,18 +290,25 @@ def _scan_pairs(root: Path, channels: Any, check: bool) -> tuple[list[Item], lis
     unmasked = sorted(set(images) - set(masks), key=_natural_key)
     if unmasked:
         raise InputError(images[unmasked[0]], f"image without a mask: expected masks/{unmasked[0]}.<ext>")
-    patients = _pairs_patients(root / "cases.csv", sorted(images, key=_natural_key))
-    items = [
-        {"image": str(images[stem]), "label": str(masks[stem]), "patient": patients[stem]}
-        for stem in sorted(images, key=_natural_key)
-    ]
+    patients, grouped = _pairs_patients(root / "cases.csv", sorted(images, key=_natural_key))
+    items = []
+    for stem in sorted(images, key=_natural_key):
+        item: Item = {"image": str(images[stem]), "label": str(masks[stem]), "patient": patients[stem]}
+        if stem in grouped:  # its "patient" is a group of patients: the image is z-scored as its own case
+            item["case"] = stem
+        items.append(item)
     return items, _component_names(items, channels, check)
 
 
-def _pairs_patients(cases_csv: Path, stems: list[str]) -> dict[str, str]:
-    """Patient of each image stem: ``pid`` if given, else ``cvfold<cv_fold>`` (a patient-wise group), else the stem."""
+def _pairs_patients(cases_csv: Path, stems: list[str]) -> tuple[dict[str, str], set[str]]:
+    """Patient of each image stem: ``pid`` if given, else ``cvfold<cv_fold>`` (a patient-wise group), else the stem;
+    and the stems whose patient is such a group.
+
+    A ``cvfold`` group keeps splits patient-wise but is many patients, so its items also carry ``case`` (their own
+    stem): "case" normalisation then z-scores each image alone, not over a fifth of the dataset.
+    """
     if not cases_csv.is_file():
-        return {stem: stem for stem in stems}
+        return {stem: stem for stem in stems}, set()
     try:
         with open(cases_csv, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -310,15 +317,18 @@ def _pairs_patients(cases_csv: Path, stems: list[str]) -> dict[str, str]:
     if not rows or "name" not in rows[0]:
         raise InputError(cases_csv, "expected a header with a 'name' column (and 'pid' and/or 'cv_fold')")
     by_name: dict[str, str] = {}
+    grouped: set[str] = set()
     for row in rows:
         name = (row.get("name") or "").strip()
         pid = (row.get("pid") or "").strip()
         cv_fold = (row.get("cv_fold") or "").strip()
         by_name[name] = pid or (f"cvfold{cv_fold}" if cv_fold else name)
+        if not pid and cv_fold:
+            grouped.add(name)
     missing = [stem for stem in stems if stem not in by_name]
     if missing:
         raise InputError(cases_csv, f"{len(missing)} images are not listed, e.g. {', '.join(missing[:5])}")
-    return {stem: by_name[stem] for stem in stems}
+    return {stem: by_name[stem] for stem in stems}, grouped & set(stems)
 
 
 def _scan_nifti(root: Path, channels: Any, label_pattern: str, check: bool) -> tuple[list[Item], list[str]]:

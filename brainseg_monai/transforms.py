@@ -157,12 +157,13 @@ class NormaliseCased(MapTransform):
 def case_statistics(items: Sequence[Mapping], spatial_dims: int = 2) -> list[dict]:
     """Copies of datalist ``items`` with their patient's per-channel ``norm_mean``/``norm_std`` (for "case").
 
-    Items are grouped by ``patient`` (an item without one is its own case); each image is read once.
+    Items are grouped by ``case`` if they carry one, else by ``patient`` (an item with neither is its own case);
+    each image is read once.
     """
     reader = Compose(load_transforms(spatial_dims, None, ("image",), normalisation=None))
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
-        groups.setdefault(str(item.get("patient") or item["image"]), []).append(i)
+        groups.setdefault(str(item.get("case") or item.get("patient") or item["image"]), []).append(i)
     out = [dict(item) for item in items]
     for indices in groups.values():
         stats = channel_statistics([reader({"image": items[i]["image"]})["image"] for i in indices])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,21 @@ def test_training_crops_are_plain_tensors_drawn_afresh_each_pass(lgg: Path) -> N
         assert sample["image"].shape == (3, 16, 16) and sample["label"].shape == (1, 16, 16)
         assert sample["label"].any() and set(sample["label"].unique().tolist()) <= {0.0, 1.0}
     assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, second))
+
+
+def test_a_pairs_cv_fold_group_is_split_together_but_each_image_is_its_own_case(tmp_path: Path) -> None:
+    # figshare's layout: no pid, so an image's patient is its cv_fold group, which holds many patients
+    root = make_dataset(tmp_path / "pairs", "pairs", cases=6, seed=4, size=(32, 32, 4))
+    table = (root / "cases.csv").read_text().splitlines()
+    (root / "cases.csv").write_text("\n".join([table[0]] + [re.sub(r"^([^,]*),[^,]*,", r"\1,,", row)
+                                                          for row in table[1:]]) + "\n")
+    items = build_datalist("pairs", root, val=0.0)["training"]
+    assert {i["patient"] for i in items} == {f"cvfold{k}" for k in range(1, 6)}
+    assert all(i["case"] == Path(i["image"]).stem for i in items)
+    reader = Compose(load_transforms(2, keys=("image",), normalisation=None))
+    for item in case_statistics(items):
+        own = channel_statistics([reader({"image": item["image"]})["image"]])
+        assert np.allclose(item["norm_mean"], own["norm_mean"]) and np.allclose(item["norm_std"], own["norm_std"])
+    with_pid = build_datalist("pairs", make_dataset(tmp_path / "pid", "pairs", cases=2, seed=4, size=(32, 32, 4)),
+                              val=0.0)["training"]
+    assert not any("case" in i for i in with_pid)  # a real patient's images share its statistics
