@@ -318,6 +318,7 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
 
     bar = tqdm(total=len(cases), initial=len(rows), unit="case", disable=not settings.progress or rank > 0)
     overlap = _spare_core_for_reading(predictor.device)
+    order = {c.case_id: i for i, c in enumerate(cases)}  # summary rows stay in case order
     with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next case while this one is predicted
         pending: Future | None = pool.submit(load, todo[0]) if todo and overlap else None
         for index, case in enumerate(todo):
@@ -339,7 +340,6 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
                 logger.debug("%s", traceback.format_exc())
                 row = _row(case, "failed", reason, seconds=round(time.perf_counter() - started, 3))
             rows.append(row)
-            order = {c.case_id: i for i, c in enumerate(cases)}
             rows.sort(key=lambda r: order.get(r["case"], len(order)))
             _write_summary(summary, rows)
             bar.update(1)
