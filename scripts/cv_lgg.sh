@@ -10,7 +10,7 @@
 # resumes from its last checkpoint, so the script can be run again after a stop.
 #
 # Settings (environment): DATA (LGG kaggle_3m folder), OUT (default runs/cv), NAME (run name, default unet),
-# EPOCHS (default 100, as configs/lgg_2d.json since 0.6.0; bundle/docs/README.md's 50-epoch runs: EPOCHS=50),
+# EPOCHS (default 50, as configs/lgg_2d.json since 0.7.0; 0.6.0's recipe trained 100: EPOCHS=100),
 # TRAIN_ARGS (extra bundle overrides, e.g. "--network_name attresseunet"),
 # MODEL (the checkpoint of each fold to score, under OUT/NAME_fK/models: model_final.pt, the model at the end of training,
 # by default, so no held-out score picks it; model.pt is the best validation epoch), INFER_ARGS (extra brainseg infer
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lgg/kaggle_3m}
 OUT=${OUT:-runs/cv}
 NAME=${NAME:-unet}
-EPOCHS=${EPOCHS:-100}
+EPOCHS=${EPOCHS:-50}
 MODEL=${MODEL:-model_final.pt}
 SCORE=${SCORE:-heldout}
 case "$SCORE" in

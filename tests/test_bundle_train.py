@@ -245,18 +245,22 @@ def test_num_folds_sets_the_folds_and_fold_is_checked(lgg_phantoms: Path, tmp_pa
     assert "fold must be in 0..4 (num_folds is 5) but is 5" in _messages(info.value)
 
 
-def test_tumour_fraction_null_shuffles_and_the_lgg_recipe_uses_it(lgg_phantoms: Path, tmp_path: Path) -> None:
-    """The measured LGG recipe samples uniformly; the bundle's default draws tumour half of the time."""
-    wf = _workflow(TRAIN, tmp_path / "default", dataset_dir=str(lgg_phantoms))
-    sampler = wf.parser.get_parsed_content("train#sampler")
-    assert isinstance(sampler, WeightedRandomSampler) and len(set(sampler.weights.tolist())) == 2
-    for configs, override in (([TRAIN, LGG_2D], {}), (TRAIN, {"tumour_fraction": "null"})):
-        out = tmp_path / f"shuffled{len(override)}"
-        wf = _workflow(configs, out, dataset_dir=str(lgg_phantoms), roi_size=[64, 64], max_epochs=1, **override)
-        wf.initialize()
-        loader = wf.parser.get_parsed_content("train#dataloader")
-        assert isinstance(loader.sampler, RandomSampler) and sorted(loader.sampler) == list(range(len(loader.dataset)))
-        assert json.loads((out / "config_resolved.json").read_text())["tumour_fraction"] is None
+def test_tumour_fraction_draws_tumour_half_the_time_and_null_shuffles(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """The bundle's default and the LGG recipe draw tumour-bearing slices half of the time; null shuffles uniformly."""
+    for configs in (TRAIN, [TRAIN, LGG_2D]):
+        wf = _workflow(configs, tmp_path / f"weighted{len(configs)}", dataset_dir=str(lgg_phantoms))
+        sampler = wf.parser.get_parsed_content("train#sampler")
+        assert isinstance(sampler, WeightedRandomSampler)
+        weights = sampler.weights
+        levels = sorted(set(weights.tolist()))
+        assert len(levels) == 2  # tumour-bearing and tumour-free items, each half of the total weight
+        assert torch.isclose(weights[weights == levels[0]].sum(), weights[weights == levels[1]].sum())
+    out = tmp_path / "shuffled"
+    wf = _workflow(TRAIN, out, dataset_dir=str(lgg_phantoms), roi_size=[64, 64], max_epochs=1, tumour_fraction="null")
+    wf.initialize()
+    loader = wf.parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, RandomSampler) and sorted(loader.sampler) == list(range(len(loader.dataset)))
+    assert json.loads((out / "config_resolved.json").read_text())["tumour_fraction"] is None
 
 
 def test_resume_without_checkpoint_fails_clearly(lgg_phantoms: Path, tmp_path: Path) -> None:

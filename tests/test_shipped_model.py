@@ -25,7 +25,7 @@ from conftest import REPO_ROOT, shared_path
 BUNDLE = REPO_ROOT / "bundle"
 MODEL = BUNDLE / "models" / "model.pt"
 #: Two shared patients, chosen before scoring (the first two of cross-validation fold 0, in name order, with 20
-#: slices); the cross-validation model that never saw them scores 0.91 and 0.90 with the shipped defaults.
+#: slices); the cross-validation model that never saw them scores 0.90 and 0.91 with the shipped defaults.
 PATIENTS = ("TCGA_CS_4944_20010208", "TCGA_HT_7884_19980913")
 #: Per-patient Dice bar: well above chance (an empty or all-brain mask scores about 0 to 0.1 here) and below what
 #: even the models that never saw these patients reach, so that only a broken model or pipeline fails it.
