@@ -144,7 +144,7 @@ def test_browser_upload_shows_overlay_and_known_coverage(server: str, tmp_path: 
 @pytest.mark.realdata
 def test_browser_shipped_model_on_an_lgg_patient(tmp_path: Path) -> None:
     """The shipped model in the page on a shared LGG patient (the shipped model saw all 56; the cross-validation
-    model that never saw this one scores 0.75), its slices and masks dropped together as a patient folder; the
+    model that never saw this one scores 0.80), its slices and masks dropped together as a patient folder; the
     README's picture is this page."""
     patient = shared_path("lgg", "kaggle_3m", "TCGA_HT_7616_19940813")
     files = sorted(str(p) for p in patient.glob("*.tif"))
