@@ -413,10 +413,15 @@ def test_two_process_gloo_run(lgg_phantoms: Path, tmp_path: Path) -> None:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / "models" / "model.pt").is_file()
+    # torch's gloo shutdown race (README, "Known issue"): training finished, then a rank aborted in Python's shutdown
+    exit_race = (proc.returncode != 0 and "terminate called without an active exception" in proc.stderr
+                 and "training completed at epoch 1" in proc.stdout + proc.stderr)
+    assert proc.returncode == 0 or exit_race, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_final.pt").is_file()
     assert latest_checkpoint(out / "models") is not None
     assert json.loads((out / "config_resolved.json").read_text())["channels_last"] is True
+    if exit_race:
+        pytest.xfail("a rank aborted at exit after training completed: torch's gloo shutdown race (README)")
 
 
 @pytest.mark.parametrize("flag", ["false", "False", False, 0])
