@@ -211,3 +211,12 @@ def test_stack_slices_must_be_a_bool():
     with pytest.raises(ValueError, match="stack_slices"):
         PostProcessing(stack_slices="yes")
     assert PostProcessing.from_dict({"stack_slices": np.bool_(True)}).to_dict()["stack_slices"] is True
+
+
+def test_describe_names_each_step_and_the_stacking():
+    assert PostProcessing().describe() == "none"
+    assert PostProcessing(threshold=0.1, stack_slices=True).describe() == "none"  # stacking alone changes nothing
+    assert PostProcessing(keep_largest=True, stack_slices=True).describe() == (
+        "largest component kept (a patient's numbered slices as one stack)")
+    assert PostProcessing(min_size=64, open_above=500, open_radius=2, keep_largest=True).describe() == (
+        "components over 500 voxels opened (radius 2); components under 64 voxels removed; largest component kept")

@@ -119,7 +119,7 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     # image files hold no scanner pixel size: the area is a pixel count, never "mm^2" of 1 x 1 or dpi-tag pixels
     assert result["stats"]["tumour_voxels"] == 120 and "area_mm2" not in result["stats"]
     assert result["metrics"]["dice"] == pytest.approx(1.0) and result["metrics"]["iou"] == pytest.approx(1.0)
-    assert result["settings"] == {"tta": "dihedral", "threshold": 0.5}
+    assert result["settings"] == {"tta": "dihedral", "threshold": 0.5, "postprocessing": "none"}
     assert len(result["slices"]) == 1 and result["slices"][0]["tumour_pixels"] == 120 and result["slices"][0]["truth"]
     files = downloads(result)
     assert set(files) == {"case7_pred.png", "overlay.png"}

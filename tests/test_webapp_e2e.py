@@ -155,6 +155,8 @@ def test_browser_shipped_model_on_an_lgg_patient(tmp_path: Path) -> None:
         assert stat_row(page, "Slices with tumour").endswith("of 30")
         assert float(stat_row(page, "Dice")) >= 0.6  # well above chance, below what the model measures here
         assert "pixels (image files hold no scanner pixel size)" in stat_row(page, "Tumour area")
+        # the shipped model's defaults from its model.json, said on the page
+        assert stat_row(page, "Post-processing") == "largest component kept (a patient's numbered slices as one stack)"
         shot = tmp_path / "webapp.png"
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("BRAINSEG_WEBAPP_SCREENSHOT"):

@@ -114,6 +114,19 @@ class PostProcessing:
             raise ValueError(f"settings has unknown keys {unknown}; valid keys are {names}.")
         return cls(**settings)
 
+    def describe(self) -> str:
+        """The steps after the threshold in words, so a page or report can say what was done to the mask."""
+        steps = []
+        if self.open_above is not None:
+            steps.append(f"components over {self.open_above} voxels opened (radius {self.open_radius})")
+        if self.min_size:
+            steps.append(f"components under {self.min_size} voxels removed")
+        if self.keep_largest:
+            steps.append("largest component kept")
+        if not steps:
+            return "none"
+        return "; ".join(steps) + (" (a patient's numbered slices as one stack)" if self.stack_slices else "")
+
     def to_dict(self) -> dict[str, Any]:
         """Settings as a JSON-serialisable dict (inverse of :meth:`from_dict`)."""
         return asdict(self)

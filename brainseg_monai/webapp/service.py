@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import Case, discover_cases
+from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import ModelSpec, load_model
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.tta import TTA_MODES
@@ -128,7 +129,8 @@ class Segmenter:
             raise InputError(row["source"], row["error"])
         truths = _truths_for(case, sources, found)
         view = case_view(case.kind, images, sources, tmp / "output" / row["case"], row, truths, spec.channels)
-        view["settings"] = {"tta": tta, "threshold": self.default_threshold if threshold is None else threshold}
+        view["settings"] = {"tta": tta, "threshold": self.default_threshold if threshold is None else threshold,
+                            "postprocessing": PostProcessing.from_dict(spec.postprocessing).describe()}
         return view
 
     def _input_path(self, found: Uploads, inbox: Path) -> Path:
