@@ -54,7 +54,7 @@ class Segmenter:
 
     Raises:
         InputError: when the checkpoint is missing or unreadable (checked once, at start).
-        ValueError: when ``max_upload_mb`` is not positive.
+        ValueError: when ``max_upload_mb`` is not positive or the model's stored post-processing is invalid.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, max_upload_mb: float = 512, device: str = "auto") -> None:
@@ -64,11 +64,12 @@ class Segmenter:
         self.device = device
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         _, self.spec = load_model(self.checkpoint, "cpu")
+        self.postprocessing = PostProcessing.from_dict(self.spec.postprocessing)  # what run_inference applies
         self._lock = threading.Lock()
 
     @property
     def default_threshold(self) -> float:
-        return float(self.spec.postprocessing.get("threshold", 0.5))
+        return self.postprocessing.threshold
 
     def info(self) -> dict:
         """What the page needs to know about the model and the limits."""
@@ -130,7 +131,7 @@ class Segmenter:
         truths = _truths_for(case, sources, found)
         view = case_view(case.kind, images, sources, tmp / "output" / row["case"], row, truths, spec.channels)
         view["settings"] = {"tta": tta, "threshold": self.default_threshold if threshold is None else threshold,
-                            "postprocessing": PostProcessing.from_dict(spec.postprocessing).describe()}
+                            "postprocessing": self.postprocessing.describe()}
         return view
 
     def _input_path(self, found: Uploads, inbox: Path) -> Path:
