@@ -72,6 +72,16 @@ SAFE_DICOM_TAGS = {
 
 _FILENAME_KEY = "filename_or_obj"
 
+SERIES_HEADER_TAGS = (
+    "PatientID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime", "AcquisitionTime", "ProtocolName",
+    "SequenceName", "ImageType", "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "ContrastBolusAgent", "ContrastBolusRoute",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns", "NumberOfFrames", "SOPClassUID",
+    "Manufacturer", "MagneticFieldStrength", "DiffusionBValue",
+)  # fmt: skip
+"""Header attributes kept per series in `DicomSeries.header` (nothing that names the patient besides PatientID,
+which groups series into studies and is never written to outputs)."""
+
 
 @dataclass
 class DicomSeries:
@@ -88,6 +98,13 @@ class DicomSeries:
     folder: Path
     files: list[str]
     broken: list[str] = field(default_factory=list)
+    header: dict[str, Any] = field(default_factory=dict)
+    """What the first file's header says about the acquisition (`SERIES_HEADER_TAGS`): sequence identification,
+    series selection and grouping into studies read it; plain values (str, float, list of str), missing ones absent."""
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.header.get("PatientID", ""))
 
     def summary(self) -> str:
         """One line for error messages and logs: UID, description, modality, number of files."""
@@ -215,11 +232,50 @@ def _series_in_folder(folder: Path) -> list[DicomSeries]:
                 study_uid=tags["StudyInstanceUID"],
                 folder=folder,
                 files=files,
+                header=series_header(files[0]),
             )
         )
     if series:
         _attach_broken_files(folder, series)
     return series
+
+
+#: code strings that may hold several values: always a list in `DicomSeries.header`, even when one value is stored
+_MULTI_VALUED_TAGS = {"ImageType", "ScanningSequence", "SequenceVariant", "ScanOptions"}
+
+
+def _plain(value: Any) -> Any:
+    """A pydicom element value as str, float or a list of str: JSON-safe, and the same whatever the VR's Python type."""
+    if isinstance(value, pydicom.multival.MultiValue) or isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \x00")
+    return str(value).strip()
+
+
+def series_header(path: PathLike) -> dict[str, Any]:
+    """`SERIES_HEADER_TAGS` of one DICOM file as plain values; a tag missing or unparsable (an invalid number written
+    by a scanner) is left out, so a damaged optional attribute never stops a series from being found."""
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SERIES_HEADER_TAGS))
+    except Exception:  # pydicom raises many types for a damaged file; GDCM already accepted it as a slice
+        return {}
+    header: dict[str, Any] = {}
+    for name in SERIES_HEADER_TAGS:
+        try:
+            value = dataset.get(name)
+        except Exception:  # an element whose value does not parse as its VR
+            continue
+        if value is None or value == "":
+            continue
+        try:
+            plain = _plain(value)
+        except Exception:
+            continue
+        header[name] = [plain] if name in _MULTI_VALUED_TAGS and isinstance(plain, str) else plain
+    return header
 
 
 def _dicom_header(path: Path) -> pydicom.Dataset | None:
