@@ -37,6 +37,7 @@ from monai.transforms import Compose, RandFlipd, RandRotate90d
 from torch.utils.flop_counter import FlopCounterMode
 
 from brainseg_monai.errors import InputError
+from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec, Predictor, load_model
@@ -280,7 +281,7 @@ def _lgg_cases(sizes: BenchmarkSizes, data: Path | None, work: Path, cases: int,
 
 
 def _n_slices(folders: Sequence[Path]) -> int:
-    return sum(len(case.images) for case in discover_cases([str(f) for f in folders], 3))
+    return sum(len(case.images) for case in discover_cases([str(f) for f in folders], InputRoles.of(ModelSpec())))
 
 
 def _write_checkpoint(folder: Path, spec: ModelSpec) -> Path:
@@ -346,7 +347,7 @@ class _MonaiTTA:
         return torch.sigmoid(self.network(images))
 
     def __call__(self, cases: Sequence[Path], out: Path) -> None:
-        for case in discover_cases([str(c) for c in cases], self.spec.in_channels):
+        for case in discover_cases([str(c) for c in cases], InputRoles.of(self.spec)):
             folder = out / case.case_id
             probs, images = [], []
             for path in case.images:

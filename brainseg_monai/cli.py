@@ -73,6 +73,7 @@ def _cmd_datalist(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from brainseg_monai.channel_roles import SelectionRules
     from brainseg_monai.inference.runner import InferenceSettings, run_inference
 
     checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
@@ -80,6 +81,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
         keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
+        series_rules=SelectionRules.from_file(args.series_rules) if args.series_rules else None,
         progress=not args.no_progress,
     )
     rows = run_inference(args.inputs, args.out, settings)
@@ -226,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "one stacked volume: components, --min-size and --open-above count voxels of the stack "
                         "(default: the model's setting)")
     p.add_argument("--channel", action="append", metavar="NAME=REGEX",
-                   help="DICOM channel by SeriesDescription regex, in the model's channel order (repeat)")
+                   help="choose the input of a model channel by hand (repeat): a regex on SeriesDescription for "
+                        "DICOM studies, on file names for NIfTI/MHA case folders and lone files (e.g. "
+                        "--channel 'flair=FLAIR' --channel 't1=T1/SE'). Default: DICOM series are identified from "
+                        "their headers, files by <case>_<channel>.nii.gz; a missing optional channel is filled as "
+                        "the model says (README: 'How series become channels')")
+    p.add_argument("--series-rules", metavar="FILE",
+                   help="JSON rules for choosing DICOM series: {\"channels\": {NAME: REGEX}, \"skip\": [REGEX], "
+                        "\"prefer\": [\"axial\", \"most_slices\", \"latest\"]} (default: those three in that order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_infer)
 

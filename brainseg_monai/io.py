@@ -3,6 +3,10 @@
 `SimpleITKReader` is a `monai.data.ImageReader` that returns what MONAI's `ITKReader` returns (same axis order,
 same RAS affine), so MONAI transforms and `Invertd` work unchanged; `write_image` is its inverse. Only four safe
 DICOM tags ever reach the metadata (`SAFE_DICOM_TAGS`): never patient name, ID or birth date.
+
+Every read checks the header's size against `MAX_PIXELS_2D` / `MAX_VOXELS_3D` before decoding, refuses NaN/inf in
+NIfTI (which ITK would turn into 0), stacks a DICOM series only when its slices are evenly spaced (exact copies of a
+slice are left out), and places the frames of an Enhanced (multi-frame) DICOM file by their own positions.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from monai.utils.type_conversion import convert_to_numpy
 from brainseg_monai.errors import InputError
 
 __all__ = [
+    "MAX_PIXELS_2D",
+    "MAX_VOXELS_3D",
     "READ_SUFFIXES",
     "WRITE_SUFFIXES",
     "SAFE_DICOM_TAGS",
@@ -71,6 +77,24 @@ SAFE_DICOM_TAGS = {
 """The only DICOM tags copied into metadata (name -> SimpleITK key); nothing that identifies the patient."""
 
 _FILENAME_KEY = "filename_or_obj"
+
+MAX_PIXELS_2D = 25_000_000
+"""Most pixels one image plane may hold (width x height) before `read_sitk` refuses it, undecoded; the environment
+variable ``BRAINSEG_MAX_PIXELS`` or the ``max_pixels`` argument changes it. 5000 x 5000 holds every 2D input this
+tool meets (MR slices, 4K screenshots, 20-megapixel photos); a 10000 x 10000 PNG of 350 KB took 17 GB through
+8-view TTA inference (about 170 bytes per pixel), so this keeps one image near 4 GB."""
+
+MAX_VOXELS_3D = 512**3
+"""Most voxels one volume may hold (134 million) before `read_sitk` refuses it, undecoded; the environment variable
+``BRAINSEG_MAX_VOXELS`` or the ``max_voxels`` argument changes it. Brain MR and head CT stay well below (256^3 is
+17 million, thin-slice CT 512 x 512 x 400 is 105 million); one float32 copy of the limit is 0.5 GiB, and inference
+holds several."""
+
+_MAX_PIXELS_VARIABLE = "BRAINSEG_MAX_PIXELS"
+_MAX_VOXELS_VARIABLE = "BRAINSEG_MAX_VOXELS"
+
+_SAME_POSITION_MM = 0.01
+"""Two slice or frame positions closer than this (mm) are one position; DICOM writes them to about 1e-4 mm."""
 
 SERIES_HEADER_TAGS = (
     "PatientID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime", "AcquisitionTime", "ProtocolName",
@@ -159,16 +183,31 @@ def _sitk_reason(error: RuntimeError) -> str:
 
 
 def _check_complete(path: Path, suffix: str) -> None:
-    """Refuse truncated NIfTI, JPEG and BMP files, which ITK reads without error (zero- or grey-filled)."""
+    """Refuse truncated NIfTI files, which ITK reads without error (zero-filled); streams, never holds the voxels."""
     if suffix in (".nii", ".nii.gz"):
         found = path.stat().st_size if suffix == ".nii" else _gzip_length(path)
-        try:
-            data = nib.load(path).dataobj
-        except Exception as error:  # nibabel raises many types for a damaged header
-            raise InputError(path, f"not a valid NIfTI file ({error})") from error
+        data = _nifti_data(path)
         expected = int(data.offset) + int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
         if found < expected:
             raise InputError(path, f"truncated NIfTI file: {found} bytes (header and voxels), {expected} expected")
+
+
+def _nifti_data(path: Path) -> Any:
+    """nibabel's array proxy of a NIfTI file (header read, voxels not)."""
+    try:
+        return nib.load(path).dataobj
+    except Exception as error:  # nibabel raises many types for a damaged header
+        raise InputError(path, f"not a valid NIfTI file ({error})") from error
+
+
+def _check_pixels(path: Path, suffix: str) -> None:
+    """Refuse what ITK would decode without error but wrongly: truncated JPEG and BMP files (grey-filled) and float
+    NIfTI holding NaN or infinite values (ITK's NIfTI reader turns them into 0, so `check_image_values` would never
+    see them; MHA and NRRD keep them). Decodes the pixels, so it runs after the size check."""
+    if suffix in (".nii", ".nii.gz"):
+        data = _nifti_data(path)
+        if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+            check_image_values(np.asanyarray(data), path)
     elif suffix in (".jpg", ".jpeg", ".bmp"):
         try:
             with PILImage.open(path) as image:
@@ -213,8 +252,28 @@ def _file_information(path: PathLike) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise InputError(path, f"cannot read the image header ({_sitk_reason(error)})") from error
+        dicom = Path(path) if _is_dicom_file(Path(path)) else None
+        raise _read_failure(path, "cannot read the image header", error, dicom) from error
     return reader
+
+
+def _read_failure(path: PathLike, what: str, error: RuntimeError, dicom: Path | None) -> InputError:
+    """The InputError for a failed SimpleITK read; for DICOM in a compressed or unknown transfer syntax it names the
+    syntax and how to convert the file, since GDCM's own message ("Failed to change to Implicit Transfer Syntax",
+    "Unable to determine ImageIO reader") does not say that the encoding is the problem."""
+    reason = _sitk_reason(error)
+    header = None if dicom is None else _dicom_header(dicom)
+    syntax = None if header is None else header.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and (not syntax.is_transfer_syntax or syntax.is_compressed):
+        label = str(syntax) if syntax.name == str(syntax) else f"{syntax.name} ({syntax})"
+        where = "" if dicom == Path(path) else f" of {dicom.name}"
+        return InputError(
+            path,
+            f"{what}: the pixel data{where} is in transfer syntax {label}, which SimpleITK's GDCM cannot decode, or "
+            f"is corrupt ({reason}); convert it to an uncompressed transfer syntax (GDCM: `gdcmconv --raw IN OUT`; "
+            f"DCMTK: `dcmdjpeg`, `dcmdjpls`, `dcmdrle`) and read it again",
+        )
+    return InputError(path, f"{what}, corrupt or truncated? ({reason})")
 
 
 def _series_in_folder(folder: Path) -> list[DicomSeries]:
@@ -429,30 +488,41 @@ def read_header(
     """Geometry and pixel type of a file or DICOM series folder, as `read_sitk` would load it, without the pixels.
 
     For a series, the slice axis is computed like ITK's `ImageSeriesReader`: direction from the first slice,
-    spacing = distance between the first and last slice origins / (number of slices - 1).
+    spacing = distance between the first and last slice origins / (number of slices - 1). For a multi-frame DICOM
+    file it comes from the frames' positions, as `read_sitk` places them.
 
     Raises:
-        InputError: same cases as `read_sitk` (a corrupt pixel block is only found by `read_sitk`).
+        InputError: same cases as `read_sitk` (a corrupt pixel block, different images at one position of a series
+            and the size limits are only found by `read_sitk`).
     """
     path = Path(path)
+    source = path
     if path.is_dir():
         series = select_series(path, series_uid, series_description)
-        first = _file_information(series.files[0])
-        size, spacing = list(first.GetSize()), list(first.GetSpacing())
-        if len(series.files) > 1:
-            last = _file_information(series.files[-1])
-            step = np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())) / (len(series.files) - 1)
-            size[2], spacing[2] = len(series.files), float(step)
-        reader = first
+        source = _multiframe_file(path, series)
+        if source is None:
+            first = _file_information(series.files[0])
+            size, spacing = list(first.GetSize()), list(first.GetSpacing())
+            if len(series.files) > 1:
+                last = _file_information(series.files[-1])
+                step = np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())) / (len(series.files) - 1)
+                size[2], spacing[2] = len(series.files), float(step)
+            reader = first
+            origin, direction = reader.GetOrigin(), reader.GetDirection()
     else:
         _check_file_to_read(path)
-        reader = _file_information(path)
+    if source is not None:
+        reader = _file_information(source)
         size, spacing = list(reader.GetSize()), list(reader.GetSpacing())
+        origin, direction = reader.GetOrigin(), reader.GetDirection()
+        stack = _frame_stack(source) if _is_dicom_file(source) else None
+        if stack is not None:
+            spacing, origin, direction = list(stack.spacing), stack.origin, stack.direction
     return ImageHeader(
         size=tuple(int(s) for s in size),
         spacing=tuple(float(s) for s in spacing),
-        origin=tuple(float(o) for o in reader.GetOrigin()),
-        direction=tuple(float(d) for d in reader.GetDirection()),
+        origin=tuple(float(o) for o in origin),
+        direction=tuple(float(d) for d in direction),
         components=int(reader.GetNumberOfComponents()),
         pixel_type=_dtype_name(reader.GetPixelID()),
     )
@@ -474,32 +544,282 @@ def _keep_only_safe_metadata(image: sitk.Image, tags: dict[str, str]) -> None:
         image.SetMetaData(name, value)
 
 
-def _check_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
-    """Refuse a series whose slices are not evenly spaced along their normal: a missing slice or a repeated position.
+def _size_limit(given: int | None, argument: str, variable: str, default: int) -> int:
+    """The size limit `given` as `argument`, else the one in the environment variable `variable`, else `default`.
 
-    SimpleITK stacks such a series anyway, with one spacing for all slices (and only a warning on stderr), so
-    every slice after the gap would sit at the wrong place and volumes would be wrong.
+    Raises:
+        ValueError: when the one used is not a positive whole number (the message names it).
     """
-    count = len(reader.GetFileNames())
-    if count < 3 or image.GetDimension() != 3:
-        return
-    positions = []
-    for k in range(count):
-        if not reader.HasMetaDataKey(k, "0020|0032"):
-            return  # no ImagePositionPatient: the geometry is SimpleITK's to make, nothing to check against
-        positions.append([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
-    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    steps = np.diff(np.asarray(positions) @ normal)
-    typical = float(np.median(np.abs(steps)))
-    uneven = np.flatnonzero(np.abs(np.abs(steps) - typical) > max(0.1 * typical, 1e-3))
-    if typical == 0.0 or uneven.size:
-        k = int(uneven[0]) if uneven.size else 0
-        names = [Path(f).name for f in reader.GetFileNames()]
+    name = argument
+    if given is None:
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            return default
+        name = f"environment variable {variable}"
+        try:
+            given = int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a positive whole number but is {text!r}.") from None
+    if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
+        raise ValueError(f"{name} must be a positive whole number but is {given!r}.")
+    return int(given)
+
+
+def _check_size(path: Path, size: Sequence[int], max_pixels: int, max_voxels: int) -> None:
+    """Refuse an image whose header promises more pixels per plane or voxels per volume than the limits, before its
+    pixels are decoded: a small compressed file can unpack to gigabytes, and every later stage multiplies that."""
+    dims = [int(s) for s in size]
+    plane = int(np.prod(dims[:2], dtype=object))
+    voxels = int(np.prod(dims, dtype=object))
+    shape = " x ".join(str(s) for s in dims)
+    if plane > max_pixels:
         raise InputError(
-            folder, f"the series' slices are not evenly spaced: {names[k]} and {names[k + 1]} are "
-                    f"{abs(steps[k]):.3g} mm apart where the others are {typical:.3g} mm (a missing slice, or several "
-                    f"images at one position?)"
+            path,
+            f"image too large: {shape} is {plane:,} pixels per plane, above the limit of {max_pixels:,}; raise it "
+            f"with the environment variable {_MAX_PIXELS_VARIABLE} (or max_pixels=) if this image is meant to be read",
         )
+    if voxels > plane and voxels > max_voxels:
+        raise InputError(
+            path,
+            f"volume too large: {shape} is {voxels:,} voxels, above the limit of {max_voxels:,}; raise it with the "
+            f"environment variable {_MAX_VOXELS_VARIABLE} (or max_voxels=) if this volume is meant to be read",
+        )
+
+
+def _execute(reader: sitk.ImageReaderBase, path: Path, dicom: Path | None) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise _read_failure(path, "cannot read the image", error, dicom) from error
+
+
+@dataclass(frozen=True)
+class _FrameStack:
+    """Where the frames of a multi-frame DICOM file lie: `order` lists the frame indices from the first slice to the
+    last along the slice normal; `spacing`, `origin` and `direction` are the volume's ITK geometry in that order."""
+
+    order: tuple[int, ...]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+
+def _functional_group(frame: pydicom.Dataset, shared: pydicom.Dataset, sequence: str, attribute: str) -> Any:
+    """An attribute of a per-frame functional group, or of the shared one when the frame has none, else None."""
+    for source in (frame, shared):
+        items = source.get(sequence)
+        if items and attribute in items[0]:
+            return items[0].get(attribute)
+    return None
+
+
+def _frame_stack(path: Path) -> _FrameStack | None:
+    """The frame geometry of a multi-frame DICOM file (an Enhanced MR, CT... image), None for a single frame.
+
+    GDCM stacks the frames in file order and derives spacing and origin from them only when they happen to be in
+    ascending order (otherwise 1 mm and the first frame's position): this reads each frame's position from the
+    functional groups and accepts the file only when its frames form one evenly spaced stack with one orientation,
+    pixel spacing and rescale, which is a volume whatever the frame order.
+
+    Raises:
+        InputError: frames without positions, several frames at one position (echoes, time points, diffusion
+            directions, several stacks), unevenly spaced frames, or orientation, spacing or rescale varying by frame.
+    """
+    header = _dicom_header(path)
+    if header is None:
+        return None  # unparsable: SimpleITK's read reports it
+    try:
+        frames = int(header.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return None
+    if frames <= 1:
+        return None
+    kind = pydicom.uid.UID(str(header.get("SOPClassUID", ""))).name.replace(" Storage", "") or "DICOM image"
+
+    def refuse(reason: str) -> InputError:
+        return InputError(
+            path,
+            f"{kind} multi-frame file with {frames} frames, read only when they form one evenly spaced stack of "
+            f"slices, but {reason}; export the series as classic single-frame images",
+        )
+
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    shared_items = header.get("SharedFunctionalGroupsSequence")
+    shared = shared_items[0] if shared_items else pydicom.Dataset()
+    if not per_frame or len(per_frame) != frames:
+        raise refuse("it has no per-frame functional groups giving each frame's position")
+    values: dict[str, list] = {"position": [], "orientation": [], "spacing": [], "rescale": []}
+    for k, frame in enumerate(per_frame):
+        found = {
+            "position": _functional_group(frame, shared, "PlanePositionSequence", "ImagePositionPatient"),
+            "orientation": _functional_group(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
+            "spacing": _functional_group(frame, shared, "PixelMeasuresSequence", "PixelSpacing"),
+        }
+        missing = [name for name, value in found.items() if value is None]
+        if missing:
+            raise refuse(f"frame {k + 1} has no {' or '.join(missing)}")
+        slope = _functional_group(frame, shared, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional_group(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+        found["rescale"] = [1.0 if slope is None else slope, 0.0 if intercept is None else intercept]
+        for name, value in found.items():
+            try:
+                values[name].append([float(v) for v in value])
+            except (TypeError, ValueError) as error:  # a value that is no number, or a single one
+                raise refuse(f"frame {k + 1} has an unreadable {name} ({error})") from error
+    wrong = [name for name, width in (("position", 3), ("orientation", 6), ("spacing", 2))
+             if any(len(v) != width for v in values[name])]  # fmt: skip
+    if wrong:
+        raise refuse(f"its frame {' and '.join(wrong)} values have the wrong number of elements")
+    arrays = {name: np.asarray(value, dtype=np.float64) for name, value in values.items()}
+    for name, tolerance in (("orientation", 1e-4), ("spacing", 1e-4), ("rescale", 0.0)):
+        if np.ptp(arrays[name], axis=0).max() > tolerance:
+            raise refuse(f"its frames differ in {name} (the first has {values[name][0]})")
+    row, column = arrays["orientation"][0, :3], arrays["orientation"][0, 3:]
+    normal = np.cross(row, column)
+    normal /= np.linalg.norm(normal)
+    positions = arrays["position"]
+    heights = positions @ normal
+    order = np.argsort(heights, kind="stable")
+    steps = np.diff(heights[order])
+    distinct = 1 + int(np.sum(steps > _SAME_POSITION_MM))
+    if distinct < frames:
+        raise refuse(
+            f"they lie at {distinct} distinct positions: several frames per slice (echoes, time points, diffusion "
+            f"directions or several stacks)"
+        )
+    shift = positions - positions[order[0]] - np.outer(heights - heights[order[0]], normal)
+    pixel = float(arrays["spacing"][0].min())
+    if np.linalg.norm(shift, axis=1).max() > 0.1 * pixel:
+        raise refuse("its frames are shifted in-plane against each other")
+    typical = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - typical) > max(0.1 * typical, 1e-3))
+    if uneven.size:
+        k = int(uneven[0])
+        raise refuse(
+            f"its frames are not evenly spaced: frames {order[k] + 1} and {order[k + 1] + 1} are {steps[k]:.3g} mm "
+            f"apart where the others are {typical:.3g} mm (a missing frame?)"
+        )
+    row_spacing, column_spacing = arrays["spacing"][0]
+    slice_spacing = float(heights[order[-1]] - heights[order[0]]) / (frames - 1)  # as ITK's series reader
+    return _FrameStack(
+        order=tuple(int(k) for k in order),
+        spacing=(float(column_spacing), float(row_spacing), slice_spacing),
+        origin=tuple(float(v) for v in positions[order[0]]),
+        direction=tuple(float(v) for v in np.column_stack((row, column, normal)).flatten()),
+    )
+
+
+def _place_frames(path: Path, image: sitk.Image, stack: _FrameStack) -> sitk.Image:
+    """`image` (frames in file order) with its frames in slice order and the geometry of `stack`."""
+    if image.GetDimension() != 3 or image.GetSize()[2] != len(stack.order):
+        raise InputError(path, f"multi-frame file read as size {image.GetSize()}, not {len(stack.order)} frames")
+    if list(stack.order) != sorted(stack.order):
+        vector = image.GetNumberOfComponentsPerPixel() > 1
+        placed = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image)[list(stack.order)], isVector=vector)
+        for key in image.GetMetaDataKeys():
+            placed.SetMetaData(key, image.GetMetaData(key))
+        image = placed
+    image.SetSpacing(stack.spacing)
+    image.SetOrigin(stack.origin)
+    image.SetDirection(stack.direction)
+    return image
+
+
+def _multiframe_file(folder: Path, series: DicomSeries) -> Path | None:
+    """The file of a series that is one multi-frame file (read as a file, frames placed by `_frame_stack`), else None.
+
+    Raises:
+        InputError: for a series of several multi-frame files, which no reader here stacks.
+    """
+    frames = series.header.get("NumberOfFrames", 1.0)
+    if not isinstance(frames, float) or frames <= 1:
+        return None
+    if len(series.files) > 1:
+        raise InputError(
+            folder,
+            f"series {series.series_uid} is {len(series.files)} multi-frame DICOM files; not supported, read each "
+            f"file on its own or export the series as classic single-frame images",
+        )
+    return Path(series.files[0])
+
+
+def _slices_to_stack(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> list[str]:
+    """The series' files in slice order with exact copies left out; refuse a series that is not one even stack.
+
+    GDCM lists a series holding two files at one position in file-name order (its position sort gives up), and
+    SimpleITK stacks whatever it is given with one spacing (only a warning on stderr), so every slice after a gap or
+    a repeat would sit at the wrong place. A file at the position of another with the same pixels (the same
+    SOPInstanceUID exported twice, a copied file) adds nothing: it is left out with a warning. Different images at
+    one position (several echoes or repeated acquisitions in one series) and uneven spacing (a missing slice) are
+    refused. Without ImagePositionPatient the geometry is SimpleITK's to make and the files are kept as they are.
+    """
+    files = list(reader.GetFileNames())
+    if len(files) < 2 or image.GetDimension() != 3:
+        return files
+    positions = []
+    for k in range(len(files)):
+        if not reader.HasMetaDataKey(k, "0020|0032"):
+            return files
+        positions.append([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
+    where = np.asarray(positions)
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    names = [Path(f).name for f in files]
+    pixels = sitk.GetArrayViewFromImage(image)  # slice k is file k
+    kept: list[int] = []
+    for k in (int(k) for k in np.argsort(where @ normal, kind="stable")):
+        if not kept or np.linalg.norm(where[k] - where[kept[-1]]) > _SAME_POSITION_MM:
+            kept.append(k)
+        elif np.array_equal(pixels[k], pixels[kept[-1]]):
+            logger.warning("%s: %s is a copy of %s (same position and pixels), left out", folder, names[k],
+                           names[kept[-1]])
+        else:
+            raise InputError(
+                folder,
+                f"{names[kept[-1]]} and {names[k]} are different images at one slice position (several echoes or "
+                f"repeated acquisitions in one series?); remove the extra images or split the series",
+            )
+    steps = np.diff(where[kept] @ normal)
+    typical = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - typical) > max(0.1 * typical, 1e-3))
+    if typical <= _SAME_POSITION_MM or uneven.size:
+        k = int(uneven[0]) if uneven.size else 0
+        raise InputError(
+            folder,
+            f"the series' slices are not evenly spaced: {names[kept[k]]} and {names[kept[k + 1]]} are "
+            f"{steps[k]:.3g} mm apart where the others are {typical:.3g} mm (a missing slice?)",
+        )
+    return [files[k] for k in kept]
+
+
+def _read_series(folder: Path, files: list[str], output_pixel_type: int, limits: tuple[int, int]) -> sitk.Image:
+    """Stack a DICOM series' files after checking its size from the first file's header (rows x columns x files)."""
+    first = _file_information(files[0])
+    width, height = first.GetSize()[:2]
+    _check_size(folder, (width, height, len(files)), *limits)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.SetOutputPixelType(output_pixel_type)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the stacking check
+    image = _execute(reader, folder, Path(files[0]))
+    stacked = _slices_to_stack(folder, reader, image)
+    if stacked != files:
+        reader.SetFileNames(stacked)
+        image = _execute(reader, folder, Path(stacked[0]))
+    return image
+
+
+def _read_file(path: Path, output_pixel_type: int, limits: tuple[int, int]) -> sitk.Image:
+    """Read one file: completeness, then the size from its header, then the pixels (and frame placement)."""
+    suffix = _suffix(path)
+    _check_complete(path, suffix)
+    reader = _file_information(path)
+    _check_size(path, reader.GetSize(), *limits)
+    _check_pixels(path, suffix)
+    dicom = path if _is_dicom_file(path) else None
+    stack = None if dicom is None else _frame_stack(path)
+    reader.SetOutputPixelType(output_pixel_type)
+    image = _execute(reader, path, dicom)
+    return image if stack is None else _place_frames(path, image, stack)
 
 
 def read_sitk(
@@ -507,10 +827,16 @@ def read_sitk(
     series_uid: str | None = None,
     series_description: str | None = None,
     output_pixel_type: int = sitk.sitkUnknown,
+    *,
+    max_pixels: int | None = None,
+    max_voxels: int | None = None,
 ) -> sitk.Image:
     """Open a file or a DICOM series folder with SimpleITK: the single place in the project that reads images.
 
-    The returned image carries no metadata but the safe DICOM tags (`SAFE_DICOM_TAGS`, DICOM input only).
+    The returned image carries no metadata but the safe DICOM tags (`SAFE_DICOM_TAGS`, DICOM input only). Its size
+    is checked from the header before any pixel is decoded. Every DICOM transfer syntax GDCM decodes is read
+    (uncompressed little/big endian, implicit VR, JPEG lossless, JPEG-LS, JPEG 2000, RLE); a multi-frame (Enhanced)
+    file is read as a volume when its frames form one evenly spaced stack, placed by their own positions.
 
     Args:
         path: an image file (see `READ_SUFFIXES`; DICOM files with any name) or a folder holding a DICOM series.
@@ -518,20 +844,30 @@ def read_sitk(
         series_description: regular expression (``re.search``, case-insensitive) on SeriesDescription picking one
             (ignored for a file).
         output_pixel_type: a SimpleITK pixel ID to cast to while reading; ``sitkUnknown`` keeps the file's type.
+        max_pixels: most pixels per image plane; None: ``BRAINSEG_MAX_PIXELS`` if set, else `MAX_PIXELS_2D`.
+        max_voxels: most voxels per volume; None: ``BRAINSEG_MAX_VOXELS`` if set, else `MAX_VOXELS_3D`.
 
     Raises:
         InputError: missing path, unsupported suffix, empty file or folder, folder without DICOM, corrupt or
-            truncated file, several series without a choice, a choice matching none or several.
+            truncated file, a transfer syntax GDCM cannot decode, several series without a choice, a choice matching
+            none or several, an image above the size limits, NaN/inf in a NIfTI file, a series whose slices are not
+            evenly spaced or hold different images at one position, a multi-frame file that is not one even stack.
+        ValueError: a size limit (argument or environment variable) that is not a positive whole number.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    limits = (
+        _size_limit(max_pixels, "max_pixels", _MAX_PIXELS_VARIABLE, MAX_PIXELS_2D),
+        _size_limit(max_voxels, "max_voxels", _MAX_VOXELS_VARIABLE, MAX_VOXELS_3D),
+    )
     if path.is_dir():
         series = select_series(path, series_uid, series_description)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(series.files)
-        reader.SetOutputPixelType(output_pixel_type)
-        reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the spacing check below
+        multiframe = _multiframe_file(path, series)
+        if multiframe is None:
+            image = _read_series(path, series.files, output_pixel_type, limits)
+        else:
+            image = _read_file(multiframe, output_pixel_type, limits)
         tags = {
             "Modality": series.modality,
             "SeriesDescription": series.description,
@@ -540,21 +876,14 @@ def read_sitk(
         }
     else:
         _check_file_to_read(path)
-        _check_complete(path, _suffix(path))
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.SetOutputPixelType(output_pixel_type)
+        image = _read_file(path, output_pixel_type, limits)
         tags = {}
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise InputError(path, f"cannot read the image, corrupt or truncated? ({_sitk_reason(error)})") from error
-    if isinstance(reader, sitk.ImageSeriesReader):
-        _check_slice_spacing(path, reader, image)
-    if path.is_file() and _is_dicom_file(path):
-        tags = {
-            name: image.GetMetaData(key).strip() for name, key in SAFE_DICOM_TAGS.items() if image.HasMetaDataKey(key)
-        }
+        if _is_dicom_file(path):
+            tags = {
+                name: image.GetMetaData(key).strip()
+                for name, key in SAFE_DICOM_TAGS.items()
+                if image.HasMetaDataKey(key)
+            }
     _keep_only_safe_metadata(image, tags)
     return image
 
@@ -624,18 +953,24 @@ class SimpleITKReader(ImageReader):
             reverse_indexing: MONAI's meaning: False (default) gives ITK index order (x, y[, z]), consistent with
                 the affine; True gives numpy order of `SimpleITK.GetArrayFromImage` (z, y, x); metadata unchanged.
             affine_lps_to_ras: convert the affine from ITK's LPS to RAS, like `ITKReader` and `NibabelReader`.
-            kwargs: arguments of `read_sitk` besides the path and series choice (``output_pixel_type``).
+            kwargs: arguments of `read_sitk` besides the path and series choice (``output_pixel_type``,
+                ``max_pixels``, ``max_voxels``).
 
         Raises:
-            ValueError: for a bad `channel_dim`, an invalid `series_description` pattern or unknown `kwargs`.
+            ValueError: for a bad `channel_dim`, an invalid `series_description` pattern, unknown `kwargs` or a size
+                limit that is not a positive whole number.
         """
         super().__init__()
         if not (channel_dim is None or channel_dim == "no_channel" or isinstance(channel_dim, int)):
             raise ValueError(f"channel_dim must be None, 'no_channel' or an int but is {channel_dim!r}.")
         _compile_description(series_description)
-        unknown = sorted(set(kwargs) - {"output_pixel_type"})
+        accepted = ["max_pixels", "max_voxels", "output_pixel_type"]
+        unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
-            raise ValueError(f"unknown SimpleITKReader arguments {unknown}; accepted extra: ['output_pixel_type'].")
+            raise ValueError(f"unknown SimpleITKReader arguments {unknown}; accepted extra: {accepted}.")
+        for name in ("max_pixels", "max_voxels"):
+            if kwargs.get(name) is not None:
+                _size_limit(kwargs[name], name, "", 1)
         self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
         self.series_uid = series_uid
         self.series_description = series_description

@@ -409,7 +409,8 @@ def _predict_patient(
         if "data" in loaded:
             scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"]), images[0]))
         else:
-            scored.append((item, predictor.predict_volume_by_slices(loaded["volume"], images[0]), images[0]))
+            prob = predictor.predict_volume_by_slices(loaded["volume"], images[0], resample=not loaded["planar"])
+            scored.append((item, prob, images[0]))
     truths = []
     for item, prob, _ in scored:
         truth = _read_truth(Path(item["label"]))

@@ -21,6 +21,7 @@ from monai.bundle import ConfigWorkflow
 
 from brainseg_monai.cli import build_parser
 from brainseg_monai.cli import main as cli_main
+from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec
@@ -107,7 +108,8 @@ def test_oblique_dicom_studies_masks_in_series_geometry(trained_checkpoint: Path
         assert int(row["tumour_voxels"]) == int(sitk.GetArrayViewFromImage(mask).sum())
         seg_path = out / row["case"] / "seg.dcm"
         seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(seg_path))
-        source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (study / "T1_PRE").iterdir()}
+        # the SEG lies on the model's primary channel: FLAIR for this model
+        source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (study / "FLAIR").iterdir()}
         referenced = {ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence}
         assert referenced == source_uids
         assert (out / row["case"] / "overlay.png").is_file()
@@ -260,7 +262,7 @@ def test_output_folder_of_other_files_is_never_replaced(tmp_path: Path) -> None:
     patient = next(p for p in data.iterdir() if p.is_dir())
     checkpoint = _untrained_one_channel_model(tmp_path / "model")
     spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
-    spec.update(in_channels=3, channels=["t1", "flair", "t1c"])
+    spec.update(in_channels=3, channels=["t1", "flair", "t1c"], primary_channel="flair")
     net = get_network("unet", 2, 3, 1, **spec["network_kwargs"])
     torch.save(net.state_dict(), checkpoint)
     (checkpoint.parent / MODEL_SIDECAR).write_text(json.dumps(spec))
@@ -305,7 +307,7 @@ def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
     shutil.rmtree(studies / "SYN_0002" / "FLAIR")
     checkpoint = _untrained_one_channel_model(tmp_path / "model")
     spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
-    spec.update(in_channels=3, channels=["t1", "flair", "t1c"], roi_size=[32, 32])
+    spec.update(in_channels=3, channels=["t1", "flair", "t1c"], primary_channel="flair", roi_size=[32, 32])
     torch.save(get_network("unet", 2, 3, 1, **spec["network_kwargs"]).state_dict(), checkpoint)
     (checkpoint.parent / MODEL_SIDECAR).write_text(json.dumps(spec))
     rows = {r["case"]: r for r in run_inference([studies], tmp_path / "pred", InferenceSettings(str(checkpoint), tta="none", progress=False))}
@@ -335,13 +337,13 @@ def test_a_study_with_no_readable_series_is_a_failed_case_not_skipped(tmp_path: 
     studies = make_dataset(tmp_path / "studies", "dicom", cases=3, seed=23, size=(24, 24, 4))
     for dcm in (studies / "SYN_0002").rglob("*.dcm"):
         dcm.write_bytes(dcm.read_bytes()[:300])
-    cases = {c.case_id: c for c in discover_cases([studies], 3, ModelSpec().dicom_channels())}
+    cases = {c.case_id: c for c in discover_cases([studies], InputRoles.of(ModelSpec()))}
     assert list(cases) == ["SYN_0001", "SYN_0002", "SYN_0003"]
     assert cases["SYN_0001"].error is None and cases["SYN_0003"].error is None
     assert "no readable series" in cases["SYN_0002"].error and "FLAIR" in cases["SYN_0002"].error
     with pytest.raises(InputError, match="no readable series"):  # pointed at alone, nothing can run
-        discover_cases([studies / "SYN_0002"], 3, ModelSpec().dicom_channels())
-    one_channel = discover_cases([studies], 1)
+        discover_cases([studies / "SYN_0002"], InputRoles.of(ModelSpec()))
+    one_channel = discover_cases([studies], InputRoles.of(ModelSpec(in_channels=1)))
     assert sum(c.error is not None for c in one_channel) == 3  # each unreadable series folder, by itself
 
 
@@ -362,7 +364,7 @@ def test_dicomdir_and_reports_are_not_unreadable_studies(tmp_path: Path) -> None
     report.SOPClassUID = pydicom.uid.MediaStorageDirectoryStorage
     report.save_as(studies / "DICOMDIR", enforce_file_format=True)
     for channels, expected in ((3, 2), (1, 6)):
-        cases = discover_cases([studies], channels, ModelSpec().dicom_channels() if channels == 3 else None)
+        cases = discover_cases([studies], InputRoles.of(ModelSpec(in_channels=channels)))
         assert len(cases) == expected and all(c.error is None for c in cases), [(c.case_id, c.error) for c in cases]
 
 
@@ -472,7 +474,7 @@ def test_folder_holding_several_series_reads_each_one(tmp_path: Path, monkeypatc
                                   expected["FLAIR"])
 
     _stand_in(monkeypatch, in_channels=3, channel=1)  # looks at the second channel, FLAIR
-    rows = run_inference([flat], tmp_path / "three", _settings(channels=ModelSpec().dicom_channels()))
+    rows = run_inference([flat], tmp_path / "three", _settings())
     assert [(r["case"], r["status"]) for r in rows] == [("flat", "ok")], rows
     stacked = np.stack([volumes["T1_PRE"], volumes["FLAIR"], volumes["T1_POST"]])
     np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(tmp_path / "three" / "flat" / "mask.nii.gz"))) > 0,
@@ -633,11 +635,25 @@ def test_unreadable_slice_and_channels_on_other_grids_are_named(tmp_path: Path, 
     other = make_dataset(tmp_path / "b", "dicom", cases=1, seed=37, size=(24, 24, 4)) / "SYN_0001"
     shutil.rmtree(study / "FLAIR")
     shutil.copytree(other / "FLAIR", study / "FLAIR")
-    row = run_inference([study], tmp_path / "pred2", _settings(channels=ModelSpec().dicom_channels()))[0]
-    assert row["status"] == "failed"
-    error = row["error"]
-    assert "channel 'flair' (series 'AX FLAIR'" in error and "channel 't1' (series 'AX T1 PRE'" in error, error
-    assert "(24, 24, 4)" in error and "(32, 32, 4)" in error
+    rows = run_inference([study], tmp_path / "pred2", _settings())
+    # the FLAIR of another study is never matched with this study's T1s: two cases, each missing what the other has
+    assert [r["status"] for r in rows] == ["failed", "failed"], rows
+    errors = sorted(r["error"] for r in rows)
+    assert errors[0].startswith("no series for the required channel 'flair'") and "'AX T1 PRE'" in errors[0]
+    assert errors[1].startswith("no series for the required channel 't1', 't1c'") and "'AX FLAIR'" in errors[1]
+
+    # the same FLAIR as part of this study: on another grid (24x24 against 32x32), the T1s are resampled onto it
+    this_study = pydicom.dcmread(next((study / "T1_PRE").iterdir()), stop_before_pixels=True).StudyInstanceUID
+    for path in (study / "FLAIR").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = this_study
+        ds.save_as(path)
+    row = run_inference([study], tmp_path / "pred3", _settings())[0]
+    assert row["status"] == "ok", row
+    marker = json.loads((tmp_path / "pred3" / row["case"] / "case.json").read_text())
+    assert marker["resampled_onto_primary_grid"] == ["t1", "t1c"]
+    mask = sitk.ReadImage(str(tmp_path / "pred3" / row["case"] / "mask.nii.gz"))
+    _assert_same_geometry(mask, _read_series(study / "FLAIR"))
 
 
 @pytest.mark.parametrize("order, flip", [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +16,10 @@ from conftest import shared_path
 from monai.bundle import ConfigParser
 from monai.data import ITKReader, NibabelReader
 from monai.transforms import Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged
+from PIL import Image as PILImage
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from brainseg_monai.errors import InputError
@@ -268,7 +273,7 @@ def test_series_files_are_in_slice_order(files):
     assert heights == sorted(heights) and len(heights) == 5
 
 
-@pytest.mark.parametrize("damage", ["missing slice", "repeated position"])
+@pytest.mark.parametrize("damage", ["missing slice", "different image at one position"])
 def test_unevenly_spaced_series_is_refused_naming_the_gap(tmp_path, damage):
     """SimpleITK would stack it with one spacing and misplace every slice after the gap; the reader refuses it."""
     volume = np.random.default_rng(RNG_SEED).integers(0, 500, (6, 5, 4)).astype(np.int16)
@@ -277,15 +282,15 @@ def test_unevenly_spaced_series_is_refused_naming_the_gap(tmp_path, damage):
     assert read_sitk(folder).GetSize() == (4, 5, 6)  # intact: read
     if damage == "missing slice":
         (folder / "im002.dcm").unlink()
-        gap = ("im001.dcm", "im003.dcm", "5 mm", "2.5 mm")
-    else:
+        reason, pieces = "not evenly spaced", ("im001.dcm", "im003.dcm", "5 mm", "2.5 mm")
+    else:  # a second echo or a repeated acquisition at the position of im002
         header = pydicom.dcmread(folder / "im003.dcm")
         header.ImagePositionPatient = pydicom.dcmread(folder / "im002.dcm").ImagePositionPatient
         header.save_as(folder / "im003.dcm")
-        gap = ("0 mm", "2.5 mm")
-    with pytest.raises(InputError, match="not evenly spaced") as error:
+        reason, pieces = "different images at one slice position", ("im002.dcm", "im003.dcm")
+    with pytest.raises(InputError, match=reason) as error:
         read_sitk(folder)
-    for piece in (str(folder), *gap):
+    for piece in (str(folder), *pieces):
         assert piece in str(error.value)
 
 
@@ -531,6 +536,314 @@ def test_write_replaces_an_existing_output(files, tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # permissions like any new file
+
+
+# ---- encodings, multi-frame files, repeated slices, NaN in NIfTI, size limits ----
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A file of pydicom's test data, never downloaded: the MR_small* files ship in pydicom's wheel, the others
+    (the pydicom-data package) are used only when already cached, else the test is skipped with the reason."""
+    found = get_testdata_file(name, download=False)
+    if found is None:
+        pytest.skip(f"pydicom test file {name} is not available offline")
+    return Path(found)
+
+
+@pytest.fixture(scope="module")
+def jpeg_lossless(tmp_path_factory) -> Path:
+    """MR_small.dcm in JPEG lossless (process 14, first-order prediction), encoded by GDCM: pydicom ships no MR
+    file in that syntax (its JPEG-LL.dcm is a CT, downloaded on demand)."""
+    path = tmp_path_factory.mktemp("jpeg") / "MR_small_jpeg_lossless.dcm"
+    writer = sitk.ImageFileWriter()
+    writer.SetFileName(str(path))
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetCompressor("JPEG")
+    writer.UseCompressionOn()
+    writer.KeepOriginalImageUIDOn()
+    writer.Execute(sitk.ReadImage(str(pydicom_test_file("MR_small.dcm"))))
+    return path
+
+
+LOSSLESS = {
+    "MR_small_bigendian.dcm": pydicom.uid.ExplicitVRBigEndian,
+    "MR_small_expb.dcm": pydicom.uid.ExplicitVRBigEndian,
+    "MR_small_implicit.dcm": pydicom.uid.ImplicitVRLittleEndian,
+    "MR_small_RLE.dcm": pydicom.uid.RLELossless,
+    "MR_small_jpeg_ls_lossless.dcm": pydicom.uid.JPEGLSLossless,
+    "MR_small_jp2klossless.dcm": pydicom.uid.JPEG2000Lossless,
+    "jpeg lossless": pydicom.uid.JPEGLosslessSV1,
+}
+
+
+@pytest.mark.parametrize("as_series", [False, True], ids=["file", "one-file series"])
+@pytest.mark.parametrize("name", list(LOSSLESS))
+def test_lossless_encodings_read_like_the_uncompressed_file(tmp_path, jpeg_lossless, name, as_series):
+    reference = pydicom_test_file("MR_small.dcm")
+    source = jpeg_lossless if name == "jpeg lossless" else pydicom_test_file(name)
+    assert pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID == LOSSLESS[name]
+    path = source
+    if as_series:
+        path = tmp_path / "series"
+        path.mkdir()
+        shutil.copy(source, path / source.name)
+    truth = pydicom.dcmread(reference).pixel_array  # (rows, columns), decoded by pydicom, not by GDCM
+    array, meta = read_ours(path)
+    _, reference_meta = read_ours(reference)
+    assert array.shape == (64, 64, 1) and array.dtype == np.int16
+    np.testing.assert_array_equal(array[..., 0], truth.T)
+    np.testing.assert_allclose(meta["affine"], reference_meta["affine"], atol=1e-6)
+    assert meta["Modality"] == "MR"
+
+
+def _relabel(source: Path, target: Path, syntax: str) -> Path:
+    dataset = pydicom.dcmread(source)
+    dataset.file_meta.TransferSyntaxUID = syntax
+    pydicom.dcmwrite(target, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    return target
+
+
+def test_undecodable_pixel_data_names_the_transfer_syntax(tmp_path):
+    """GDCM says "Unable to determine ImageIO reader" or "Failed to change to Implicit Transfer Syntax"; the user
+    needs the encoding and a way out."""
+    jpeg_2000 = pydicom_test_file("MR_small_jp2klossless.dcm")
+    jpeg_xl = _relabel(jpeg_2000, tmp_path / "jpeg_xl.dcm", "1.2.840.10008.1.2.4.112")  # a syntax GDCM lacks
+    corrupt = pydicom.dcmread(jpeg_2000)
+    corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 2].ljust(len(corrupt.PixelData), b"\0")
+    corrupt.save_as(tmp_path / "corrupt_j2k.dcm")
+    cases = {jpeg_xl: "1.2.840.10008.1.2.4.112", tmp_path / "corrupt_j2k.dcm": "JPEG 2000 Image Compression"}
+    for path, syntax in cases.items():
+        for read in (read_sitk, SimpleITKReader().read):
+            with pytest.raises(InputError, match="transfer syntax") as error:
+                read(path)
+            for piece in (str(path), syntax, "gdcmconv --raw"):
+                assert piece in str(error.value)
+
+
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def write_enhanced_mr(
+    path: Path, volume: np.ndarray, frame_order=None, positions=None, slopes=None, spacing=(0.8, 0.9, 2.5),
+    origin=(10.0, -20.0, 30.0), direction=OBLIQUE,
+) -> sitk.Image:
+    """An Enhanced MR file holding `volume` (slices, rows, columns) as frames in `frame_order` (slice indices,
+    default slice order), each frame placed by its PlanePositionSequence (or `positions`, one per frame); returns
+    the truth in slice order."""
+    truth = _image(volume, spacing, origin, direction)
+    order = list(range(volume.shape[0])) if frame_order is None else list(frame_order)
+    axes = np.asarray(direction).reshape(3, 3)
+    dataset = Dataset()
+    dataset.SOPClassUID = ENHANCED_MR
+    dataset.SOPInstanceUID = f"{UID}.51"
+    dataset.SeriesInstanceUID = f"{UID}.52"
+    dataset.StudyInstanceUID = STUDY_UID
+    dataset.Modality = "MR"
+    dataset.SeriesDescription = "3D T1 enhanced"
+    dataset.Rows, dataset.Columns, dataset.NumberOfFrames = volume.shape[1], volume.shape[2], len(order)
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+    measures, orientation = Dataset(), Dataset()
+    measures.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (y), column spacing (x)
+    orientation.ImageOrientationPatient = [float(v) for v in (*axes[:, 0], *axes[:, 1])]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    dataset.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for n, k in enumerate(order):
+        frame, plane = Dataset(), Dataset()
+        where = truth.TransformIndexToPhysicalPoint((0, 0, k)) if positions is None else positions[n]
+        plane.ImagePositionPatient = [float(v) for v in where]
+        frame.PlanePositionSequence = DicomSequence([plane])
+        if slopes is not None:
+            rescale = Dataset()
+            rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = slopes[n], 0, "US"
+            frame.PixelValueTransformationSequence = DicomSequence([rescale])
+        frames.append(frame)
+    dataset.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    dataset.PixelData = volume[order].astype(np.int16).tobytes()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = ENHANCED_MR
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return truth
+
+
+@pytest.mark.parametrize("as_series", [False, True], ids=["file", "folder"])
+@pytest.mark.parametrize("frame_order", [None, (2, 0, 3, 1)], ids=["in slice order", "shuffled"])
+def test_enhanced_mr_frames_are_placed_by_their_positions(tmp_path, frame_order, as_series):
+    """GDCM stacks frames in file order and, unless they happen to ascend, gives 1 mm spacing and the first frame's
+    position as origin; the reader places each frame by its PlanePositionSequence."""
+    volume = np.random.default_rng(RNG_SEED).integers(0, 900, (4, 5, 6)).astype(np.int16)
+    path = tmp_path / "enhanced" / "emr.dcm"
+    truth = write_enhanced_mr(path, volume, frame_order)
+    if as_series:
+        path = path.parent
+    image = read_sitk(path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume)
+    np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), truth.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(image.GetDirection(), truth.GetDirection(), atol=1e-6)
+    array, meta = read_ours(path)
+    np.testing.assert_allclose(meta["affine"], expected_affine(truth), atol=1e-5)
+    assert meta["SeriesDescription"] == "3D T1 enhanced" and array.shape == (6, 5, 4)
+    header = read_header(path)
+    assert header.size == (6, 5, 4)
+    np.testing.assert_allclose(header.spacing, truth.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(header.origin, truth.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(header.direction, truth.GetDirection(), atol=1e-6)
+
+
+def _slice_point(k: float) -> tuple[float, ...]:
+    """Where slice `k` of `write_enhanced_mr`'s default geometry lies."""
+    grid = _image(np.zeros((8, 5, 6)), (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), OBLIQUE)
+    return grid.TransformContinuousIndexToPhysicalPoint((0, 0, k))
+
+
+ENHANCED_REFUSED = {
+    "two echoes per slice": ({"positions": [_slice_point(k // 2) for k in range(4)]}, "2 distinct positions: several frames per slice"),
+    "a missing frame": ({"positions": [_slice_point(k) for k in (0, 1, 2, 4)]}, "not evenly spaced"),
+    "rescale per frame": ({"slopes": [1, 2, 3, 4]}, "differ in rescale"),
+    "a position of two numbers": (
+        {"positions": [_slice_point(0), (1.0, 2.0), _slice_point(2), _slice_point(3)]}, "wrong number of elements"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ENHANCED_REFUSED))
+def test_enhanced_mr_that_is_not_one_stack_is_refused(tmp_path, case):
+    options, reason = ENHANCED_REFUSED[case]
+    volume = np.random.default_rng(RNG_SEED).integers(0, 900, (4, 5, 6)).astype(np.int16)
+    path = tmp_path / "emr.dcm"
+    write_enhanced_mr(path, volume, **options)
+    for read in (read_sitk, SimpleITKReader().read, read_header):
+        with pytest.raises(InputError, match=reason) as error:
+            read(path)
+        for piece in (str(path), "Enhanced MR Image multi-frame file with 4 frames", "classic single-frame images"):
+            assert piece in str(error.value)
+
+
+def test_multi_frame_without_frame_positions_is_refused(tmp_path):
+    volume = np.zeros((3, 5, 6), np.int16)
+    path = tmp_path / "emr.dcm"
+    write_enhanced_mr(path, volume)
+    dataset = pydicom.dcmread(path)
+    for frame in dataset.PerFrameFunctionalGroupsSequence:
+        del frame.PlanePositionSequence
+    dataset.save_as(path)
+    with pytest.raises(InputError, match="frame 1 has no position") as error:
+        read_sitk(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("copy", ["the same file twice", "same position and pixels, another SOPInstanceUID"])
+def test_exact_copies_of_a_slice_are_left_out(tmp_path, caplog, copy):
+    """GDCM falls back to file-name order when two files share a position; copies are dropped, the rest read."""
+    volume = np.random.default_rng(RNG_SEED).integers(0, 500, (6, 5, 4)).astype(np.int16)
+    folder = tmp_path / "series"
+    truth = write_dicom_series(folder, volume, f"{UID}.41", "AX T2")
+    duplicate = pydicom.dcmread(folder / "im002.dcm")
+    if copy != "the same file twice":
+        duplicate.SOPInstanceUID = f"{UID}.41.99"
+    duplicate.save_as(folder / "aa_copy.dcm")  # first by name
+    shutil.copy(folder / "im004.dcm", folder / "zz_copy.dcm")  # last by name
+    with caplog.at_level(logging.WARNING, logger="brainseg_monai.io"):
+        image = read_sitk(folder)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume)
+    np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), truth.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(image.GetDirection(), truth.GetDirection(), atol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if "is a copy of" in r.getMessage()]
+    assert len(warnings) == 2
+    assert any("aa_copy.dcm" in w and "im002.dcm" in w for w in warnings)
+    assert any("zz_copy.dcm is a copy of im004.dcm" in w for w in warnings)
+
+
+@pytest.mark.parametrize("thickness", [None, "1.0"], ids=["missing", "thinner than the spacing"])
+def test_series_spacing_comes_from_positions_not_slice_thickness(tmp_path, thickness):
+    volume = np.random.default_rng(RNG_SEED).integers(0, 500, (5, 5, 4)).astype(np.int16)
+    folder = tmp_path / "series"
+    truth = write_dicom_series(folder, volume, f"{UID}.43", "AX T2", spacing=(0.8, 0.9, 3.0))
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        if thickness is None:
+            del dataset.SliceThickness
+        else:
+            dataset.SliceThickness = thickness
+        dataset.save_as(path)
+    image = read_sitk(folder)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume)
+    np.testing.assert_allclose(image.GetSpacing(), truth.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(read_header(folder).spacing, truth.GetSpacing(), atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nan_and_inf_in_nifti_are_refused_like_check_image_values(tmp_path, suffix, bad):
+    data = np.arange(60, dtype=np.float32).reshape(5, 4, 3)
+    data[1, 2, 0] = bad
+    path = tmp_path / f"bad{suffix}"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()  # ITK hides them (as 0)
+    with pytest.raises(InputError) as expected:
+        check_image_values(data, path)
+    for read in (read_sitk, SimpleITKReader().read):
+        with pytest.raises(InputError) as error:
+            read(path)
+        assert str(error.value) == str(expected.value)
+    data[1, 2, 0] = 0.5
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    np.testing.assert_array_equal(read_ours(path)[0], data)  # finite floats read as they are
+
+
+def _decoding_forbidden(*_args, **_kwargs):
+    raise AssertionError("pixels decoded before the size check")
+
+
+@pytest.mark.parametrize(
+    "name, size, mode, shape, count",
+    [("huge.png", (10_000, 10_000), "1", "10000 x 10000", "100,000,000"),
+     ("big.jpg", (6_000, 5_000), "L", "6000 x 5000", "30,000,000")],
+    ids=["png", "jpeg"],
+)  # fmt: skip
+def test_huge_image_is_refused_from_its_header(tmp_path, monkeypatch, name, size, mode, shape, count):
+    """A 350 KB 10000 x 10000 PNG took inference past 17 GB: refused from the header, nothing decoded."""
+    path = tmp_path / name
+    PILImage.new(mode, size).save(path)
+    assert path.stat().st_size < 2_000_000
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", _decoding_forbidden)
+    monkeypatch.setattr(PILImage.Image, "load", _decoding_forbidden)
+    for read in (read_sitk, SimpleITKReader().read):
+        with pytest.raises(InputError, match="image too large") as error:
+            read(path)
+        message = str(error.value)
+        for piece in (str(path), f"{shape} is {count} pixels per plane", "limit of 25,000,000", "BRAINSEG_MAX_PIXELS"):
+            assert piece in message
+
+
+def test_size_limits_from_environment_and_argument(files, monkeypatch):
+    png, volume, series = files["grey.png"][0], files["vol.nii.gz"][0], files["series"][0]
+    monkeypatch.setenv("BRAINSEG_MAX_PIXELS", "100")
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", "200")
+    with monkeypatch.context() as patched:
+        patched.setattr(sitk.ImageFileReader, "Execute", _decoding_forbidden)
+        patched.setattr(sitk.ImageSeriesReader, "Execute", _decoding_forbidden)
+        with pytest.raises(InputError, match="10 x 12 is 120 pixels per plane, above the limit of 100"):
+            read_sitk(png)
+        for path, shape in ((volume, "7 x 6 x 5"), (series, "7 x 6 x 5")):
+            with pytest.raises(InputError, match=f"{shape} is 210 voxels, above the limit of 200") as error:
+                read_sitk(path)
+            assert str(path) in str(error.value) and "BRAINSEG_MAX_VOXELS" in str(error.value)
+    assert read_sitk(png, max_pixels=120).GetSize() == (10, 12)  # the argument wins over the environment
+    assert read_ours(series, max_voxels=210)[0].shape == (7, 6, 5)
+    monkeypatch.setenv("BRAINSEG_MAX_VOXELS", "lots")
+    with pytest.raises(ValueError, match="BRAINSEG_MAX_VOXELS must be a positive whole number but is 'lots'"):
+        read_sitk(volume)
+    with pytest.raises(ValueError, match="max_pixels must be a positive whole number but is 0"):
+        SimpleITKReader(max_pixels=0)
 
 
 # ---- real data (../shared/data) ----

@@ -1,21 +1,25 @@
 """Inference writers: masks back in the source geometry (NIfTI, PNG), overlay PNG and DICOM SEG, on synthetic
-oblique DICOM with known truth and on the real series in ../shared/data/dicom."""
+oblique DICOM with known truth and on the real series in ../shared/data/dicom. Every SEG written is checked with
+dciodvfy (Debian package dicom3tools) where it is installed."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from conftest import assert_dciodvfy_finds_no_errors, shared_path
 from highdicom.seg import Segmentation
 from skimage.io import imread
 
 from brainseg_monai import __version__
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.writers import (
+    SegNotWritten,
     overlay_slice,
     write_dicom_seg,
     write_overlay_png,
@@ -28,6 +32,14 @@ from brainseg_monai.synth import make_dataset
 SIZE = (40, 28, 10)  # non-square in-plane, so a swapped x/y cannot go unnoticed
 REAL_SERIES = ["C3L-03728_AX_T1_SE", "HF1139_AXIAL_FLAIR"]
 TOL = 1e-4
+# highdicom's UserWarning for a one-component person name ('132301'): the writer must not trigger it.
+NO_PERSON_NAME_WARNING = "error:The string .* is unlikely to represent the intended person name:UserWarning"
+# pydicom's warnings on reading the deliberately invalid sources of the sanitising tests.
+INVALID_SOURCE_WARNINGS = (
+    "ignore:Incorrect value for Specific Character Set",
+    "ignore:Invalid value for VR",
+    "ignore:The value length",
+)
 
 
 @pytest.fixture(scope="module")
@@ -267,33 +279,56 @@ def _check_seg(seg_path: Path, mask: np.ndarray, files: list[str]) -> Segmentati
     return seg
 
 
+def _rewritten_series(
+    folder: Path, out: Path, edit: Callable[[pydicom.Dataset, int], None], *, slices: int | None = None
+) -> list[Path]:
+    """The series in `folder` (in series order; the first `slices` only, when given) rewritten into `out` after
+    ``edit(dataset, k)`` on slice k: a source with the faults that real scanners write."""
+    out.mkdir(parents=True)
+    files = []
+    for k, source_file in enumerate(find_dicom_series(folder)[0].files[:slices]):
+        dataset = pydicom.dcmread(source_file)
+        edit(dataset, k)
+        files.append(out / f"{k:03d}.dcm")
+        with warnings.catch_warnings():  # pydicom warns about the invalid values written on purpose
+            warnings.simplefilter("ignore")
+            dataset.save_as(files[-1])
+    return files
+
+
 def test_dicom_seg_of_synthetic_oblique_series(case: Path, tmp_path: Path) -> None:
     series = find_dicom_series(case / "FLAIR")[0]
     truth, _ = _read(case / "SYN_0001_seg.nii.gz")  # the truth is on the series grid
     assert 0 < np.count_nonzero(truth.any(axis=(0, 1))) < truth.shape[2]  # some slices without tumour
-    out = write_dicom_seg(truth, series.files, tmp_path / "a" / "seg.dcm")
+    out = tmp_path / "a" / "seg.dcm"
+    assert write_dicom_seg(truth, series.files, out) == []  # a valid source: nothing changed
     seg = _check_seg(out, truth, series.files)
     assert seg.ContentDate == "20000101" and seg.ContentTime == "120000"  # the source's, not the clock's
     assert "InstanceCreationDate" not in seg and "InstanceCreationTime" not in seg
     for item in seg.ContributingEquipmentSequence:
         assert "ContributionDateTime" not in item
     # same inputs -> same bytes; another mask -> another instance of the same series
-    again = write_dicom_seg(truth, series.files, tmp_path / "b" / "seg.dcm")
-    assert out.read_bytes() == again.read_bytes()
+    write_dicom_seg(truth, series.files, tmp_path / "b" / "seg.dcm")
+    assert out.read_bytes() == (tmp_path / "b" / "seg.dcm").read_bytes()
     other = _asymmetric_mask(truth.shape, [1, 4])
-    other_seg = pydicom.dcmread(write_dicom_seg(other, series.files, tmp_path / "c" / "seg.dcm"))
+    write_dicom_seg(other, series.files, tmp_path / "c" / "seg.dcm")
+    other_seg = pydicom.dcmread(tmp_path / "c" / "seg.dcm")
     assert other_seg.SeriesInstanceUID == seg.SeriesInstanceUID
     assert other_seg.SOPInstanceUID != seg.SOPInstanceUID
     _check_seg(tmp_path / "c" / "seg.dcm", other, series.files)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["seg.dcm"]  # no temporary left behind
+    assert_dciodvfy_finds_no_errors(out)
 
 
 def test_dicom_seg_of_an_empty_mask(case: Path, tmp_path: Path) -> None:
     series = find_dicom_series(case / "T1_POST")[0]
     empty = np.zeros((SIZE[0], SIZE[1], len(series.files)), dtype=np.uint8)
-    out = write_dicom_seg(empty, series.files, tmp_path / "seg.dcm")
+    out = tmp_path / "seg.dcm"
+    assert write_dicom_seg(empty, series.files, out) == []
     _check_seg(out, empty, series.files)
-    assert write_dicom_seg(empty, series.files, tmp_path / "again.dcm").read_bytes() == out.read_bytes()
+    write_dicom_seg(empty, series.files, tmp_path / "again.dcm")
+    assert (tmp_path / "again.dcm").read_bytes() == out.read_bytes()
+    assert_dciodvfy_finds_no_errors(out)
 
 
 def test_dicom_seg_refuses_the_input_and_bad_masks(case: Path, tmp_path: Path) -> None:
@@ -315,14 +350,135 @@ def test_dicom_seg_refuses_the_input_and_bad_masks(case: Path, tmp_path: Path) -
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def _philips_faults(dataset: pydicom.Dataset, k: int) -> None:
+    """The faults of the issue's Philips study, and more that clinical exports carry."""
+    dataset.PatientSex = "0000"
+    dataset.SpecificCharacterSet = "ISO-IR 100"  # misspelt ISO_IR 100; pydicom still decodes it as Latin-1
+    dataset.PatientName = "Müller"  # one component, outside ASCII
+    dataset.PatientBirthDate = "19xx0101"
+    dataset.StudyID = "STUDY-0001-OF-2024"  # 18 characters, SH allows 16
+    dataset.StudyTime = "12:00:00"  # the retired ACR-NEMA form
+    del dataset.SliceThickness, dataset.SeriesDescription
+
+
+@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING, *INVALID_SOURCE_WARNINGS)
+def test_dicom_seg_of_a_series_with_invalid_patient_and_study_values(case: Path, tmp_path: Path) -> None:
+    files = _rewritten_series(case / "FLAIR", tmp_path / "source", _philips_faults)
+    before = {f: f.read_bytes() for f in files}
+    truth, _ = _read(case / "SYN_0001_seg.nii.gz")
+    out = tmp_path / "seg.dcm"
+    assert write_dicom_seg(truth, files, out) == [
+        "PatientBirthDate is not a date (YYYYMMDD): left empty",
+        "PatientSex '0000' is not M/F/O: left empty",
+        "StudyID is longer than the 16 characters SH allows: left empty",
+        "StudyTime is not a time (HHMMSS.FFFFFF): left empty",
+        "SpecificCharacterSet 'ISO-IR 100' is not a DICOM character set: the SEG uses ISO_IR 192",
+        "SliceThickness is missing in the source: the SEG gives the slice spacing, 3.0 mm",
+    ]
+    assert {f: f.read_bytes() for f in files} == before  # the sources are never changed
+    seg = _check_seg(out, truth, [str(f) for f in files])
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert seg.PatientSex == "" and seg.PatientBirthDate == "" and seg.StudyID == "" and seg.StudyTime == ""
+    assert seg.SpecificCharacterSet == "ISO_IR 192"
+    assert str(seg.PatientName) == "Müller^" and seg.PatientName.family_name == "Müller"
+    assert seg.PatientID == source.PatientID == "SYN_0001"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.StudyDate == source.StudyDate == "20000101"
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 3.0
+    assert_dciodvfy_finds_no_errors(out)
+
+
+def _invalid_optional_values(dataset: pydicom.Dataset, k: int) -> None:
+    del dataset.SpecificCharacterSet  # the default repertoire (ASCII), yet a name outside it
+    dataset.PatientName = "Müller^Hans"
+    dataset.PatientIdentityRemoved = "MAYBE"
+    dataset.AccessionNumber = ["A1", "A2"]  # two values where one is allowed
+    dataset.SpacingBetweenSlices = "-3"
+
+
+@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING, *INVALID_SOURCE_WARNINGS)
+def test_dicom_seg_leaves_out_invalid_optional_values_and_widens_the_character_set(
+    case: Path, tmp_path: Path
+) -> None:
+    files = _rewritten_series(case / "T1_POST", tmp_path / "source", _invalid_optional_values)
+    mask = _asymmetric_mask((SIZE[0], SIZE[1], len(files)), [2, 3])
+    out = tmp_path / "seg.dcm"
+    assert write_dicom_seg(mask, files, out) == [
+        "PatientIdentityRemoved 'MAYBE' is not YES/NO: left out",
+        "AccessionNumber holds 2 values where one is allowed: left empty",
+        "SpacingBetweenSlices '-3' is not a positive number: not copied",
+        "the SEG's text does not fit the source's SpecificCharacterSet (none: ASCII): the SEG uses ISO_IR 192",
+    ]
+    seg = _check_seg(out, mask, [str(f) for f in files])
+    assert "PatientIdentityRemoved" not in seg and seg.AccessionNumber == ""
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == "Müller^Hans"
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 3.0
+    # not the source's -3 but what highdicom measures between the evenly spaced slices
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(3.0, abs=1e-6)
+    assert_dciodvfy_finds_no_errors(out)
+
+
+def test_dicom_seg_leaves_out_slices_that_repeat_a_position(case: Path, tmp_path: Path) -> None:
+    def repeat_slice_4(dataset: pydicom.Dataset, k: int) -> None:
+        if k == 5:
+            dataset.ImagePositionPatient = pydicom.dcmread(files_before[4]).ImagePositionPatient
+
+    files_before = find_dicom_series(case / "FLAIR")[0].files
+    files = _rewritten_series(case / "FLAIR", tmp_path / "source", repeat_slice_4)
+    mask = _asymmetric_mask((SIZE[0], SIZE[1], len(files)), [3, 4, 5, 6])
+    out = tmp_path / "seg.dcm"
+    lost = int(np.count_nonzero(mask[..., 5]))
+    assert write_dicom_seg(mask, files, out) == [
+        f"slices z=5 repeat an earlier slice's position: left out of the SEG ({lost} mask voxels on them)"
+    ]
+    # the SEG is the mask and the references of the other slices
+    _check_seg(out, np.delete(mask, 5, axis=2), [str(f) for k, f in enumerate(files) if k != 5])
+    assert_dciodvfy_finds_no_errors(out)
+
+
+def _no_frame_of_reference(dataset: pydicom.Dataset, k: int) -> None:
+    del dataset.FrameOfReferenceUID
+
+
+def _no_sop_class(dataset: pydicom.Dataset, k: int) -> None:
+    del dataset.SOPClassUID
+
+
+def _no_slice_thickness(dataset: pydicom.Dataset, k: int) -> None:
+    del dataset.SliceThickness
+
+
+@pytest.mark.parametrize(
+    ("edit", "slices", "reason"),
+    [
+        (_no_frame_of_reference, None, "Source images have no Frame Of Reference UID, but it is required by the IOD"),
+        (_no_sop_class, None, "has no SOPClassUID, which a SEG needs"),
+        (_no_slice_thickness, 1, "no valid SliceThickness and no second slice position to measure the slice spacing"),
+    ],
+)
+def test_dicom_seg_that_cannot_be_written_raises_seg_not_written(
+    case: Path, tmp_path: Path, edit: Callable[[pydicom.Dataset, int], None], slices: int | None, reason: str
+) -> None:
+    files = _rewritten_series(case / "FLAIR", tmp_path / "source", edit, slices=slices)
+    mask = _asymmetric_mask((SIZE[0], SIZE[1], len(files)), [0])
+    out = tmp_path / "out" / "seg.dcm"
+    with pytest.raises(SegNotWritten) as raised:
+        write_dicom_seg(mask, files, out)
+    message = str(raised.value)
+    assert reason in message and "\n" not in message
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []  # nothing half-written
+
+
 @pytest.mark.realdata
+@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING)
 @pytest.mark.parametrize("name", REAL_SERIES)
 def test_dicom_seg_of_real_series(name: str, tmp_path: Path) -> None:
     folder = shared_path("dicom", name)
     series = find_dicom_series(folder)[0]
     size = read_sitk(folder).GetSize()
     mask = _asymmetric_mask(size, [3, 4, 9])
-    out = write_dicom_seg(mask, series.files, tmp_path / "seg.dcm")
+    out = tmp_path / "seg.dcm"
+    assert write_dicom_seg(mask, series.files, out) == []
     seg = _check_seg(out, mask, series.files)
     source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     np.testing.assert_allclose(
@@ -333,8 +489,12 @@ def test_dicom_seg_of_real_series(name: str, tmp_path: Path) -> None:
     assert seg.ContentDate == source.ContentDate
     # patient and study: only what the SEG IOD requires, copied from the source; nothing optional
     assert seg.PatientID == source.PatientID and seg.StudyInstanceUID == source.StudyInstanceUID
+    # both names have one component ('132301', 'C3L-03728'): the same name, in the unambiguous form
+    assert "^" not in str(source.PatientName) and str(seg.PatientName) == f"{source.PatientName}^"
     for keyword in ("PatientAge", "PatientWeight", "PatientComments", "PatientState", "StudyDescription",
                     "ClinicalTrialTimePointID", "InstitutionName", "StationName"):
         assert keyword not in seg
     assert [item.ManufacturerModelName for item in seg.ContributingEquipmentSequence] == ["highdicom"]
-    assert write_dicom_seg(mask, series.files, tmp_path / "again.dcm").read_bytes() == out.read_bytes()
+    write_dicom_seg(mask, series.files, tmp_path / "again.dcm")
+    assert (tmp_path / "again.dcm").read_bytes() == out.read_bytes()
+    assert_dciodvfy_finds_no_errors(out)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pydicom
 
+from brainseg_monai.channel_roles import InputRoles, plan_dicom_channels, role_from_name, single_channel_fills
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file
+from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file, series_header
+from brainseg_monai.sequences import classify_series
 
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -34,7 +36,8 @@ class Case:
     ``"volume"`` (one volume from channel files) or ``"dicom"`` (one volume from DICOM series, one per channel; a SEG
     is written too). ``images`` lists the slice files (``slices``) or the channel paths (for DICOM, the folder of
     each series in ``series``, which says which series of that folder is read). ``error`` is set when the case was
-    found but cannot run (e.g. a missing channel): it is reported as failed.
+    found but cannot run (e.g. a missing channel): it is reported as failed. A channel filled from another (a
+    missing sequence) repeats that channel's path and series.
     """
 
     case_id: str
@@ -43,6 +46,12 @@ class Case:
     images: list[str]
     series: list[DicomSeries] = field(default_factory=list)
     error: str | None = None
+    #: how the inputs fill the model's channels (``case.json``'s ``channels``): each channel's series or file and why
+    roles: dict = field(default_factory=dict)
+    #: index into ``images``/``series`` of the model's primary channel: the grid of the mask, the series of the SEG
+    primary: int = 0
+    #: for a one-channel input given to a multi-channel model: model channel -> the role the input plays
+    fills: dict[str, str] = field(default_factory=dict)
 
     def inputs(self) -> list[str]:
         """What exactly the case reads (absolute paths, ``folder#SeriesInstanceUID`` per series): its identity.
@@ -51,7 +60,7 @@ class Case:
         same id (two ``img.png`` in different folders get the ids ``img`` and ``img_2`` in the order given).
         """
         if self.series:
-            return [f"{os.path.abspath(s.folder)}#{s.series_uid}" for s in self.series]
+            return list(dict.fromkeys(f"{os.path.abspath(s.folder)}#{s.series_uid}" for s in self.series))
         return [os.path.abspath(p) for p in self.images] or [os.path.abspath(self.source)]
 
 
@@ -168,16 +177,21 @@ def _label(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
+def _study_key(series: DicomSeries) -> tuple[str, str]:
+    return series.patient_id, series.study_uid
+
+
 def _dicom_cases(
-    root: Path, series: list[DicomSeries], unreadable: list[Path], channels: Mapping[str, str] | None,
-    in_channels: int, taken: set[str]
+    root: Path, series: list[DicomSeries], unreadable: list[Path], roles: InputRoles, taken: set[str]
 ) -> list[Case]:
-    """Group series into cases: by study folder matched to channels, or one case per series for 1-channel models.
+    """Group series into cases: a study's series matched to the model's channels, or one case per series for
+    1-channel models.
 
     A folder holding several series is a study exported flat (one folder, every series); a folder holding one
-    series is a series folder of the study above it. Each case keeps its series, so exactly those are read. Folders
-    of DICOM files without one readable series become failed cases (a whole study of them, or the folder itself for
-    1-channel models), so nothing in the tree is skipped silently.
+    series is a series folder of the study above it. Within a study folder, series are grouped by PatientID and
+    StudyInstanceUID, never across them: two patients' series copied into one folder are two cases. Each case keeps
+    its series, so exactly those are read. Folders of DICOM files without one readable series become failed cases
+    (a whole study of them, or the folder itself for 1-channel models), so nothing in the tree is skipped silently.
     """
     per_folder: dict[Path, int] = {}
     for s in series:
@@ -186,53 +200,34 @@ def _dicom_cases(
     def study_of(folder: Path) -> Path:
         return folder if folder == root or per_folder.get(folder, 0) > 1 else folder.parent
 
-    if in_channels == 1:
-        regex = next(iter(channels.values()), None) if channels else None
-        picked = [s for s in series if regex is None or re.search(regex, s.description, re.IGNORECASE)]
-        if picked:
-            cases = []
-            for s in picked:
-                name = _rel_id(root, s.folder)
-                if per_folder[s.folder] > 1:  # the folder's name alone would not say which series
-                    name = f"{name}_{_label(s.description) or 'series'}"
-                cases.append(Case(_unique(name, taken), str(s.folder), "dicom", [str(s.folder)], [s]))
-        else:
-            listing = "; ".join(f"'{s.description}'" for s in series)
-            cases = [Case(_unique(_rel_id(root, root), taken), str(root), "dicom", [],
-                          error=f"no series matches channel pattern {regex!r} (series: {listing})")]
-        cases += _unreadable_cases(root, unreadable, taken)
-        return sorted(cases, key=lambda c: _natural_key(c.source))
+    if len(roles.channels) == 1:
+        return _one_channel_dicom_cases(root, series, unreadable, roles, per_folder, taken)
 
-    if not channels or len(channels) != in_channels:
-        raise ValueError(
-            f"the model takes {in_channels} channels; give one SeriesDescription pattern per channel "
-            f"(got {dict(channels or {})})."
-        )
-    by_study: dict[Path, list[DicomSeries]] = {}
+    by_study: dict[tuple[Path, tuple[str, str]], list[DicomSeries]] = {}
     for s in series:
-        by_study.setdefault(study_of(s.folder), []).append(s)
+        by_study.setdefault((study_of(s.folder), _study_key(s)), []).append(s)
+    studies_per_folder: dict[Path, int] = {}
+    for folder, _ in by_study:
+        studies_per_folder[folder] = studies_per_folder.get(folder, 0) + 1
     cases = []
-    for study_folder, members in sorted(by_study.items(), key=lambda kv: _natural_key(str(kv[0]))):
-        case_id = _unique(_rel_id(root, study_folder), taken)
-        chosen: list[DicomSeries] = []
-        problem = None
-        for name, regex in channels.items():
-            hits = [s for s in members if re.search(regex, s.description, re.IGNORECASE)]
-            if len(hits) != 1:
-                listing = ", ".join(f"'{s.description}'" for s in members)
-                what = "no series" if not hits else f"{len(hits)} series"
-                problem = f"channel '{name}' (pattern {regex!r}): {what} match among {listing}"
-                broken = [str(f.relative_to(study_folder)) for f in unreadable if study_of(f) == study_folder]
-                if broken:
-                    problem += f"; no readable series in {', '.join(broken)} (truncated or corrupt?)"
-                break
-            chosen.append(hits[0])
-        cases.append(
-            Case(case_id, str(study_folder), "dicom", [str(s.folder) for s in chosen], chosen, error=problem)
-        )
+    for (study_folder, key), members in sorted(by_study.items(), key=lambda kv: (_natural_key(str(kv[0][0])), kv[0][1])):
+        name = _rel_id(root, study_folder)
+        if studies_per_folder[study_folder] > 1:  # the folder's name alone would not say which patient and study
+            name = f"{name}_{_label(key[0]) or 'patient'}_{_label(key[1])[-8:] or 'study'}"
+        plan = plan_dicom_channels(members, roles.channels, roles.primary, roles.fallbacks, roles.overrides,
+                                   roles.rules)
+        problem = plan.error
+        if problem:
+            broken = [str(f.relative_to(study_folder)) for f in unreadable if study_of(f) == study_folder]
+            if broken:
+                problem += f"; no readable series in {', '.join(broken)} (truncated or corrupt?)"
+        chosen = [] if problem else plan.series
+        primary = roles.channels.index(roles.primary)
+        cases.append(Case(_unique(name, taken), str(study_folder), "dicom", [str(s.folder) for s in chosen], chosen,
+                          error=problem, roles=plan.record(), primary=primary))
     broken_studies: dict[Path, list[Path]] = {}
     for folder in unreadable:
-        if study_of(folder) not in by_study:
+        if not any(study_of(folder) == study for study, _ in by_study):
             broken_studies.setdefault(study_of(folder), []).append(folder)
     for study_folder, folders in broken_studies.items():
         error = _UNREADABLE + ", ".join(str(f.relative_to(study_folder)) if f != study_folder else "." for f in folders)
@@ -240,11 +235,29 @@ def _dicom_cases(
     return sorted(cases, key=lambda c: _natural_key(c.source))
 
 
+def _one_channel_dicom_cases(root: Path, series: list[DicomSeries], unreadable: list[Path], roles: InputRoles,
+                             per_folder: Mapping[Path, int], taken: set[str]) -> list[Case]:
+    """Every series (matching the one ``--channel`` pattern, if given) is a case of a 1-channel model."""
+    regex = next(iter(roles.overrides.values()), None)
+    picked = [s for s in series if regex is None or re.search(regex, s.description, re.IGNORECASE)]
+    if picked:
+        cases = []
+        for s in picked:
+            name = _rel_id(root, s.folder)
+            if per_folder[s.folder] > 1:  # the folder's name alone would not say which series
+                name = f"{name}_{_label(s.description) or 'series'}"
+            cases.append(Case(_unique(name, taken), str(s.folder), "dicom", [str(s.folder)], [s]))
+    else:
+        listing = "; ".join(f"'{s.description}'" for s in series)
+        cases = [Case(_unique(_rel_id(root, root), taken), str(root), "dicom", [],
+                      error=f"no series matches channel pattern {regex!r} (series: {listing})")]
+    cases += _unreadable_cases(root, unreadable, taken)
+    return sorted(cases, key=lambda c: _natural_key(c.source))
+
+
 def discover_cases(
     inputs: Sequence[str | os.PathLike],
-    in_channels: int = 3,
-    series_channels: Mapping[str, str] | None = None,
-    file_channels: Mapping[str, str] | None = None,
+    roles: InputRoles,
     exclude: Sequence[str | os.PathLike] = (),
 ) -> list[Case]:
     """Find the cases under ``inputs`` (files or folders), in a stable order, with unique ids.
@@ -254,11 +267,15 @@ def discover_cases(
     - a folder's 2D images (an LGG patient folder included; ``*_mask`` files are truth and skipped): one ``slices``
       case, id = folder name;
     - a folder's volumes: with a 1-channel model each volume is a case; with several channels the folder is one
-      case whose channels are the files matching ``file_channels`` (name -> file-name regex);
-    - the DICOM in a folder's tree: every series is found; with a multi-channel model a study's series are
-      matched to ``series_channels`` (name -> SeriesDescription regex) and form one case; with a 1-channel model every
-      series (matching the one pattern, if given) is a case;
+      case whose channels are the files matching each role's file-name pattern (``--channel``, or
+      ``<case>_<role>.nii.gz``), a missing optional channel filled from its fallback;
+    - the DICOM in a folder's tree: every series is found; with a multi-channel model a study's series (one patient,
+      one StudyInstanceUID) are matched to the model's roles by :func:`plan_dicom_channels` and form one case; with
+      a 1-channel model every series (matching the one pattern, if given) is a case;
     - each sub-folder as above (an LGG root, BraTS-style case folders).
+
+    A one-channel image given to a multi-channel model plays the role its name or ``--channel`` gives it (``fills``);
+    one whose role nothing says is refused when read, with the command that would run it.
 
     A folder may hold several of these kinds (a series beside a NIfTI and a PNG thumbnail): each becomes its own
     case. The user pointed at all of it, and a case too many costs a row in the summary, while picking one kind would
@@ -278,7 +295,7 @@ def discover_cases(
     for raw in inputs:
         path = Path(raw)
         try:
-            cases.extend(_discover_one(path, in_channels, series_channels, file_channels, taken, skip))
+            cases.extend(_discover_one(path, roles, taken, skip))
         except InputError as err:
             problems.append(err)
             kind = "slices" if _is_2d_image(path) else "volume"
@@ -291,14 +308,32 @@ def discover_cases(
     return cases
 
 
-def _discover_one(
-    path: Path,
-    in_channels: int,
-    series_channels: Mapping[str, str] | None,
-    file_channels: Mapping[str, str] | None,
-    taken: set[str],
-    skip: _Skipped,
-) -> list[Case]:
+def _fills(name: str, roles: InputRoles, header_role: str | None = None) -> dict[str, str]:
+    """Channel -> role for a possibly one-channel input named ``name`` (empty when nothing says its role)."""
+    if len(roles.channels) == 1:
+        return {}
+    role = role_from_name(name, roles.channels, roles.overrides) or (
+        header_role if header_role in roles.channels else None)
+    if role is None:
+        return {}
+    fills = single_channel_fills(role, roles.channels, roles.fallbacks)
+    return fills if isinstance(fills, dict) else {}
+
+
+def _file_case(path: Path, kind: str, roles: InputRoles, taken: set[str]) -> Case:
+    """A case of one file; a DICOM file's header may say which sequence it is."""
+    header_role = None
+    if kind == "volume" and not _is_volume(path):
+        try:
+            description = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
+                              .get("SeriesDescription", ""))
+        except Exception:  # a damaged file: reading it fails later with the reason
+            description = ""
+        header_role = classify_series(series_header(path), description, None).role
+    return Case(_unique(file_stem(path), taken), str(path), kind, [str(path)], fills=_fills(path.name, roles, header_role))
+
+
+def _discover_one(path: Path, roles: InputRoles, taken: set[str], skip: _Skipped) -> list[Case]:
     """The cases of one input path; raises InputError when it cannot be used at all."""
     if not path.exists():
         raise InputError(path, "does not exist")
@@ -306,16 +341,16 @@ def _discover_one(
         raise InputError(path, "is an output of brainseg infer, not an input")
     if path.is_file():
         if _is_2d_image(path):
-            return [Case(_unique(file_stem(path), taken), str(path), "slices", [str(path)])]
+            return [_file_case(path, "slices", roles, taken)]
         if _is_volume(path) or path.suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path):
-            return [Case(_unique(file_stem(path), taken), str(path), "volume", [str(path)])]
+            return [_file_case(path, "volume", roles, taken)]
         raise InputError(path, f"unsupported file type; expected one of "
                                f"{IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + DICOM_FILE_SUFFIXES} or a DICOM file")
     series, unreadable = _dicom_in_tree(path, skip)
     dicom: list[Case] = []
     if series:
-        dicom = _dicom_cases(path, series, unreadable, series_channels, in_channels, taken)
-    found = _discover_folder(path, in_channels, file_channels, taken, skip, dicom_tree=bool(series or unreadable))
+        dicom = _dicom_cases(path, series, unreadable, roles, taken)
+    found = _discover_folder(path, roles, taken, skip, dicom_tree=bool(series or unreadable))
     if not series and unreadable:
         if not found:  # nothing else to run: the folder as a whole is unusable
             listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
@@ -327,14 +362,7 @@ def _discover_one(
     return cases
 
 
-def _discover_folder(
-    folder: Path,
-    in_channels: int,
-    file_channels: Mapping[str, str] | None,
-    taken: set[str],
-    skip: _Skipped,
-    dicom_tree: bool,
-) -> list[Case]:
+def _discover_folder(folder: Path, roles: InputRoles, taken: set[str], skip: _Skipped, dicom_tree: bool) -> list[Case]:
     """The slices and volume cases in ``folder`` and below it (DICOM is found once for the whole tree).
 
     A sub-folder holding nothing to segment is a failed case, unless the tree holds DICOM: there such folders are
@@ -343,16 +371,17 @@ def _discover_folder(
     found: list[Case] = []
     slices = _slices_in(folder)
     if slices:
-        found.append(Case(_unique(folder.name, taken), str(folder), "slices", [str(p) for p in slices]))
+        fills = _fills(folder.name, roles) or _fills(slices[0].name, roles)
+        found.append(Case(_unique(folder.name, taken), str(folder), "slices", [str(p) for p in slices], fills=fills))
     volumes = _volumes_in(folder)
-    if volumes and in_channels == 1:
+    if volumes and len(roles.channels) == 1:
         found.extend(Case(_unique(file_stem(p), taken), str(p), "volume", [str(p)]) for p in volumes)
     elif volumes:
-        found.append(_volume_channels_case(folder, volumes, file_channels, in_channels, taken))
+        found.append(_volume_channels_case(folder, volumes, roles, taken))
     subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not skip(p)),
                         key=lambda p: _natural_key(p.name))
     for sub in subfolders:
-        below = _discover_folder(sub, in_channels, file_channels, taken, skip, dicom_tree)
+        below = _discover_folder(sub, roles, taken, skip, dicom_tree)
         if not below and not dicom_tree:
             below = [Case(_unique(sub.name, taken), str(sub), "volume", [],
                           error="holds no image, volume or DICOM series to segment")]
@@ -360,22 +389,34 @@ def _discover_folder(
     return found
 
 
-def _volume_channels_case(
-    folder: Path, volumes: list[Path], channels: Mapping[str, str] | None, in_channels: int, taken: set[str]
-) -> Case:
-    """One multi-channel volume case from a case folder: each channel is the file whose name matches its regex."""
-    patterns = dict(channels) if channels else {}
+def _volume_channels_case(folder: Path, volumes: list[Path], roles: InputRoles, taken: set[str]) -> Case:
+    """One multi-channel volume case from a case folder: each role is the file whose name matches its pattern, a
+    missing optional role filled from its fallback (the same roles and ``--channel`` overrides as DICOM)."""
     case_id = _unique(folder.name, taken)
-    if len(patterns) != in_channels:
-        return Case(case_id, str(folder), "volume", [], error=(
-            f"the model takes {in_channels} channels; give one file-name pattern per channel (got {patterns})"))
-    chosen = []
-    for name, regex in patterns.items():
-        hits = [v for v in volumes if re.search(regex, v.name, re.IGNORECASE)]
-        if len(hits) != 1:
-            listing = ", ".join(v.name for v in volumes)
-            what = "no file" if not hits else f"{len(hits)} files"
+    listing = ", ".join(v.name for v in volumes)
+    chosen: dict[str, Path] = {}
+    for role in roles.channels:
+        pattern = roles.file_pattern(role)
+        hits = [v for v in volumes if re.search(pattern, v.name, re.IGNORECASE)]
+        if len(hits) > 1:
             return Case(case_id, str(folder), "volume", [], error=(
-                f"channel '{name}' (pattern {regex!r}): {what} match among {listing}"))
-        chosen.append(str(hits[0]))
-    return Case(case_id, str(folder), "volume", chosen)
+                f"channel '{role}' (file-name pattern {pattern!r}): {len(hits)} files match among {listing}; "
+                f"name one with --channel '{role}=REGEX'"))
+        if hits:
+            chosen[role] = hits[0]
+    records, paths = [], []
+    for role in roles.channels:
+        source = role if role in chosen else roles.fallbacks.get(role)
+        if source not in chosen:
+            flags = " ".join(f"--channel '{r}=REGEX'" for r in roles.channels if r not in chosen)
+            return Case(case_id, str(folder), "volume", [], error=(
+                f"no file for the required channel '{role}' (file-name pattern {roles.file_pattern(role)!r}) among "
+                f"{listing}; name the files with {flags}"))
+        paths.append(str(chosen[source]))
+        record = {"channel": role, "file": chosen[source].name,
+                  "reason": f"file name matches {roles.file_pattern(source)!r}"}
+        if source != role:
+            record.update(filled_from=source, reason=f"no {role} file: filled from {source}, as the model was trained for")
+        records.append(record)
+    return Case(case_id, str(folder), "volume", paths, roles={"primary": roles.primary, "roles": records},
+                primary=roles.channels.index(roles.primary))

@@ -10,6 +10,8 @@ import copy
 import json
 import logging
 import os
+import re
+import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +30,11 @@ from monai.transforms import (
     LoadImage,
     LoadImaged,
     Orientation,
+    ResampleToMatch,
+    Spacing,
 )
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from brainseg_monai.datalist import DEFAULT_DICOM_CHANNELS
 from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
@@ -46,6 +49,10 @@ MODEL_SIDECAR = "model.json"
 _NORMALISE_CHUNK = 64
 # Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
 _DIVISOR = 32
+#: largest padded 2D slice a 2D model predicts in one forward; larger ones go through the sliding window
+_WHOLE_SLICE_PIXELS = 1024 * 1024
+#: relative difference between a volume's in-plane pixel size and the model's above which the slices are resampled
+_SPACING_TOLERANCE = 0.1
 #: MONAI axis codes (RAS space) of an axial DICOM series as ITK reads it: x to the left, y to the back, z to the head
 _AXIAL_AXCODES = "LPS"
 
@@ -63,34 +70,49 @@ class ModelSpec:
     #: "slice": each 2D image z-scored on its own; "case": with the statistics of all slices of its case
     normalisation: str = "slice"
     channels: list[str] = field(default_factory=lambda: ["t1", "flair", "t1c"])
+    #: the channel whose grid the others are resampled onto and whose series the mask and the SEG lie on
+    primary_channel: str | None = None
+    #: channel -> the channel that fills it in when the input lacks it (how the model was trained to see a missing
+    #: sequence); channels not named here are required
+    channel_fallbacks: dict = field(default_factory=dict)
+    #: in-plane pixel size (mm) a 2D model was trained at: inputs at another size are resampled to it and back
+    pixel_spacing: list[float] | None = None
     postprocessing: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
         """Build from a ``model.json`` or a training run's ``config_resolved.json`` (unknown keys are ignored)."""
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values and values[k] is not None}
-        spec = cls(**known)
-        if spec.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3 but is {spec.spatial_dims!r}.")
-        if len(spec.channels) != spec.in_channels:
-            spec.channels = [f"channel{i}" for i in range(spec.in_channels)] if spec.in_channels != 3 else ["t1", "flair", "t1c"]
-        return spec
+        return cls(**known)
+
+    def __post_init__(self) -> None:
+        """Check the settings and fill the defaults that depend on others (channel names, primary channel)."""
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3 but is {self.spatial_dims!r}.")
+        if len(self.channels) != self.in_channels:
+            self.channels = [f"channel{i}" for i in range(self.in_channels)] if self.in_channels != 3 else ["t1", "flair", "t1c"]
+        if self.primary_channel is None:
+            self.primary_channel = "flair" if "flair" in self.channels else self.channels[0]
+        unknown = sorted(({self.primary_channel} | set(self.channel_fallbacks) | set(self.channel_fallbacks.values()))
+                         - set(self.channels))
+        if unknown:
+            raise ValueError(f"primary_channel and channel_fallbacks must name channels of the model "
+                             f"({', '.join(self.channels)}) but name {unknown}.")
+        if any(self.channel_fallbacks.get(fill) for fill in self.channel_fallbacks.values()):
+            raise ValueError(f"channel_fallbacks must fill from channels that are required themselves: "
+                             f"{self.channel_fallbacks}.")
+        if self.pixel_spacing is not None and (self.spatial_dims != 2 or len(self.pixel_spacing) != 2
+                                               or min(self.pixel_spacing) <= 0):
+            raise ValueError(f"pixel_spacing is two positive in-plane sizes (mm) of a 2D model, not "
+                             f"{self.pixel_spacing!r}.")
+
+    @property
+    def required_channels(self) -> list[str]:
+        """The channels an input must have: those without a fallback."""
+        return [name for name in self.channels if name not in self.channel_fallbacks]
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def dicom_channels(self) -> dict[str, str]:
-        """SeriesDescription regex per channel from the defaults for known names (t1, flair, t1c); empty if unknown.
-
-        A 1-channel model with no known channel name takes every series (each one a case).
-        """
-        if not all(name in DEFAULT_DICOM_CHANNELS for name in self.channels):
-            return {}
-        return {name: DEFAULT_DICOM_CHANNELS[name] for name in self.channels}
-
-    def file_channels(self) -> dict[str, str]:
-        """File-name regex per channel for multi-channel volume folders (``<case>_<channel>.nii.gz``)."""
-        return {name: rf"[_-]{name}\.(nii|mha|mhd|nrrd)" for name in self.channels}
 
 
 def write_model_sidecar(
@@ -272,8 +294,14 @@ class Predictor:
         self.window = SlidingWindowInferer(roi_size=roi, sw_batch_size=self.batch_size, overlap=0.25, mode="gaussian")
 
     def _network_fn(self, spatial_shape: Sequence[int]):
-        """The network itself, or a Gaussian sliding window when the image exceeds the training patch."""
-        if any(s > r for s, r in zip(spatial_shape, self.spec.roi_size)):
+        """The network itself, or a Gaussian sliding window when a volume exceeds the training patch.
+
+        A 2D model sees a whole slice in one forward up to :data:`_WHOLE_SLICE_PIXELS` (the U-Nets are fully
+        convolutional and padded to a size they accept): windows of the training size over a 288x288 slice cost 4
+        forwards where one does (docs/benchmarks.md), and every pixel sees its full context instead of a window's edge.
+        """
+        whole_slice = self.spec.spatial_dims == 2 and int(np.prod(spatial_shape)) <= _WHOLE_SLICE_PIXELS
+        if not whole_slice and any(s > r for s, r in zip(spatial_shape, self.spec.roi_size)):
             return lambda x: self.window(x, self.network)
         return self.network
 
@@ -308,24 +336,41 @@ class Predictor:
                 out[i] = prob.numpy()
         return out  # type: ignore[return-value]
 
-    def predict_volume_by_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
+    def predict_volume_by_slices(self, volume: torch.Tensor, source: str, resample: bool = True) -> np.ndarray:
         """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched.
 
         A volume read with its affine (a MetaTensor) is first turned so that its last axis runs foot to head, with
         the in-plane layout of an axial DICOM slice and of a 2D image (MONAI ``Orientation`` to LPS, which leaves
-        such a series as it is); the probability is turned back onto the source grid. Sliced along the stored last
-        axis, a sagittal or coronal acquisition would be segmented in planes the 2D model never saw. A plain tensor
-        is taken to be axial already.
+        such a series as it is); sliced along the stored last axis, a sagittal or coronal acquisition would be
+        segmented in planes the 2D model never saw. With ``resample`` and a model that knows its ``pixel_spacing``,
+        slices whose pixel size differs by more than 10% are then resampled to it (MONAI ``Spacing``, bilinear),
+        so a 0.45 mm series shows the network a head of the size it learnt. The probability is turned and resampled
+        back onto the source grid (the transforms' own inverses). A plain tensor is taken to be axial already.
         """
         self._check_channels(volume, source)
         if not isinstance(volume, MetaTensor):
             return self._predict_axial_slices(torch.as_tensor(volume), source)
         orientation = Orientation(axcodes=_AXIAL_AXCODES, labels=None)  # labels from the volume's space (RAS)
         axial = orientation(volume)
-        probs = self._predict_axial_slices(axial.as_tensor(), source)
-        turned = MetaTensor(torch.as_tensor(probs)[None], affine=axial.affine,
-                            applied_operations=list(axial.applied_operations))
+        spacing = self._model_spacing(axial) if resample else None
+        grid = spacing(axial) if spacing is not None else axial
+        probs = self._predict_axial_slices(grid.as_tensor(), source)
+        turned = MetaTensor(torch.as_tensor(probs)[None], affine=grid.affine,
+                            applied_operations=list(grid.applied_operations))
+        if spacing is not None:
+            turned = spacing.inverse(turned)
         return np.ascontiguousarray(orientation.inverse(turned)[0].numpy())
+
+    def _model_spacing(self, axial: MetaTensor) -> Spacing | None:
+        """The in-plane resampling to the model's pixel size, or None when the volume is already at it."""
+        if self.spec.pixel_spacing is None:
+            return None
+        affine = np.asarray(axial.affine, dtype=np.float64)
+        current = np.linalg.norm(affine[:3, :3], axis=0)[:2]
+        target = np.asarray(self.spec.pixel_spacing, dtype=np.float64)
+        if np.all(np.abs(current / target - 1.0) <= _SPACING_TOLERANCE):
+            return None
+        return Spacing(pixdim=(float(target[0]), float(target[1]), 0.0), mode="bilinear", padding_mode="zeros")
 
     def _predict_axial_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
         """2D model over the last axis of a (C, x, y, z) volume.
@@ -379,32 +424,74 @@ def _grid(image: MetaTensor) -> str:
             f"origin {np.round(affine[:rank, -1], 2).tolist()}")
 
 
-def _read_channels(images: Sequence[str], series: Sequence[DicomSeries], spec: ModelSpec, source: str) -> MetaTensor:
-    """A case's channels stacked into one (C, x, y[, z]) MetaTensor with the first channel's metadata.
+def _read_channels(images: Sequence[str], series: Sequence[DicomSeries], spec: ModelSpec, source: str,
+                   primary: int = 0) -> tuple[MetaTensor, list[str]]:
+    """A case's channels stacked into one (C, x, y[, z]) MetaTensor on the grid of the primary channel.
 
-    Each channel is read on its own so that the series of a folder holding several is named, and a channel on
-    another grid is refused naming both channels (MONAI's stacking error names neither).
+    Each input is read once (a channel filled from another repeats its path and series) and on its own, so that the
+    series of a folder holding several is named. Sequences of a real study rarely share a grid (another field of
+    view, matrix, slice positions or an oblique plane): a channel on another grid is resampled onto the primary
+    channel's in physical space (MONAI ``ResampleToMatch``, linear, zero outside its field of view). A 2D channel
+    cannot be resampled onto another grid's plane and is refused instead, naming both channels.
+
+    Returns the stacked channels (the primary's metadata and affine) and the channels that were resampled.
 
     Raises:
-        InputError: a channel cannot be read, or its size or geometry differs from the first channel's.
+        InputError: a channel cannot be read, or a 2D channel is not on the primary's grid.
     """
     picked = list(series) or [None] * len(images)
-    channels = [_read_channel(path, one) for path, one in zip(images, picked)]
+    keys = [(path, one.series_uid if one is not None else "") for path, one in zip(images, picked)]
+    read: dict[tuple[str, str], MetaTensor] = {}
+    for key, path, one in zip(keys, images, picked):
+        if key not in read:
+            read[key] = _read_channel(path, one)
     names = list(spec.channels) if len(spec.channels) == len(images) else [f"channel{i}" for i in range(len(images))]
 
     def named(i: int) -> str:
         what = f"series '{picked[i].description}' in {images[i]}" if picked[i] is not None else images[i]
         return f"channel '{names[i]}' ({what})"
 
-    first = channels[0]
-    for i, channel in enumerate(channels[1:], start=1):
-        same = channel.shape[1:] == first.shape[1:] and np.allclose(channel.affine, first.affine, rtol=0, atol=1e-3)
+    reference = read[keys[primary]]
+    channels, resampled = [], []
+    for i, key in enumerate(keys):
+        channel = read[key]
+        same = channel.shape[1:] == reference.shape[1:] and np.allclose(channel.affine, reference.affine, rtol=0,
+                                                                       atol=1e-3)
         if not same:
-            detail = f"{_grid(channel)} vs {_grid(first)}"
-            if _grid(channel) == _grid(first):
-                detail = "same size, spacing and origin but another orientation"
-            raise InputError(source, f"{named(i)} is not on the grid of {named(0)}: {detail}")
-    return torch.cat(channels) if len(channels) > 1 else first
+            if channel.ndim != 4 or reference.ndim != 4:
+                detail = f"{_grid(channel)} vs {_grid(reference)}"
+                if _grid(channel) == _grid(reference):
+                    detail = "same size, spacing and origin but another orientation"
+                raise InputError(source, f"{named(i)} is not on the grid of {named(primary)}: {detail}")
+            channel = ResampleToMatch(mode="bilinear", padding_mode="zeros")(channel, img_dst=reference)
+            resampled.append(names[i])
+        channels.append(channel.as_tensor() if i != primary else channel)
+    if len(channels) == 1:
+        return reference, resampled
+    stacked = MetaTensor(torch.cat([torch.as_tensor(c) for c in channels]), meta=dict(reference.meta))
+    stacked.affine = reference.affine
+    return stacked, resampled
+
+
+def _fill_channels(image: MetaTensor, spec: ModelSpec, fills: Mapping[str, str], source: str) -> MetaTensor:
+    """A one-channel input given to a multi-channel model, repeated into every channel ``fills`` says it plays.
+
+    Raises:
+        InputError: when nothing says which sequence the image is (the message shows the flag that says it).
+    """
+    if image.shape[0] != 1 or spec.in_channels == 1 or image.shape[0] == spec.in_channels:
+        return image
+    if not fills:
+        name = Path(source).name
+        example = f"--channel '{spec.primary_channel}={re.escape(name)}'"
+        raise InputError(source, (
+            f"has 1 channel but the model takes {spec.in_channels} ({', '.join(spec.channels)}) and nothing says "
+            f"which sequence it is; if it is a {spec.primary_channel} image, run: brainseg infer {shlex.quote(source)} "
+            f"--out OUT {example} (missing {', '.join(c for c in spec.channels if c != spec.primary_channel)} "
+            f"are then filled as the model was trained for)"))
+    out = MetaTensor(image.as_tensor().repeat(spec.in_channels, *([1] * (image.ndim - 1))), meta=dict(image.meta))
+    out.affine = image.affine
+    return out
 
 
 def _without_loading(preprocessing: Compose) -> Compose:
@@ -424,7 +511,8 @@ def _as_single_slice_volume(image: MetaTensor) -> MetaTensor:
     return volume
 
 
-def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = ()) -> dict:
+def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = (),
+                  primary: int = 0, fills: Mapping[str, str] | None = None) -> dict:
     """Read a case's inputs the way the predictor needs them (runs in a background thread, overlapping compute).
 
     Args:
@@ -432,17 +520,19 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Seq
         images: the slice files, or one path per channel (a file, or the folder of a DICOM series).
         spec: the model's settings.
         series: for DICOM, the series of each channel: exactly that series of its folder is read.
+        primary: index of the primary channel among ``images``: the grid the others are resampled onto.
+        fills: for a one-channel input, the channels it fills (model channel -> the role it plays).
 
     Returns a dict with ``kind`` and either ``slices`` (normalised (C, x, y) tensors) or ``volume`` (raw
     (C, x, y, z) MetaTensor; ``planar`` when it is a 2D image given a unit-thick z axis) or ``data``
-    (3D-transformed dict) with its ``preprocessing``.
+    (3D-transformed dict) with its ``preprocessing``, and ``resampled`` (channels moved onto the primary's grid).
 
     Raises:
         InputError: naming the file and the reason, also for errors raised inside MONAI's transforms.
         ValueError: when ``images`` is empty or ``series`` does not give one series per path.
     """
     try:
-        return _load_for_case(kind, images, spec, series)
+        return _load_for_case(kind, images, spec, series, primary, fills or {})
     except RuntimeError as error:
         cause = input_error_in(error)
         if cause is None:
@@ -450,7 +540,8 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Seq
         raise cause from error
 
 
-def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries]) -> dict:
+def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries], primary: int,
+                   fills: Mapping[str, str]) -> dict:
     if not images:
         raise ValueError("images must name at least one file or series folder but is empty.")
     if series and len(series) != len(images):
@@ -458,19 +549,20 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
     if kind == "slices":
         if spec.spatial_dims != 2:
             raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
-        raw = [_read_channel(path).as_tensor() for path in images]
+        raw = [_fill_channels(_read_channel(path), spec, fills, path).as_tensor() for path in images]
         # the case's statistics over all its slices (a slice alone: its own)
         stats = channel_statistics(raw) if spec.normalisation == "case" else None
-        return {"kind": kind, "slices": normalise_images(raw, stats)}
+        return {"kind": kind, "slices": normalise_images(raw, stats), "resampled": []}
     source = os.path.commonpath(list(images))
-    volume = _read_channels(images, series, spec, source)
+    volume, resampled = _read_channels(images, series, spec, source, primary)
+    volume = _fill_channels(volume, spec, fills, images[0])
     if volume.ndim == 3 and spec.spatial_dims == 3:
         raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
     if spec.spatial_dims == 3:
         preprocessing = _without_loading(infer_transforms(3, spec.pixdim))
         data = preprocessing({"image": volume})
-        return {"kind": kind, "data": data, "preprocessing": preprocessing}
+        return {"kind": kind, "data": data, "preprocessing": preprocessing, "resampled": resampled}
     planar = volume.ndim == 3  # a 2D MHA/NRRD/NIfTI or a 2D image read as a volume case
     if planar:
         volume = _as_single_slice_volume(volume)
-    return {"kind": kind, "volume": volume, "planar": planar}
+    return {"kind": kind, "volume": volume, "planar": planar, "resampled": resampled}

@@ -27,18 +27,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from brainseg_monai.channel_roles import InputRoles, SelectionRules
 from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case, load_model
 from brainseg_monai.io import file_stem
-from brainseg_monai.inference.writers import write_dicom_seg, write_overlay_png, write_png_mask, write_volume_mask
+from brainseg_monai.inference.writers import (
+    SegNotWritten,
+    write_dicom_seg,
+    write_overlay_png,
+    write_png_mask,
+    write_volume_mask,
+)
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = [
-    "case", "source", "status", "error", "kind", "images", "tumour_voxels", "tumour_ml", "slices_with_tumour",
-    "coverage_pct", "seconds",
+    "case", "source", "status", "error", "warnings", "kind", "images", "tumour_voxels", "tumour_ml",
+    "slices_with_tumour", "coverage_pct", "seconds",
 ]
 #: the columns that say a ``summary.csv`` is ours: any other file of that name is the user's and is never replaced
 _OWN_SUMMARY_COLUMNS = {"case", "source", "status", "error"}
@@ -59,6 +66,8 @@ class InferenceSettings:
     keep_largest: bool | None = None
     stack_slices: bool | None = None
     channels: Mapping[str, str] | None = None
+    #: the user's series selection rules (``--series-rules``); None: the documented defaults
+    series_rules: SelectionRules | None = None
     progress: bool = True
 
 
@@ -120,9 +129,10 @@ class _CaseWriter:
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def commit(self, row: dict, inputs: Sequence[str]) -> None:
-        """Write the marker (summary row and the inputs read, for ``--resume``) and move the case into place."""
-        marker = {**row, "inputs": list(inputs)}
+    def commit(self, row: dict, inputs: Sequence[str], details: Mapping[str, Any] | None = None) -> None:
+        """Write the marker (summary row, the inputs read for ``--resume``, and ``details`` such as the channel
+        roles) and move the case into place."""
+        marker = {**row, "inputs": list(inputs), **(details or {})}
         (self.tmp / CASE_MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
         old = None
         if self.final.exists():
@@ -161,19 +171,25 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
         raw = None
     else:
         raw = loaded["volume"]
-        prob = predictor.predict_volume_by_slices(raw, case.source)
+        prob = predictor.predict_volume_by_slices(raw, case.source, resample=not loaded["planar"])
         affine = np.asarray(raw.meta["affine"])
     mask = post(prob)
-    write_volume_mask(mask, affine, writer.path("mask.nii.gz"), reference=case.images[0])
+    reference = case.images[case.primary] if case.primary < len(case.images) else case.images[0]
+    write_volume_mask(mask, affine, writer.path("mask.nii.gz"), reference=reference)
     overlay_image = np.asarray(raw) if raw is not None else np.asarray(image)
     if overlay_image.shape[1:] == mask.shape:
         write_overlay_png(overlay_image, mask, writer.path("overlay.png"))
     else:
         write_overlay_png(prob[None], mask, writer.path("overlay.png"))
+    warnings: list[str] = []
     if case.kind == "dicom" and case.series:
-        write_dicom_seg(mask, case.series[0].files, writer.path("seg.dcm"))
+        try:  # the mask is the result; a SEG the source's attributes do not allow is a warning, not a lost case
+            warnings += write_dicom_seg(mask, case.series[case.primary].files, writer.path("seg.dcm"))
+        except SegNotWritten as err:
+            warnings.append(f"SEG not written: {err}")
     # a 2D image has no slice thickness, so no volume in ml
-    return _volume_stats(mask, None if loaded.get("planar") else _spacing(affine))
+    stats = _volume_stats(mask, None if loaded.get("planar") else _spacing(affine))
+    return {**stats, "warnings": "; ".join(warnings)}
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
@@ -216,8 +232,8 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                  "keep_largest": settings.keep_largest, "stack_slices": settings.stack_slices}
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
-    cases = discover_cases(inputs, spec.in_channels, settings.channels or spec.dicom_channels(), spec.file_channels(),
-                           exclude=[out])
+    roles = InputRoles.of(spec, settings.channels, settings.series_rules)
+    cases = discover_cases(inputs, roles, exclude=[out])
     if select is not None:
         cases = [c for c in cases if select(c)]
         if not cases:
@@ -314,7 +330,7 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
     def load(case: Case) -> dict:
         if case.error:
             raise InputError(case.source, case.error)
-        return load_for_case(case.kind, case.images, spec, case.series)
+        return load_for_case(case.kind, case.images, spec, case.series, case.primary, case.fills)
 
     bar = tqdm(total=len(cases), initial=len(rows), unit="case", disable=not settings.progress or rank > 0)
     overlap = _spare_core_for_reading(predictor.device)
@@ -331,7 +347,7 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
                 writer = _CaseWriter(out, case.case_id)
                 values = _predict_case(case, loaded, predictor, post, writer)
                 row = _row(case, "ok", seconds=round(time.perf_counter() - started, 3), **values)
-                writer.commit(row, case.inputs())
+                writer.commit(row, case.inputs(), _case_details(case, loaded))
             except Exception as err:  # one bad case is recorded, never fatal to the batch
                 if writer is not None:
                     writer.abort()
@@ -346,6 +362,19 @@ def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostPro
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
     bar.close()
     return rows
+
+
+def _case_details(case: Case, loaded: Mapping[str, Any]) -> dict:
+    """What ``case.json`` says beyond the summary row: how the inputs filled the model's channels and why, which
+    channels were resampled onto the primary channel's grid, and which channels a one-channel input filled."""
+    details: dict[str, Any] = {}
+    if case.roles:
+        details["channels"] = case.roles
+    if loaded.get("resampled"):
+        details["resampled_onto_primary_grid"] = list(loaded["resampled"])
+    if case.fills:
+        details["filled_from_one_channel"] = dict(case.fills)
+    return details
 
 
 def _failure_reason(case: Case, error: Exception) -> str:

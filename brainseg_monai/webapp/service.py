@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from brainseg_monai.errors import InputError
+from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.inference.cases import Case, discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import ModelSpec, load_model
@@ -111,7 +112,7 @@ class Segmenter:
             found.truths[""] = truth_path
         source = self._input_path(found, inbox)
         spec = self.spec
-        cases = discover_cases([source], spec.in_channels, spec.dicom_channels(), spec.file_channels())
+        cases = discover_cases([source], InputRoles.of(spec))
         if len(cases) > 1 and case_id is None:
             return {"choose": [{"id": c.case_id, "label": _describe(c, tmp)} for c in cases]}
         case = cases[0] if len(cases) == 1 else next((c for c in cases if c.case_id == case_id), None)
