@@ -706,3 +706,17 @@ def test_failure_reason_finds_an_input_error_behind_monai_wrappers(tmp_path: Pat
     plain = RuntimeError("out of memory")
     assert input_error_in(plain) is None
     assert _failure_reason(case, plain) == "RuntimeError: out of memory"
+
+
+def test_an_image_too_small_to_see_fails_instead_of_an_empty_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1x1 PNG used to come back ``ok`` with 0 tumour voxels, as if the model had looked at it."""
+    from PIL import Image
+
+    _stand_in(monkeypatch)
+    tiny, fine = tmp_path / "in" / "tiny.png", tmp_path / "in" / "fine.png"
+    tiny.parent.mkdir()
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tiny)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(fine)
+    rows = {r["case"]: r for r in run_inference([tiny, fine], tmp_path / "out", _settings())}
+    assert rows["tiny"]["status"] == "failed" and "1 x 1 pixels in-plane: too small" in rows["tiny"]["error"]
+    assert rows["fine"]["status"] == "ok"

@@ -49,6 +49,8 @@ MODEL_SIDECAR = "model.json"
 _NORMALISE_CHUNK = 64
 # Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
 _DIVISOR = 32
+#: smallest in-plane side (pixels) the networks look at: the U-Nets halve it four times
+_MIN_SIDE = 16
 #: largest padded 2D slice a 2D model predicts in one forward; larger ones go through the sliding window
 _WHOLE_SLICE_PIXELS = 1024 * 1024
 #: relative difference between a volume's in-plane pixel size and the model's above which the slices are resampled
@@ -473,6 +475,15 @@ def _read_channels(images: Sequence[str], series: Sequence[DicomSeries], spec: M
     return stacked, resampled
 
 
+def _check_visible(image: torch.Tensor, source: str) -> None:
+    """Refuse an image whose slices are smaller than :data:`_MIN_SIDE` pixels: a 1x1 PNG would otherwise come back
+    ``ok`` with an empty mask, as if it had been looked at."""
+    side = tuple(int(s) for s in image.shape[1:3])
+    if min(side) < _MIN_SIDE:
+        raise InputError(source, f"is {' x '.join(map(str, side))} pixels in-plane: too small for the model to see "
+                                 f"(at least {_MIN_SIDE} x {_MIN_SIDE})")
+
+
 def _fill_channels(image: MetaTensor, spec: ModelSpec, fills: Mapping[str, str], source: str) -> MetaTensor:
     """A one-channel input given to a multi-channel model, repeated into every channel ``fills`` says it plays.
 
@@ -550,12 +561,15 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
         if spec.spatial_dims != 2:
             raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
         raw = [_fill_channels(_read_channel(path), spec, fills, path).as_tensor() for path in images]
+        for path, image in zip(images, raw):
+            _check_visible(image, path)
         # the case's statistics over all its slices (a slice alone: its own)
         stats = channel_statistics(raw) if spec.normalisation == "case" else None
         return {"kind": kind, "slices": normalise_images(raw, stats), "resampled": []}
     source = os.path.commonpath(list(images))
     volume, resampled = _read_channels(images, series, spec, source, primary)
     volume = _fill_channels(volume, spec, fills, images[0])
+    _check_visible(volume, source)
     if volume.ndim == 3 and spec.spatial_dims == 3:
         raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
     if spec.spatial_dims == 3:
