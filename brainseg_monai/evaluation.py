@@ -4,6 +4,8 @@ Predictions are found where the runner puts them: ``PRED_DIR/<case>/<image stem>
 ``PRED_DIR/<case>/mask.nii.gz`` for volumes. A truth item without a prediction is refused (`MISSING_POLICY`):
 scoring it as an empty prediction would count a tumour-free item as perfect, so deleting predictions could raise
 the scores. ``allow_missing`` scores such items as empty predictions all the same and lists them in ``missing``.
+A prediction mask holds 0 and 1 (volumes) or 0 and 255 (PNG), as ``brainseg infer`` writes them: other values (a
+label map, a probability map) are refused unless ``label_maps`` counts every non-zero value as tumour.
 
 Per-patient metrics are those of the patient's slices stacked in slice order (`metrics.patient_metrics`): Dice is
 the sum of intersections over the sum of sizes, not the mean of slice Dices. Only the numbered slices of one patient
@@ -41,6 +43,7 @@ from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metric
 
 __all__ = [
     "MISSING_POLICY",
+    "PREDICTION_VALUES",
     "PRED_SUFFIX",
     "SPLITS",
     "VOLUME_MASK",
@@ -59,6 +62,10 @@ MISSING_POLICY = ("refused unless allowed (allow_missing, --allow-missing); allo
                   "prediction (all background): 0 on an item with tumour, but perfect on a tumour-free one")
 """What happens to a truth item without a prediction; ``settings["missing_policy"]`` of every result."""
 SPLITS = ("training", "validation", "testing", "all")
+PREDICTION_VALUES = ((0, 1), (0, 255))
+"""The value sets a prediction mask may hold: ``brainseg infer`` writes 0/1 volumes and 0/255 PNGs. Any other value
+(a label map's 2 or 4, a probability, {0, 3, 77}) would be counted as tumour without a word, so it is refused unless
+``label_maps`` says every non-zero value is tumour."""
 
 def evaluate_predictions(
     pred_dir: str | os.PathLike,
@@ -69,6 +76,7 @@ def evaluate_predictions(
     split: str | None = None,
     fold: int | None = None,
     allow_missing: bool = False,
+    label_maps: bool = False,
 ) -> dict[str, Any]:
     """Score the masks ``brainseg infer`` wrote into ``pred_dir`` against ``truth``.
 
@@ -93,6 +101,8 @@ def evaluate_predictions(
         split: the datalist list to score, one of ``SPLITS``; default ``validation`` (datalist JSON only).
         fold: score the validation patients of this fold of a datalist built with folds (datalist JSON only).
         allow_missing: score a truth item without a prediction as an empty prediction instead of refusing it.
+        label_maps: take prediction masks holding other values than `PREDICTION_VALUES` (label maps), every
+            non-zero value counted as tumour, instead of refusing them.
 
     Returns:
         ``{"summary", "per_patient", "per_image", "missing", "skipped", "settings"}``: ``summary`` is
@@ -110,7 +120,8 @@ def evaluate_predictions(
         ValueError: for a bad ``source``, ``spacing``, ``split`` or ``fold``.
         InputError: a missing folder or file, no labelled item, an unreadable mask, a prediction whose size (or, for
             volumes, geometry) differs from its truth (the message names both files), an ambiguous prediction, a
-            truth item without a prediction unless ``allow_missing`` (the message names the first few expected).
+            truth item without a prediction unless ``allow_missing`` (the message names the first few expected), a
+            prediction holding values outside `PREDICTION_VALUES` unless ``label_maps`` (the message names them).
     """
     pred_root = Path(pred_dir).expanduser().resolve()
     if not pred_root.is_dir():
@@ -123,6 +134,8 @@ def evaluate_predictions(
         raise ValueError(f"fold must be an integer or None but is {fold!r}")
     if not isinstance(allow_missing, (bool, np.bool_)):
         raise ValueError(f"allow_missing must be a bool but is {allow_missing!r}")
+    if not isinstance(label_maps, (bool, np.bool_)):
+        raise ValueError(f"label_maps must be a bool but is {label_maps!r}")
     spacing_values = _check_spacing(spacing)
 
     items, source, truth_path, split = _truth_items(Path(truth).expanduser().resolve(), source, split, fold)
@@ -136,7 +149,8 @@ def evaluate_predictions(
         if not item.get("patient"):
             item["patient"] = file_stem(_first(item["image"]))
 
-    scored = _SliceScorer(pred_root, spacing_values) if kind == "slices" else _VolumeScorer(pred_root, spacing_values)
+    scorer = _SliceScorer if kind == "slices" else _VolumeScorer
+    scored = scorer(pred_root, spacing_values, bool(label_maps))
     by_patient: dict[str, list[tuple[dict[str, Any], Path | None]]] = {}
     for item in labelled:  # every prediction is found before any is read, so a missing one fails fast
         by_patient.setdefault(str(item["patient"]), []).append((item, scored.find(item)))
@@ -173,6 +187,7 @@ def evaluate_predictions(
         "patient_spacing": scored.patient_spacing,
         "distances": scored.distances(),
         "allow_missing": bool(allow_missing),
+        "label_maps": bool(label_maps),
         "missing_policy": MISSING_POLICY,
         "items": len(labelled),
     }
@@ -314,8 +329,9 @@ class _Scorer:
     image_spacing: list[float] | str
     patient_spacing: list[float] | str | None
 
-    def __init__(self, pred_root: Path) -> None:
+    def __init__(self, pred_root: Path, label_maps: bool) -> None:
         self.pred_root = pred_root
+        self.label_maps = label_maps
         self.missing: list[dict[str, Any]] = []
         self.used: set[Path] = set()
 
@@ -331,8 +347,8 @@ class _Scorer:
 class _SliceScorer(_Scorer):
     """2D images: ``<case>/<stem>_pred.png`` PNGs on the truth's pixel grid."""
 
-    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
-        super().__init__(pred_root)
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None, label_maps: bool) -> None:
+        super().__init__(pred_root, label_maps)
         self.in_pixels = spacing is None
         if spacing is None:  # pixel units throughout: a stack's z is one slice step
             self.image_spacing, self.patient_spacing = [1.0, 1.0], [1.0, 1.0, 1.0]
@@ -387,7 +403,7 @@ class _SliceScorer(_Scorer):
                 pred = np.zeros_like(truth)
             else:
                 self.used.add(pred_path)
-                pred, _ = _read_mask(pred_path, "prediction", dims=2)
+                pred, _ = _read_mask(pred_path, "prediction", dims=2, any_values=self.label_maps)
                 if pred.shape != truth.shape:
                     raise InputError(pred_path, f"prediction size {pred.shape} differs from the truth {label} "
                                                 f"size {truth.shape} (x, y)")
@@ -409,10 +425,10 @@ class _SliceScorer(_Scorer):
 class _VolumeScorer(_Scorer):
     """Volumes: ``<case>/mask.nii.gz`` on the truth's grid; per-image records are the slices along the third axis."""
 
-    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None) -> None:
+    def __init__(self, pred_root: Path, spacing: tuple[float, ...] | None, label_maps: bool) -> None:
         if spacing is not None and len(spacing) == 2:
             raise ValueError(f"spacing of volumes must be one or three numbers (x, y, z) but is {list(spacing)!r}")
-        super().__init__(pred_root)
+        super().__init__(pred_root, label_maps)
         self.spacing = None if spacing is None else tuple((spacing * 3)[:3])
         self.image_spacing = "truth file" if self.spacing is None else list(self.spacing[:2])
         self.patient_spacing = "truth file" if self.spacing is None else list(self.spacing)
@@ -458,7 +474,7 @@ class _VolumeScorer(_Scorer):
                 pred = np.zeros_like(truth)
             else:
                 self.used.add(pred_path)
-                pred, pred_image = _read_mask(pred_path, "prediction", dims=3)
+                pred, pred_image = _read_mask(pred_path, "prediction", dims=3, any_values=self.label_maps)
                 problem = _grid_difference(pred_image, truth_image)
                 if problem:
                     raise InputError(pred_path, f"prediction grid differs from the truth {label}: {problem}")
@@ -531,14 +547,38 @@ def _pooled_patient(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_mask(path: Path, role: str, dims: int) -> tuple[np.ndarray, sitk.Image]:
-    """A one-component mask as a boolean array in reader axis order (x, y[, z]), nonzero = tumour, and its image."""
+def _read_mask(path: Path, role: str, dims: int, any_values: bool = True) -> tuple[np.ndarray, sitk.Image]:
+    """A one-component mask as a boolean array in reader axis order (x, y[, z]), nonzero = tumour, and its image.
+
+    Truth masks may be label maps (BraTS: 1, 2, 4), so any non-zero value is tumour there; a prediction is checked
+    to hold `PREDICTION_VALUES` unless ``any_values``.
+    """
     image = read_sitk(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, f"{role} mask has {image.GetNumberOfComponentsPerPixel()} components; expected one")
     if image.GetDimension() != dims:
         raise InputError(path, f"{role} mask is {image.GetDimension()}D (size {image.GetSize()}); expected {dims}D")
-    return sitk.GetArrayViewFromImage(image).T > 0, image
+    values = sitk.GetArrayViewFromImage(image)
+    if not any_values:
+        _check_binary(values, path, role)
+    return values.T > 0, image
+
+
+def _check_binary(values: np.ndarray, path: Path, role: str) -> None:
+    """Refuse a mask holding other values than one set of `PREDICTION_VALUES` (the message lists those it holds).
+
+    Raises:
+        InputError: naming the file, its values, and the keyword that takes label maps.
+    """
+    for allowed in PREDICTION_VALUES:
+        if not np.any((values != allowed[0]) & (values != allowed[1])):
+            return
+    present = np.unique(values)
+    shown = ", ".join(f"{v:g}" for v in present[:6]) + (", ..." if len(present) > 6 else "")
+    raise InputError(path, (
+        f"{role} mask holds the values {shown} ({len(present)} distinct), not 0 and 1 (volumes) or 0 and 255 (PNG) "
+        f"as brainseg infer writes them; is it a label map or a probability map? To count every non-zero value as "
+        f"tumour, pass --label-maps (label_maps=True)"))
 
 
 def _grid_difference(pred: sitk.Image, truth: sitk.Image) -> str:

@@ -396,3 +396,39 @@ def test_real_lgg_perfect_and_perturbed_predictions(tmp_path: Path) -> None:
     for record in shifted["per_patient"]:
         assert record["dice"] == pytest.approx(stacked_dice(pairs[record["patient"]]), abs=1e-6)
         assert abs(record["dice"] - mean_slice_dice(pairs[record["patient"]])) > 1e-3
+
+
+def test_prediction_values_other_than_a_binary_mask_are_refused_unless_label_maps(
+        lgg_root: Path, nifti_root: Path, tmp_path: Path) -> None:
+    write_lgg_predictions(lgg_root, tmp_path / "pred", lambda i, z, m: m)
+    odd = next(p for p in sorted((tmp_path / "pred" / "SYN_0002").glob("*_pred.png"))
+               if np.asarray(Image.open(p)).any())
+    tumour = np.asarray(Image.open(odd)) > 0
+    labels = np.where(tumour, 77, 0).astype(np.uint8)
+    labels[tumour & (np.indices(tumour.shape)[1] % 2 == 0)] = 3  # a label map: {0, 3, 77}, all of it tumour
+    Image.fromarray(labels).save(odd)
+    with pytest.raises(InputError) as error:
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
+    assert str(error.value) == (
+        f"{odd}: prediction mask holds the values 0, 3, 77 (3 distinct), not 0 and 1 (volumes) or 0 and 255 (PNG) as "
+        f"brainseg infer writes them; is it a label map or a probability map? To count every non-zero value as "
+        f"tumour, pass --label-maps (label_maps=True)")
+    allowed = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", label_maps=True)
+    assert all(p["dice"] == 1.0 for p in allowed["per_patient"]) and allowed["settings"]["label_maps"] is True
+    with pytest.raises(ValueError, match="label_maps must be a bool"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", label_maps="yes")
+
+    # a volume: a probability map is refused too; 0/1 and 0/255 masks are taken
+    case = nifti_root / "SYN_0001"
+    truth = sitk.ReadImage(str(case / "SYN_0001_seg.nii.gz"))
+    pred = tmp_path / "volumes"
+    for name in ("SYN_0001", "SYN_0002"):
+        _write_volume_prediction(nifti_root / name / f"{name}_seg.nii.gz", pred / name / "mask.nii.gz", 0)
+    assert evaluate_predictions(pred, nifti_root, "nifti")["summary"]["patient_dice_mean"] == 1.0
+    scaled = sitk.Cast(truth > 0, sitk.sitkUInt8) * 255
+    sitk.WriteImage(scaled, str(pred / "SYN_0001" / "mask.nii.gz"))
+    assert evaluate_predictions(pred, nifti_root, "nifti")["summary"]["patient_dice_mean"] == 1.0
+    probability = sitk.Cast(truth > 0, sitk.sitkFloat32) * 0.9
+    sitk.WriteImage(probability, str(pred / "SYN_0001" / "mask.nii.gz"))
+    with pytest.raises(InputError, match=r"mask.nii.gz: prediction mask holds the values 0, 0.9 \(2 distinct\)"):
+        evaluate_predictions(pred, nifti_root, "nifti")

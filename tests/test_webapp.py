@@ -5,6 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -47,10 +52,17 @@ class FlairAbove(torch.nn.Module):
         return self.gain * (x[:, 1:2] - self.offset)
 
 
-def flair_model(folder: Path, gain: float = 1.0, offset: float = 1.0) -> Path:
-    """A checkpoint of `FlairAbove` (registered as ``flairabove`` by the `known_network` fixture)."""
+#: The shipped LGG model's fallbacks: a missing t1 or t1c is filled from FLAIR, as it was trained.
+SHIPPED_FALLBACKS = {"t1": "flair", "t1c": "flair"}
+
+
+def flair_model(folder: Path, gain: float = 1.0, offset: float = 1.0,
+                fallbacks: dict[str, str] | None = None) -> Path:
+    """A checkpoint of `FlairAbove` (registered as ``flairabove`` by the `known_network` fixture), with the shipped
+    model's channels and fallbacks unless ``fallbacks`` says otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec(network_name="flairabove", spatial_dims=2, in_channels=3, roi_size=[256, 256])
+    spec = ModelSpec(network_name="flairabove", spatial_dims=2, in_channels=3, roi_size=[256, 256],
+                     channel_fallbacks=SHIPPED_FALLBACKS if fallbacks is None else fallbacks)
     torch.save({"gain": torch.tensor(gain), "offset": torch.tensor(offset)}, folder / "model.pt")
     (folder / MODEL_SIDECAR).write_text(json.dumps(spec.to_dict()))
     return folder / "model.pt"
@@ -99,11 +111,28 @@ def post(client: TestClient, files: list[tuple[str, bytes]], **form: str):
     return client.post("/api/segment", files=[("files", f) for f in files], data=form)
 
 
+def zipped(root: Path, skip: tuple[str, ...] = ()) -> bytes:
+    """The files under ``root`` as a zip (paths from ``root``'s parent), leaving out folders named in ``skip``."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not set(path.relative_to(root).parts) & set(skip):
+                bundle.write(path, path.relative_to(root.parent))
+    return archive.getvalue()
+
+
+def mask_of(result: dict, tmp_path: Path) -> np.ndarray:
+    """The downloaded ``mask.nii.gz`` of a volume result, (x, y, z) boolean."""
+    (tmp_path / "mask.nii.gz").write_bytes(downloads(result)["mask.nii.gz"])
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.nii.gz"))).transpose(2, 1, 0) > 0
+
+
 def test_page_says_research_tool_and_info_lists_model(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text
     info = client.get("/api/info").json()
     assert info["channels"] == ["t1", "flair", "t1c"] and info["threshold"] == 0.5
+    assert info["primary_channel"] == "flair" and info["channel_fallbacks"] == SHIPPED_FALLBACKS
     assert info["tta_modes"] == ["none", "flip", "dihedral"] and info["tta"] == "dihedral"  # as brainseg infer
 
 
@@ -195,6 +224,9 @@ def test_corrupt_and_unsupported_files_are_named_and_server_keeps_serving(client
     assert corrupt.status_code == 422
     error = corrupt.json()["error"]
     assert error.startswith("broken.nii.gz") and "brainseg-serve" not in error
+    # named as uploaded, not by the safe name it is stored under on the server (My_Scan_1_.nii.gz)
+    renamed = post(client, [("My Scan (1).nii.gz", b"\x1f\x8b this is not a volume")])
+    assert renamed.status_code == 422 and renamed.json()["error"].startswith("My Scan (1).nii.gz: ")
     unsupported = post(client, [("notes.txt", b"hello")])
     assert unsupported.status_code == 422 and "notes.txt" in unsupported.json()["error"]
     assert "unsupported file type" in unsupported.json()["error"]
@@ -212,9 +244,10 @@ def test_gate_refuses_photo_constant_and_wrong_channels(client: TestClient) -> N
     assert refused.json()["error"].startswith("cat.jpg: does not look like an MR image")
     constant = post(client, [("blank.png", png_bytes(np.full((64, 64, 3), 90, dtype=np.uint8)))])
     assert constant.status_code == 422 and "constant" in constant.json()["error"]
-    grey = post(client, [("grey.png", png_bytes(known_slice()[0][..., 1]))])
-    assert grey.status_code == 422
-    assert "has 1 channel(s) but the model takes 3 (t1, flair, t1c)" in grey.json()["error"]
+    rgba = np.dstack([known_slice()[0], np.full(SLICE_SHAPE, 255, dtype=np.uint8)])
+    four = post(client, [("rgba.png", png_bytes(rgba))])
+    assert four.status_code == 422
+    assert "has 4 channel(s) but the model takes 3 (t1, flair, t1c)" in four.json()["error"]
 
 
 def test_oversized_upload_is_refused(client: TestClient) -> None:
@@ -225,5 +258,210 @@ def test_oversized_upload_is_refused(client: TestClient) -> None:
     near = np.random.default_rng(1).integers(0, 255, 2 * 2**20 + 2**18, dtype=np.uint8).tobytes()
     response = post(client, [("near.png", near)])
     assert response.status_code == 413 and "limit of 2 MB" in response.json()["error"]
+    rgb, _ = known_slice()
+    assert post(client, [("ok.png", png_bytes(rgb))], tta="none").status_code == 200
+
+
+# ---------------------------------------------------------------- channel roles (issue 27, point 8)
+
+
+def test_flair_only_dicom_study_runs_and_lists_what_each_series_fills(client: TestClient, tmp_path: Path) -> None:
+    study = make_dataset(tmp_path / "dicom", "dicom", cases=1, seed=6, size=(32, 32, 6)) / "SYN_0001"
+    full = post(client, [("full.zip", zipped(study))], tta="none").json()
+    response = post(client, [("flair only.zip", zipped(study, skip=("T1_PRE", "T1_POST")))], tta="none")
+    assert response.status_code == 200, response.text
+    result = response.json()
+    # the model's t1 and t1c are filled from FLAIR, as the shipped model was trained: the FLAIR-driven mask is the same
+    np.testing.assert_array_equal(mask_of(result, tmp_path), mask_of(full, tmp_path))
+    inputs = result["inputs"]
+    assert [(s["name"], s["used_as"]) for s in inputs["series"]] == [("AX FLAIR", ["t1", "flair", "t1c"])]
+    assert inputs["series"][0]["taken_to_be"].startswith("flair (inversion recovery")
+    channels = {c["channel"]: c for c in inputs["channels"]}
+    assert channels["flair"]["source"] == "AX FLAIR" and channels["flair"]["filled_from"] is None
+    assert channels["t1"]["filled_from"] == channels["t1c"]["filled_from"] == "flair"
+    assert channels["t1c"]["fallback"] == "flair" and channels["flair"]["fallback"] is None
+    assert inputs["choices"] == ["AX FLAIR"] and inputs["one_channel"] is None
+    assert {s["name"]: s["used_as"] for s in full["inputs"]["series"]} == {
+        "AX T1 PRE": ["t1"], "AX FLAIR": ["flair"], "AX T1 POST GD": ["t1c"]}
+    assert all(s["taken_to_be"] for s in full["inputs"]["series"])
+    assert "brainseg-serve" not in json.dumps(result["inputs"]), "a server path leaked into the listing"
+
+
+def test_channel_roles_set_by_hand_reach_the_run(client: TestClient, tmp_path: Path) -> None:
+    archive = zipped(make_dataset(tmp_path / "dicom", "dicom", cases=1, seed=6, size=(32, 32, 6)) / "SYN_0001")
+    auto = post(client, [("study.zip", archive)], tta="none").json()
+    filled = post(client, [("study.zip", archive)], tta="none", channels=json.dumps({"t1c": {"fill": "flair"}}))
+    assert filled.status_code == 200, filled.text
+    rows = {s["name"]: s for s in filled.json()["inputs"]["series"]}
+    assert rows["AX FLAIR"]["used_as"] == ["flair", "t1c"] and rows["AX T1 POST GD"]["used_as"] == []
+    assert rows["AX T1 POST GD"]["note"] == "not used: the t1c channel was set by hand"
+    t1c = {c["channel"]: c for c in filled.json()["inputs"]["channels"]}["t1c"]
+    assert t1c["filled_from"] == "flair" and t1c["reason"] == "set by hand: filled from flair"
+    # FLAIR set to the T1 series: the model (tumour where its FLAIR channel stands out) now sees T1
+    swapped = post(client, [("study.zip", archive)], tta="none",
+                   channels=json.dumps({"flair": {"name": "AX T1 PRE"}})).json()
+    flair = {c["channel"]: c for c in swapped["inputs"]["channels"]}["flair"]
+    exact = r"^AX\ T1\ PRE$"  # escaped and anchored: this description and no other
+    assert flair["source"] == "AX T1 PRE" and flair["reason"] == f"set by hand: SeriesDescription matches {exact!r}"
+    assert not np.array_equal(mask_of(swapped, tmp_path), mask_of(auto, tmp_path))
+
+
+def test_study_without_flair_is_refused_with_its_series_then_runs_with_roles_set_by_hand(
+        client: TestClient, tmp_path: Path) -> None:
+    archive = zipped(make_dataset(tmp_path / "dicom", "dicom", cases=1, seed=6, size=(32, 32, 6)) / "SYN_0001",
+                     skip=("FLAIR",))
+    refused = post(client, [("no flair.zip", archive)], tta="none")
+    assert refused.status_code == 422
+    body = refused.json()
+    assert body["error"].startswith("no flair.zip/SYN_0001: no series for the required channel 'flair'"), body["error"]
+    assert body["error"].endswith("or set the channels by hand below") and "brainseg-serve" not in refused.text
+    inputs = body["inputs"]
+    assert [(s["name"], s["used_as"]) for s in inputs["series"]] == [("AX T1 PRE", ["t1"]), ("AX T1 POST GD", ["t1c"])]
+    assert inputs["choices"] == ["AX T1 PRE", "AX T1 POST GD"]
+    ran = post(client, [("no flair.zip", archive)], tta="none", channels=json.dumps({"flair": {"name": "AX T1 PRE"}}))
+    assert ran.status_code == 200, ran.text
+    assert {s["name"]: s["used_as"] for s in ran.json()["inputs"]["series"]} == {
+        "AX T1 PRE": ["t1", "flair"], "AX T1 POST GD": ["t1c"]}
+
+
+def test_mixed_upload_lists_its_studies_and_shows_the_chosen_ones_series(client: TestClient, tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "dicom", "dicom", cases=2, seed=6, size=(32, 32, 6))
+    shutil.rmtree(root / "SYN_0002" / "T1_PRE")
+    archive = zipped(root)
+    listing = post(client, [("two.zip", archive)], tta="none").json()
+    assert [c["id"] for c in listing["choose"]] == ["dicom_SYN_0001", "dicom_SYN_0002"]
+    second = post(client, [("two.zip", archive)], tta="none", case="dicom_SYN_0002").json()
+    assert {s["name"]: s["used_as"] for s in second["inputs"]["series"]} == {
+        "AX FLAIR": ["t1", "flair"], "AX T1 POST GD": ["t1c"]}
+
+
+def test_lone_one_channel_image_is_segmented_once_its_role_is_chosen(client: TestClient) -> None:
+    rgb, mask = known_slice()
+    grey = png_bytes(rgb[..., 1])  # the FLAIR channel alone, named nothing that says so
+    refused = post(client, [("grey scan.png", grey)], tta="none")
+    assert refused.status_code == 422
+    body = refused.json()
+    assert body["error"] == ("grey scan.png: has 1 channel but the model takes 3 (t1, flair, t1c) and nothing says "
+                             "which sequence it is: choose it below")
+    one = body["inputs"]["one_channel"]
+    assert one["shown"] == "grey scan.png" and one["role"] is None
+    assert [(r["role"], r["usable"]) for r in one["roles"]] == [("t1", False), ("flair", True), ("t1c", False)]
+    assert "cannot fill channel(s) flair" in one["roles"][0]["note"]
+    chosen = json.dumps({"flair": {"name": one["name"]}})
+    response = post(client, [("grey scan.png", grey)], tta="none", channels=chosen)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["inputs"]["one_channel"]["role"] == "flair"
+    (pred,) = [v for k, v in downloads(result).items() if k.endswith("_pred.png")]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(pred))), mask)
+
+
+def test_nifti_flair_alone_runs_by_its_name_and_a_folder_without_t1c_is_filled(client: TestClient,
+                                                                                tmp_path: Path) -> None:
+    case = make_dataset(tmp_path / "nifti", "nifti", cases=1, seed=5, size=(32, 32, 8)) / "SYN_0001"
+    volumes = sorted(p for p in case.glob("*.nii.gz") if not p.name.endswith("_seg.nii.gz"))
+    full = post(client, [(p.name, p.read_bytes()) for p in volumes], tta="none").json()
+    flair = case / "SYN_0001_flair.nii.gz"
+    alone = post(client, [(flair.name, flair.read_bytes())], tta="none")
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["inputs"]["one_channel"]["role"] == "flair"
+    np.testing.assert_array_equal(mask_of(alone.json(), tmp_path), mask_of(full, tmp_path))
+    without_t1c = [p for p in volumes if not p.name.endswith("_t1c.nii.gz")]
+    part = post(client, [(p.name, p.read_bytes()) for p in without_t1c], tta="none").json()
+    assert {f["name"]: f["used_as"] for f in part["inputs"]["files"]} == {
+        "SYN_0001_flair.nii.gz": ["flair", "t1c"], "SYN_0001_t1.nii.gz": ["t1"]}
+    assert {c["channel"]: c["filled_from"] for c in part["inputs"]["channels"]} == {
+        "t1": None, "flair": None, "t1c": "flair"}
+    # the same files, each set by hand: the file chosen for t1 is FLAIR
+    by_hand = post(client, [(p.name, p.read_bytes()) for p in without_t1c], tta="none",
+                   channels=json.dumps({"t1": {"name": "SYN_0001_flair.nii.gz"}})).json()
+    assert {f["name"]: f["used_as"] for f in by_hand["inputs"]["files"]} == {
+        "SYN_0001_flair.nii.gz": ["t1", "flair", "t1c"], "SYN_0001_t1.nii.gz": []}
+
+
+def test_channel_choices_that_cannot_apply_are_refused(client: TestClient) -> None:
+    rgb, _ = known_slice()
+    for channels, expected in [("{not json", "channels must be a JSON object"),
+                               (json.dumps({"t2": {"name": "x"}}), "'t2' is not a channel of the model"),
+                               (json.dumps({"flair": {"fill": "t1"}}), "cannot be filled from 't1'"),
+                               (json.dumps({"t1": "T1 AX"}), "must be {'name': ...} or {'fill': ...}")]:
+        response = post(client, [("s.png", png_bytes(rgb))], channels=channels)
+        assert response.status_code == 400 and expected in response.json()["error"], response.text
+
+
+# ---------------------------------------------------------------- hostile uploads (issue 24, items 1 to 3)
+
+
+def test_metaimage_header_naming_a_file_outside_the_upload_is_refused_unread(client: TestClient,
+                                                                              tmp_path: Path) -> None:
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(64)) * 64)  # 64 x 64 bytes of a file that is not the uploader's
+    header = "ObjectType = Image\nNDims = 2\nDimSize = 64 64\nElementType = MET_UCHAR\nElementDataFile = {}\n"
+    refused = post(client, [("evil.mhd", header.format(secret).encode())],
+                   channels=json.dumps({"flair": {"name": "evil.mhd"}}))
+    assert refused.status_code == 422
+    assert refused.json()["error"] == (
+        f"evil.mhd: names the data file '{secret}', which is outside the folder it came in; refused before reading "
+        f"(an image header may only name data files beside it)")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:  # the same through a relative name, in a zip
+        bundle.writestr("case/evil.mhd", header.format("../" * 40 + str(secret).lstrip("/")))
+    refused = post(client, [("case.zip", archive.getvalue())])
+    assert refused.status_code == 422 and refused.json()["error"].startswith("case.zip/case/evil.mhd: names the data")
+    assert "brainseg-serve" not in refused.text
+
+
+def _zip_with_link(*more: tuple[str, bytes]) -> bytes:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        link = zipfile.ZipInfo("link")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        bundle.writestr(link, "/etc")
+        for name, data in more:
+            bundle.writestr(name, data)
+    return archive.getvalue()
+
+
+def test_zip_with_a_link_or_clashing_entries_is_refused_naming_only_the_entry(client: TestClient) -> None:
+    link = "evil.zip: holds a symbolic link, 'link': links are not unpacked; zip the files themselves"
+    for archive in (_zip_with_link(), _zip_with_link(("link/passwd.dcm", b"x"))):
+        response = post(client, [("evil.zip", archive)])
+        assert response.status_code == 422 and response.json()["error"] == link
+    clash = io.BytesIO()
+    with zipfile.ZipFile(clash, "w") as bundle:  # a file and a folder of one name
+        bundle.writestr("scan", b"x")
+        bundle.writestr("scan/IM0001.dcm", b"x")
+    response = post(client, [("clash.zip", clash.getvalue())])
+    assert response.status_code == 422
+    assert response.json()["error"] == "clash.zip: entry 'scan/IM0001.dcm' cannot be unpacked (File exists)"
+    assert "brainseg-serve" not in response.text and tempfile.gettempdir() not in response.text
+
+
+def test_upload_folders_of_a_killed_server_are_removed_at_start(known_network: None, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    killed = tmp_path / f"brainseg-serve-{ended.pid}-k2j4_x9q"  # a server that is no longer running
+    (killed / "uploads").mkdir(parents=True)
+    (killed / "uploads" / "patient.png").write_bytes(b"an upload left behind")
+    unnamed = tmp_path / "brainseg-serve-a8_3kqzp"  # an older server's folder, without its PID
+    unnamed.mkdir()
+    running = tmp_path / f"brainseg-serve-{os.getpid()}-live0000"  # a server still running: its request goes on
+    running.mkdir()
+    other = tmp_path / "brainseg-other"
+    other.mkdir()
+    Segmenter(flair_model(tmp_path / "model"))
+    assert not killed.exists() and not unnamed.exists()
+    assert running.is_dir() and other.is_dir()
+
+
+def test_image_over_the_pixel_limit_is_refused_with_422(client: TestClient) -> None:
+    huge = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(huge, format="PNG")  # 100 megapixels in about 100 KB
+    assert len(huge.getvalue()) < 2**20
+    response = post(client, [("huge.png", huge.getvalue())])
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("huge.png: image too large: 10000 x 10000 is 100,000,000 pixels")
     rgb, _ = known_slice()
     assert post(client, [("ok.png", png_bytes(rgb))], tta="none").status_code == 200

@@ -224,3 +224,61 @@ def test_browser_corrupt_file_is_named_then_good_upload_works(server: str, tmp_p
         assert page.inner_text("#case-id") == "good"
         coverage = float(page.get_attribute("#coverage", "data-value"))
         assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
+
+
+def test_browser_flair_only_dicom_study_lists_its_series_and_is_segmented(server: str, tmp_path: Path) -> None:
+    """A study holding only a FLAIR series, as real archives often do: the model's t1 and t1c are filled from FLAIR
+    (as the shipped model was trained), and the page says so beside the series it found."""
+    root = make_dataset(tmp_path / "dicom", "dicom", cases=1, seed=9, size=STUDY_SIZE)
+    study = root / "SYN_0001"
+    for series in ("T1_PRE", "T1_POST"):
+        shutil.rmtree(study / series)
+    archive = tmp_path / "FLAIR only study.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(study.rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(root))
+    flair_image = read_series(study / "FLAIR")
+    expected = expected_flair_mask(sitk.GetArrayFromImage(flair_image).transpose(2, 1, 0))
+    voxel_ml = float(np.prod(flair_image.GetSpacing())) / 1000.0
+
+    with browser_page(server) as page:
+        page.set_input_files("#files", str(archive))
+        page.wait_for_selector(READY, timeout=60_000)
+        assert page.inner_text("#error") == ""
+        assert page.locator("#inputs").is_visible()
+        row = page.locator('#inputlist tr[data-series="AX FLAIR"]')
+        assert row.locator("td").nth(5).inner_text() == "t1, flair, t1c"
+        assert row.locator("td").nth(4).inner_text().startswith("flair (inversion recovery")
+        assert page.locator("#inputlist tbody tr").count() == 1
+        shown = {c: page.eval_on_selector(f"#role-{c}", "s => s.options[s.selectedIndex].text")
+                 for c in ("t1", "flair", "t1c")}
+        assert shown == {"t1": "automatic: filled from flair", "flair": "automatic: AX FLAIR",
+                         "t1c": "automatic: filled from flair"}
+        options = page.eval_on_selector("#role-t1c", "s => Array.from(s.options).map(o => o.text)")
+        assert options == ["automatic: filled from flair", "AX FLAIR", "fill from flair"]
+        shown_ml = float(stat_row(page, "Tumour volume").removesuffix(" mL"))
+        assert shown_ml == pytest.approx(expected.sum() * voxel_ml, abs=0.02)
+        page.screenshot(path=str(tmp_path / "flair_only.png"), full_page=True)
+        if os.environ.get("BRAINSEG_WEBAPP_ROLES_SCREENSHOT"):
+            shutil.copyfile(tmp_path / "flair_only.png", os.environ["BRAINSEG_WEBAPP_ROLES_SCREENSHOT"])
+
+
+def test_browser_grey_image_is_segmented_once_the_user_says_it_is_flair(server: str, tmp_path: Path) -> None:
+    rgb, mask = known_slice()
+    grey = tmp_path / "scan 7.png"
+    grey.write_bytes(png_bytes(rgb[..., 1]))  # the FLAIR channel alone, named nothing that says so
+    with browser_page(server) as page:
+        page.set_input_files("#files", str(grey))
+        page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
+        assert page.inner_text("#error").startswith("scan 7.png: has 1 channel but the model takes 3")
+        assert page.locator("#role-image").is_visible() and not page.locator("#result").is_visible()
+        disabled = page.eval_on_selector("#role-image",
+                                         "s => Array.from(s.options).filter(o => o.disabled).map(o => o.value)")
+        assert disabled == ["t1", "t1c"]
+        page.select_option("#role-image", "flair")
+        page.wait_for_selector(READY, timeout=60_000)
+        assert page.inner_text("#error") == ""
+        coverage = float(page.get_attribute("#coverage", "data-value"))
+        assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
+        assert page.input_value("#role-image") == "flair"

@@ -6,6 +6,7 @@ or broken upload is answered with a message naming the file and the reason, and 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.webapp.service import DEFAULT_TTA, Segmenter, Upload
+from brainseg_monai.webapp.service import DEFAULT_TTA, CaseRefused, SegmentationFailed, Segmenter, Upload
 from brainseg_monai.webapp.uploads import UploadTooLarge
 
 __all__ = ["create_app", "serve"]
@@ -67,10 +68,14 @@ def _too_large(limit_bytes: int) -> JSONResponse:
 
 
 def _error(err: InputError | ValueError, status: int) -> JSONResponse:
+    """The JSON of a refusal: the message, the file it names and the reason, and for a case that cannot run as it
+    stands its ``inputs`` (the series or files found and the channel choices), so the page can offer them."""
     file = getattr(err, "path", None)
     reason = getattr(err, "reason", str(err))
-    return JSONResponse({"error": f"{file}: {reason}" if file else reason, "file": file, "reason": reason},
-                        status_code=status)
+    body = {"error": f"{file}: {reason}" if file else reason, "file": file, "reason": reason}
+    if isinstance(err, CaseRefused):
+        body["inputs"] = err.inputs
+    return JSONResponse(body, status_code=status)
 
 
 def _threshold(value: str) -> float | None:
@@ -80,6 +85,19 @@ def _threshold(value: str) -> float | None:
         return float(value)
     except ValueError as err:
         raise ValueError(f"threshold must be a number in (0, 1) but is {value!r}.") from err
+
+
+def _channels(value: str) -> dict:
+    """The form's ``channels`` field: a JSON object of channel -> choice (see `channel_overrides`), or nothing."""
+    if value.strip() == "":
+        return {}
+    try:
+        choices = json.loads(value)
+    except ValueError as err:
+        raise ValueError(f"channels must be a JSON object of channel choices but is {value!r}.") from err
+    if not isinstance(choices, dict):
+        raise ValueError(f"channels must be a JSON object of channel choices but is {value!r}.")
+    return choices
 
 
 def _uploads(form: FormData, field: str) -> list[Upload]:
@@ -93,7 +111,8 @@ async def _segment_form(segmenter: Segmenter, form: FormData) -> JSONResponse:
     try:
         result = await run_in_threadpool(
             segmenter.segment, uploads, truths[0] if truths else None, str(form.get("tta") or DEFAULT_TTA),
-            _threshold(str(form.get("threshold") or "")), str(form.get("case") or "") or None)
+            _threshold(str(form.get("threshold") or "")), str(form.get("case") or "") or None,
+            _channels(str(form.get("channels") or "")))
     except UploadTooLarge as err:
         return JSONResponse({"error": f"upload refused: {err}"}, status_code=413)
     except InputError as err:
@@ -101,17 +120,19 @@ async def _segment_form(segmenter: Segmenter, form: FormData) -> JSONResponse:
         return _error(err, 422)
     except ValueError as err:
         return _error(err, 400)
+    except SegmentationFailed as err:  # logged with its traceback where it happened; the message names no server path
+        return JSONResponse({"error": str(err)}, status_code=500)
     except Exception as err:  # the server keeps serving whatever one request hits
         logger.exception("segmentation failed")
-        names = ", ".join(u.filename for u in uploads)
-        return JSONResponse({"error": f"{names}: could not be segmented ({type(err).__name__}: {err})"},
-                            status_code=500)
+        return JSONResponse({"error": f"{', '.join(u.filename for u in uploads)}: could not be segmented "
+                                      f"({type(err).__name__})"}, status_code=500)
     return JSONResponse(result)
 
 
 def create_app(segmenter: Segmenter) -> FastAPI:
     """The web app around ``segmenter``: ``GET /`` (page), ``GET /api/info``, ``POST /api/segment`` (multipart:
-    ``files`` one or more, optional ``truth``, ``tta``, ``threshold``, ``case``)."""
+    ``files`` one or more, optional ``truth``, ``tta``, ``threshold``, ``case``, ``channels``: a JSON object of
+    channel roles set by hand)."""
     app = FastAPI(title="brainseg-monai", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, limit_bytes=segmenter.max_upload_bytes)
 

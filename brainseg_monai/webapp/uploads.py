@@ -1,13 +1,15 @@
 """Uploaded files on disk: safe names, a size budget, zip archives unpacked, truth masks told apart from inputs.
 
 Everything lands in the request's temporary folder; names are reduced to a plain file name so an upload can never
-be written outside it.
+be written outside it, and `ShownNames` names every file as the user uploaded it in what the page shows.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from typing import BinaryIO
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import DICOM_FILE_SUFFIXES, IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
 
-__all__ = ["ACCEPTED_SUFFIXES", "SizeBudget", "UploadTooLarge", "Uploads", "sort_uploads", "store_upload", "unpack_zip"]
+__all__ = ["ACCEPTED_SUFFIXES", "ShownNames", "SizeBudget", "UploadTooLarge", "Uploads", "sort_uploads", "store_upload",
+           "unpack_zip"]
 
 ACCEPTED_SUFFIXES = IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + DICOM_FILE_SUFFIXES + (".zip",)
 _TRUTH_STEM = re.compile(r"[_-](mask|seg|label|truth|gt)$", re.IGNORECASE)
@@ -96,10 +99,15 @@ def store_upload(filename: str, stream: BinaryIO, folder: Path, budget: SizeBudg
 
 
 def unpack_zip(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Unpack ``archive`` into ``dest``, refusing entries that would land outside it and content over ``max_bytes``.
+    """Unpack ``archive`` into ``dest``, refusing links, entries that would land outside it and content over
+    ``max_bytes``.
+
+    A symbolic link is never unpacked (as a link it could point anywhere on the server, as a file it would be a
+    path, not the data). Messages name the archive and the entry, never a server path.
 
     Raises:
-        InputError: when the archive is unreadable or holds an unsafe path.
+        InputError: when the archive is unreadable, holds a link or an unsafe path, or an entry cannot be written
+            (e.g. a file and a folder of one name).
         UploadTooLarge: when the unpacked content would exceed ``max_bytes``.
     """
     try:
@@ -109,15 +117,72 @@ def unpack_zip(archive: Path, dest: Path, max_bytes: int) -> Path:
                 raise UploadTooLarge(max_bytes, "unpacked zip")
             root = dest.resolve()
             for entry in entries:
+                if stat.S_ISLNK(entry.external_attr >> 16):
+                    raise InputError(archive, (
+                        f"holds a symbolic link, {entry.filename!r}: links are not unpacked; zip the files themselves"))
                 target = (dest / entry.filename).resolve()
                 if root not in target.parents:
-                    raise InputError(archive.name, f"holds an entry outside the archive folder: {entry.filename!r}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with bundle.open(entry) as src, target.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+                    raise InputError(archive, f"holds an entry outside the archive folder: {entry.filename!r}")
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with bundle.open(entry) as src, target.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, _CHUNK)
+                except OSError as err:
+                    raise InputError(archive, f"entry {entry.filename!r} cannot be unpacked ({err.strerror})") from err
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
-        raise InputError(archive.name, f"is not a readable zip archive ({err})") from err
+        raise InputError(archive, f"is not a readable zip archive ({err})") from err
     return dest
+
+
+class ShownNames:
+    """The request's files as the user knows them: each upload by the name it was uploaded as, a file unpacked from
+    a zip as ``<zip name>/<path in the zip>``; the server's temporary folders never show.
+
+    Args:
+        tmp: the request's temporary folder.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self._names: dict[Path, str] = {}
+
+    def add(self, stored: Path, uploaded: str) -> None:
+        """``stored`` (a file, or the folder a zip was unpacked into) is shown as ``uploaded``."""
+        self._names[stored] = uploaded
+
+    def move(self, old: Path, new: Path) -> None:
+        """A stored file moved from ``old`` to ``new`` keeps its name."""
+        self._names[new] = self._names.pop(old, old.name)
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        """How the page names ``path``."""
+        path = Path(path)
+        for stored in self._longest_first():
+            if path == stored:
+                return self._names[stored]
+            if path.is_relative_to(stored):
+                return f"{self._names[stored]}/{path.relative_to(stored).as_posix()}"
+        for base in self._bases():
+            if path.is_relative_to(base) and path != base:
+                return path.relative_to(base).as_posix()
+        return "the upload" if path == self.tmp else path.name
+
+    def text(self, text: str) -> str:
+        """``text`` with every path of the request it quotes named as the user knows it."""
+        for stored in self._longest_first():
+            for form in dict.fromkeys((str(stored), os.path.realpath(stored))):
+                text = text.replace(form, self(stored))
+        for base in self._bases():
+            for form in dict.fromkeys((str(base), os.path.realpath(base))):
+                text = text.replace(f"{form}{os.sep}", "").replace(form, "the upload")
+        return text
+
+    def _longest_first(self) -> list[Path]:
+        return sorted(self._names, key=lambda p: len(str(p)), reverse=True)
+
+    def _bases(self) -> list[Path]:
+        """The request's work folders, then the request's folder itself (paths below them are shown relative)."""
+        return [self.tmp / name for name in ("input", "uploads", "truth", "output")] + [self.tmp]
 
 
 @dataclass

@@ -31,11 +31,13 @@ _RED = (255, 0, 0, 255)
 _GREEN = (0, 255, 0, 255)
 
 
-def read_channels_first(paths: Sequence[str | Path]) -> Any:
-    """(C, x, y[, z]) image from one file or folder, or channels stacked from several, read as inference reads them."""
+def read_channels_first(paths: Sequence[str | Path], series_uid: str | None = None) -> Any:
+    """(C, x, y[, z]) image from one file or folder (with ``series_uid``, that series of a folder holding several),
+    or channels stacked from several, read as inference reads them."""
     load = LoadImage(image_only=True)
     items = [str(p) for p in paths]
-    return EnsureChannelFirst()(load(items if len(items) > 1 else items[0], reader=SimpleITKReader()))
+    reader = SimpleITKReader(series_uid=series_uid)
+    return EnsureChannelFirst()(load(items if len(items) > 1 else items[0], reader=reader))
 
 
 def _spacing(image: Any, dims: int) -> list[float]:
@@ -85,10 +87,6 @@ def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
     return values
 
 
-def _display_channel(channel_names: Sequence[str]) -> int:
-    return list(channel_names).index("flair") if "flair" in channel_names else 0
-
-
 def _stats(row: Mapping[str, Any]) -> dict:
     keys = ("tumour_voxels", "tumour_ml", "slices_with_tumour", "coverage_pct")
     return {k: float(row[k]) if "." in str(row[k]) else int(row[k]) for k in keys if str(row.get(k, "")) != ""}
@@ -105,23 +103,23 @@ def case_view(
     case_dir: Path,
     row: Mapping[str, Any],
     truths: Sequence[Path | None],
-    channel_names: Sequence[str],
+    channel: int,
 ) -> dict:
     """The result page's data for one case predicted into ``case_dir`` by ``run_inference``.
 
     Args:
         kind: the case kind, ``"slices"`` or a volume kind (``"volume"``, ``"dicom"``).
-        images: raw (C, x, y) images (slices) or one (C, x, y, z) volume, as the gate read them.
-        sources: the input file of each slice (its ``<stem>_pred.png`` is read), or the volume's first input.
+        images: raw (C, x, y) images (slices) or one (C, x, y, z) volume on the grid of the mask (the primary
+            channel's input), as the gate read them.
+        sources: the input file of each slice (its ``<stem>_pred.png`` is read), or the volume's input read.
         case_dir: ``<out>/<case>`` as written by ``run_inference``.
         row: the case's summary row.
         truths: per slice (or for the volume) a truth mask file, or None.
-        channel_names: the model's channels; FLAIR is shown when there is one.
+        channel: the channel of ``images`` shown (the primary channel, FLAIR for the LGG model).
 
     Raises:
         InputError: when a truth mask does not match its image's shape.
     """
-    channel = _display_channel(channel_names)
     stats = _stats(row)
     if kind == "slices":
         # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
