@@ -82,9 +82,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
         keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
         series_rules=SelectionRules.from_file(args.series_rules) if args.series_rules else None,
-        progress=not args.no_progress,
+        progress=not args.no_progress, precision=args.precision,
     )
-    rows = run_inference(args.inputs, args.out, settings)
+    try:
+        rows = run_inference(args.inputs, args.out, settings)
+    except KeyboardInterrupt:  # the runner removed what it was writing and released the folder
+        print(f"brainseg infer: interrupted; the cases finished so far are in {args.out}: run the same command with "
+              f"--resume to go on", file=sys.stderr)
+        return 130
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"{len(rows) - len(failed)} ok, {len(failed)} failed -> {Path(args.out) / 'summary.csv'}")
     for row in failed:
@@ -171,9 +176,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from brainseg_monai.benchmark import format_table, run_benchmark
 
-    result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=_bundle(args.bundle))
+    result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=_bundle(args.bundle),
+                           checkpoint=args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt"),
+                           precision=args.precision)
     print(format_table(result))
     print(f"written: {args.out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from brainseg_monai.longitudinal import compare_studies
+
+    settings = None
+    if not args.masks:
+        from brainseg_monai.inference.runner import InferenceSettings
+
+        checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
+        settings = InferenceSettings(checkpoint=checkpoint, device=args.device, progress=False)
+    result = compare_studies(args.before, args.after, args.out, masks=args.masks, dates=args.dates, force=args.force,
+                             settings=settings)
+    change = result["change"]
+    pct = "" if change["relative_pct"] is None else f", {change['relative_pct']:+.1f}%"
+    if result["sizes_in"] == "ml":
+        rate = "" if change["rate_mm_per_year"] is None else f", {change['rate_mm_per_year']:+.2f} mm/year"
+        print(f"tumour volume {result['before']['volume_ml']:.2f} -> {result['after']['volume_ml']:.2f} ml "
+              f"({change['volume_ml']:+.2f} ml{pct}); mean diameter {change['mean_diameter_mm']:+.1f} mm{rate}")
+    else:
+        print(f"tumour size {result['before']['voxels']} -> {result['after']['voxels']} voxels ({change['voxels']:+d}"
+              f"{pct}; 2D slices without spacing: voxels, not ml)")
+    print(f"on BEFORE's grid: {change['gained_voxels']} voxels gained, {change['lost_voxels']} lost; report: "
+          f"{Path(args.out) / 'compare.md'}")
     return 0
 
 
@@ -216,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
-    p.add_argument("--resume", action="store_true", help="skip cases already complete in --out from the same input files")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="the forward's arithmetic: fp32; bf16 (bfloat16 autocast, only on a CPU that reports "
+                        "AVX512-BF16 or AMX-BF16, or a GPU with bfloat16); auto: float16 autocast on CUDA, fp32 on "
+                        "CPU (default; docs/benchmarks.md, 'The shipped model')")
+    p.add_argument("--resume", action="store_true", help="skip cases already complete in --out from the same input files, "
+                   "model and settings; a case whose inputs' content, model or settings changed is redone")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
     p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
     p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")
@@ -297,8 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data", help="LGG patient folders to use instead of synthetic phantoms")
     p.add_argument("--bundle", help="bundle folder (its train.json times the data pipeline; default as for infer)")
+    p.add_argument("--checkpoint", help="the model to time (default: the bundle's models/model.pt, the shipped model)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="precision of the timed model's fast path, as for infer (float32 is timed too)")
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("compare", help="how one patient's tumour changed between two studies: volumes, growth rate "
+                                       "(mm/year), a picture of what was gained and lost")
+    p.add_argument("before", help="the earlier study: a DICOM study or series folder, a volume file, or a folder of "
+                                  "2D slices (LGG layout)")
+    p.add_argument("after", help="the later study of the same patient, of the same kind")
+    p.add_argument("--out", required=True, help="report folder: compare.json, compare.md, compare.png (and before/, "
+                                                "after/: the masks brainseg infer made)")
+    p.add_argument("--masks", nargs=2, metavar=("BEFORE_MASK", "AFTER_MASK"),
+                   help="use these masks instead of segmenting: a mask file on the study's image (brainseg infer's "
+                        "mask.nii.gz: on the FLAIR series of a DICOM study), or for a folder of slices a folder of "
+                        "<stem>_pred.png or <stem>_mask.* slices (it may be the slice folder itself)")
+    p.add_argument("--dates", nargs=2, metavar=("BEFORE_DATE", "AFTER_DATE"),
+                   help="study dates YYYY-MM-DD for the growth rate, where the inputs carry no DICOM StudyDate "
+                        "(they win over it)")
+    p.add_argument("--force", action="store_true", help="compare even when the two studies' PatientIDs differ")
+    p.add_argument("--bundle", help="bundle folder whose models/model.pt segments the studies (default as for infer)")
+    p.add_argument("--checkpoint", help="model checkpoint that segments the studies (model.pt with its model.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 
@@ -312,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileNotFoundError, ValueError, argparse.ArgumentTypeError) as err:
         print(f"brainseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a message, not a traceback, and the shell's status for SIGINT
+        print(f"brainseg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

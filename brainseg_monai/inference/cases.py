@@ -6,6 +6,7 @@ A case is the unit of the batch job: it succeeds or fails on its own and owns th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -19,11 +20,20 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file, series_header
 from brainseg_monai.sequences import classify_series
 
+logger = logging.getLogger(__name__)
+
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
 CASE_MARKER = "case.json"
 """Written last into every finished case folder of ``brainseg infer``: the case's summary row."""
+SUMMARY_NAME = "summary.csv"
+"""The batch's summary in the output folder, one row per case."""
+LOCK_NAME = ".brainseg-infer.lock"
+"""Held in the output folder by the run writing to it; names the holder's PID and host."""
+_RESERVED_IDS = {SUMMARY_NAME, LOCK_NAME}
+#: a case id's most bytes: with the runner's ``.<id>.<random>`` temporary folders well below a file name's 255
+_MAX_ID_BYTES = 200
 _MASK_NAME = re.compile(r"(_mask|_seg|_label|_pred)$", re.IGNORECASE)
 _UNREADABLE = "holds DICOM files but no readable series (all truncated or corrupt?): "
 
@@ -63,15 +73,50 @@ class Case:
             return list(dict.fromkeys(f"{os.path.abspath(s.folder)}#{s.series_uid}" for s in self.series))
         return [os.path.abspath(p) for p in self.images] or [os.path.abspath(self.source)]
 
+    def files(self) -> list[str]:
+        """Every file the case reads, once each (absolute paths): its slices, its channel files with the data file a
+        MetaImage header names, or the files of its series. ``--resume`` fingerprints their contents."""
+        if self.series:
+            paths = [f for s in self.series for f in s.files]
+        else:
+            paths = [p for image in self.images for p in (image, *_detached_data(Path(image)))]
+        return list(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+
+def _detached_data(header: Path) -> list[Path]:
+    """The data file a MetaImage header (``.mhd``) keeps its voxels in: its content is the image's as much as the
+    header's. None for other files, data inside the header, or file lists and patterns."""
+    if header.suffix.lower() != ".mhd":
+        return []
+    try:
+        text = header.read_text(errors="replace")[:65536]
+    except OSError:
+        return []  # reading the header reports it
+    found = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, re.MULTILINE)
+    if found is None or found[1].upper() in ("LOCAL", "LIST") or "%" in found[1]:
+        return []
+    return [header.parent / found[1]]
+
+
+def cannot_read(error: OSError) -> str:
+    """The reason of a summary row for a file or folder that cannot be opened: ``cannot be read: permission denied``."""
+    return f"cannot be read: {(error.strerror or str(error)).lower()}"
+
+
+def read_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for reading (see :func:`cannot_read`), or None when it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as err:
+        return cannot_read(err)
+
 
 def is_case_output(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is a finished case of ``brainseg infer`` (its marker holds a summary row)."""
-    marker = Path(folder) / CASE_MARKER
-    if not marker.is_file():
-        return False
     try:
-        row = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        row = json.loads((Path(folder) / CASE_MARKER).read_text())
+    except (OSError, ValueError):  # none, unreadable, or in a folder that cannot be entered
         return False
     return isinstance(row, dict) and {"case", "source", "status"} <= set(row)
 
@@ -88,21 +133,51 @@ def _is_volume(path: Path) -> bool:
     return any(path.name.lower().endswith(s) for s in VOLUME_SUFFIXES)
 
 
-def _slices_in(folder: Path) -> list[Path]:
-    """2D images of a folder in natural order; masks (``*_mask``, ``*_seg``, ``*_pred``) are truth, never inputs."""
-    files = [p for p in folder.iterdir() if p.is_file() and _is_2d_image(p) and not _MASK_NAME.search(file_stem(p))]
-    return sorted(files, key=lambda p: _natural_key(p.name))
+def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files and the sub-folders of ``folder`` (a symlink counts as what it points to).
+
+    Raises:
+        InputError: naming the folder when it cannot be listed (``cannot be read: permission denied``).
+    """
+    try:
+        entries = list(folder.iterdir())
+        return [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+    except OSError as err:
+        raise InputError(folder, cannot_read(err)) from err
 
 
-def _volumes_in(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and _is_volume(p) and not _MASK_NAME.search(file_stem(p))]
-    return sorted(files, key=lambda p: _natural_key(p.name))
+def _slices_in(files: list[Path]) -> list[Path]:
+    """2D images among a folder's files in natural order; masks (``*_mask``, ``*_seg``, ``*_pred``) are truth, never
+    inputs."""
+    found = [p for p in files if _is_2d_image(p) and not _MASK_NAME.search(file_stem(p))]
+    return sorted(found, key=lambda p: _natural_key(p.name))
+
+
+def _volumes_in(files: list[Path]) -> list[Path]:
+    found = [p for p in files if _is_volume(p) and not _MASK_NAME.search(file_stem(p))]
+    return sorted(found, key=lambda p: _natural_key(p.name))
+
+
+def safe_case_id(name: str) -> str:
+    """``name`` made safe as the name of a case's folder in the output folder.
+
+    Ids come from file and folder names: ``..tif`` named a case ``.`` (the output folder itself) and
+    ``summary.csv.tif`` a folder ``summary.csv`` in the place of the summary. So path separators and control
+    characters become ``_``; leading dots go (hidden names are the runner's own: temporary folders, the lock, rank
+    summaries); an empty name becomes ``case``; a name the output folder uses for itself gets ``_`` for its dots; and
+    the name is cut to :data:`_MAX_ID_BYTES` bytes.
+    """
+    text = re.sub(r"[\x00-\x1f\x7f/\\]", "_", name).lstrip(".")
+    text = text.encode()[:_MAX_ID_BYTES].decode(errors="ignore") or "case"
+    return text.replace(".", "_") if text.lower() in _RESERVED_IDS else text
 
 
 def _unique(case_id: str, taken: set[str]) -> str:
-    candidate, n = case_id, 2
+    """``case_id`` made safe (:func:`safe_case_id`) and unique among ``taken`` (``img``, ``img_2``, ...), then taken."""
+    base = safe_case_id(case_id)
+    candidate, n = base, 2
     while candidate in taken:
-        candidate, n = f"{case_id}_{n}", n + 1
+        candidate, n = f"{base}_{n}", n + 1
     taken.add(candidate)
     return candidate
 
@@ -117,6 +192,8 @@ class _Skipped:
 
     def __init__(self, exclude: Sequence[str | os.PathLike]) -> None:
         self.excluded = {Path(os.path.abspath(p)) for p in exclude}
+        #: the links a walk did not follow, each named once in the log though both walks of a tree meet it
+        self.links_named: set[str] = set()
 
     def __call__(self, folder: Path) -> bool:
         """Whether to leave out ``folder``, a sub-folder of an input (walks check each level, top down)."""
@@ -129,27 +206,68 @@ class _Skipped:
         return any(is_case_output(f) for f in [path, *path.parents])
 
 
+class _FolderOnce:
+    """The real folders a walk has entered, by device and inode: a symlink to one of them (a loop back up the tree,
+    or a second link to one folder) is not followed again. One loop made one patient 41 cases; two hung discovery."""
+
+    def __init__(self, skip: _Skipped) -> None:
+        self.seen: set[tuple[int, int]] = set()
+        self.skip = skip
+
+    def first_visit(self, folder: Path) -> bool:
+        """Whether ``folder`` is entered: False, with a warning naming it, when its real folder was entered before."""
+        try:
+            info = folder.stat()
+        except OSError:
+            return True  # listing it reports the reason
+        key = (info.st_dev, info.st_ino)
+        if key not in self.seen:
+            self.seen.add(key)
+            return True
+        if str(folder) not in self.skip.links_named:
+            self.skip.links_named.add(str(folder))
+            logger.warning("%s: not followed: it leads to %s, a folder already read (a symlink loop, or a second link "
+                           "to one folder)", folder, os.path.realpath(folder))
+        return False
+
+
 def _may_be_dicom(path: Path) -> bool:
-    """A file GDCM may read: a DICOM suffix, none (exports without a preamble), or the DICM preamble."""
+    """A file GDCM may read: a DICOM suffix, none (exports without a preamble), or the DICM preamble; a file that
+    cannot be opened may be one too."""
     if _is_2d_image(path) or _is_volume(path):
         return False
-    return path.suffix == "" or path.suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path)
+    if path.suffix == "" or path.suffix.lower() in DICOM_FILE_SUFFIXES:
+        return True
+    try:
+        return pydicom.misc.is_dicom(path)
+    except OSError:
+        return True
 
 
-def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[Path]]:
-    """Every DICOM series under ``root``, and the folders holding DICOM image files of which GDCM read no series.
+def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[Path], dict[Path, str]]:
+    """Every DICOM series under ``root``, the folders holding DICOM image files of which GDCM read no series, and the
+    folders holding a file that may be DICOM but cannot be opened, each with the reason naming that file.
 
     Only folders holding files that may be DICOM are handed to GDCM (an LGG tree of TIFs is not scanned). GDCM passes
     over files it cannot parse without a word, so a study whose every file was truncated in transfer would otherwise
-    vanish from the batch instead of being reported as failed. DICOMDIR, reports and other non-image objects do not
-    count (:func:`is_dicom_image_file`).
+    vanish from the batch instead of being reported as failed, and a series would lose a slice it may not open: such
+    folders are not scanned. DICOMDIR, reports and other non-image objects do not count (:func:`is_dicom_image_file`).
+    Symlinked folders are followed, each real folder once. A folder that cannot be listed is reported by
+    :func:`_discover_folder`, which lists the same folders.
     """
     folders: list[tuple[Path, list[Path]]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    denied: dict[Path, str] = {}
+    once = _FolderOnce(skip)
+    once.first_visit(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         folder = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not skip(folder / d)]
+        dirnames[:] = [d for d in sorted(dirnames, key=_natural_key) if not skip(folder / d)
+                       and once.first_visit(folder / d)]
         candidates = [folder / name for name in filenames if _may_be_dicom(folder / name)]
-        if candidates:
+        problem = next(((path, reason) for path in candidates if (reason := read_problem(path))), None)
+        if problem is not None:
+            denied[folder] = f"{problem[0]}: {problem[1]}"
+        elif candidates:
             folders.append((folder, candidates))
     series: list[DicomSeries] = []
     unreadable = []
@@ -158,7 +276,7 @@ def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[
         series.extend(found)
         if not found and any(is_dicom_image_file(path) for path in candidates):
             unreadable.append(folder)
-    return series, unreadable
+    return series, unreadable, denied
 
 
 def _rel_id(root: Path, folder: Path) -> str:
@@ -282,8 +400,11 @@ def discover_cases(
     skip the others without a word. ``exclude`` (the output folder), finished cases of ``brainseg infer`` and hidden
     folders are never entered.
 
-    An input that cannot be used (missing, unsupported, holding nothing to segment) becomes a failed case, so the
-    other inputs still run.
+    An input that cannot be used (missing, unsupported, holding nothing to segment, unreadable) becomes a failed
+    case, so the other inputs still run; so does a sub-folder that cannot be listed, and a DICOM case whose folder
+    holds a file that cannot be opened. Symlinked folders are followed, each real folder once: a link back to a
+    folder already read (a loop) is skipped and named in the log. Case ids are safe folder names
+    (:func:`safe_case_id`).
 
     Raises:
         InputError: when no input can be used at all (the message names each input and why).
@@ -335,53 +456,88 @@ def _file_case(path: Path, kind: str, roles: InputRoles, taken: set[str]) -> Cas
 
 def _discover_one(path: Path, roles: InputRoles, taken: set[str], skip: _Skipped) -> list[Case]:
     """The cases of one input path; raises InputError when it cannot be used at all."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as err:  # in a folder that cannot be entered
+        raise InputError(path, cannot_read(err)) from err
+    if not exists:
         raise InputError(path, "does not exist")
     if skip.is_output(path):
         raise InputError(path, "is an output of brainseg infer, not an input")
-    if path.is_file():
+    if is_file:
+        problem = read_problem(path)
+        if problem:
+            raise InputError(path, problem)
         if _is_2d_image(path):
             return [_file_case(path, "slices", roles, taken)]
         if _is_volume(path) or path.suffix.lower() in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path):
             return [_file_case(path, "volume", roles, taken)]
         raise InputError(path, f"unsupported file type; expected one of "
                                f"{IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + DICOM_FILE_SUFFIXES} or a DICOM file")
-    series, unreadable = _dicom_in_tree(path, skip)
+    series, unreadable, denied = _dicom_in_tree(path, skip)
     dicom: list[Case] = []
     if series:
         dicom = _dicom_cases(path, series, unreadable, roles, taken)
-    found = _discover_folder(path, roles, taken, skip, dicom_tree=bool(series or unreadable))
+    once = _FolderOnce(skip)
+    once.first_visit(path)
+    found = _discover_folder(path, roles, taken, skip, bool(series or unreadable or denied), once)
     if not series and unreadable:
-        if not found:  # nothing else to run: the folder as a whole is unusable
+        if not found and not denied:  # nothing else to run: the folder as a whole is unusable
             listing = ", ".join(str(f.relative_to(path)) if f != path else "." for f in unreadable)
             raise InputError(path, _UNREADABLE + listing)
         dicom = _unreadable_cases(path, unreadable, taken)
-    cases = dicom + found
+    cases = _fail_denied(path, dicom, denied, taken) + found
     if not cases:
         raise InputError(path, "holds no image, volume or DICOM series to segment")
     return cases
 
 
-def _discover_folder(folder: Path, roles: InputRoles, taken: set[str], skip: _Skipped, dicom_tree: bool) -> list[Case]:
+def _fail_denied(root: Path, cases: list[Case], denied: Mapping[Path, str], taken: set[str]) -> list[Case]:
+    """The DICOM ``cases`` of ``root``, failed where their folder holds a file that cannot be opened (GDCM would leave
+    it out of its series without a word), and a failed case for each such folder in no case, each naming the file."""
+    covered: set[Path] = set()
+    for case in cases:
+        source = Path(case.source)
+        hits = [folder for folder in denied if folder == source or source in folder.parents]
+        if hits:
+            covered.update(hits)
+            case.error = denied[hits[0]]
+    cases = cases + [Case(_unique(_rel_id(root, folder), taken), str(folder), "dicom", [], error=reason)
+                     for folder, reason in denied.items() if folder not in covered]
+    return sorted(cases, key=lambda c: _natural_key(c.source))
+
+
+def _discover_folder(folder: Path, roles: InputRoles, taken: set[str], skip: _Skipped, dicom_tree: bool,
+                     once: _FolderOnce) -> list[Case]:
     """The slices and volume cases in ``folder`` and below it (DICOM is found once for the whole tree).
 
     A sub-folder holding nothing to segment is a failed case, unless the tree holds DICOM: there such folders are
-    part of a study (reports, a DICOMDIR's folders) and not cases.
+    part of a study (reports, a DICOMDIR's folders) and not cases. A sub-folder that cannot be listed is a failed
+    case with the reason; symlinked folders are followed, each real folder once (``once``).
+
+    Raises:
+        InputError: when ``folder`` itself cannot be listed.
     """
+    files, folders = _listing(folder)
     found: list[Case] = []
-    slices = _slices_in(folder)
+    slices = _slices_in(files)
     if slices:
         fills = _fills(folder.name, roles) or _fills(slices[0].name, roles)
         found.append(Case(_unique(folder.name, taken), str(folder), "slices", [str(p) for p in slices], fills=fills))
-    volumes = _volumes_in(folder)
+    volumes = _volumes_in(files)
     if volumes and len(roles.channels) == 1:
         found.extend(Case(_unique(file_stem(p), taken), str(p), "volume", [str(p)]) for p in volumes)
     elif volumes:
         found.append(_volume_channels_case(folder, volumes, roles, taken))
-    subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not skip(p)),
-                        key=lambda p: _natural_key(p.name))
+    subfolders = sorted((p for p in folders if not skip(p)), key=lambda p: _natural_key(p.name))
     for sub in subfolders:
-        below = _discover_folder(sub, roles, taken, skip, dicom_tree)
+        if not once.first_visit(sub):
+            continue
+        try:
+            below = _discover_folder(sub, roles, taken, skip, dicom_tree, once)
+        except InputError as err:
+            found.append(Case(_unique(sub.name, taken), str(sub), "volume", [], error=err.reason))
+            continue
         if not below and not dicom_tree:
             below = [Case(_unique(sub.name, taken), str(sub), "volume", [],
                           error="holds no image, volume or DICOM series to segment")]

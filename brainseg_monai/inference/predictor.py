@@ -7,6 +7,7 @@ so a checkpoint is enough to rebuild the network, its pre-processing and its tun
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.blocks import Convolution
@@ -248,7 +250,26 @@ def shape_chunks(images: Sequence[torch.Tensor], size: int) -> Iterator[list[int
             yield indices[start:start + size]
 
 
-def inference_network(network: torch.nn.Module, device: torch.device | str, copy_network: bool = True) -> torch.nn.Module:
+class GroupInstanceNorm(torch.nn.Module):
+    """Instance norm computed by ``torch.nn.functional.group_norm`` with one group per channel.
+
+    The same statistics as ``InstanceNorm2d`` without running statistics (each image's channel over its pixels, the
+    same ``eps``, affine or not), so the same function up to float rounding. PyTorch's instance norm reshapes its
+    input into one batch-norm channel per image and channel, which copies a channels-last tensor each time; group
+    norm reduces it where it lies: the shipped model's forward about 1.5x faster on 2 CPU cores (docs/benchmarks.md,
+    "The shipped model").
+    """
+
+    def __init__(self, norm: torch.nn.InstanceNorm2d) -> None:
+        super().__init__()
+        self.num_channels, self.eps, self.weight, self.bias = norm.num_features, norm.eps, norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
+
+
+def inference_network(network: torch.nn.Module, device: torch.device | str, copy_network: bool = True,
+                      group_instance_norm: bool = False) -> torch.nn.Module:
     """``network`` in eval mode made faster for inference: a copy, leaving ``network`` as it is, by default.
 
     With ``copy_network=False`` the network itself is changed and returned, saving the copy (40 ms for the default
@@ -257,6 +278,8 @@ def inference_network(network: torch.nn.Module, device: torch.device | str, copy
     Batch norm that directly follows a convolution in MONAI's ``Convolution`` blocks is folded into the convolution's
     weights (exact up to float rounding: probabilities within 1e-5), and on CPU the weights are stored channels-last,
     which oneDNN's convolutions run faster on (``brainseg benchmark``: 1.2-1.35x for the 2D U-Net, 1.25x in 3D).
+    Instance norm cannot be folded (its statistics are each image's own); with ``group_instance_norm`` every
+    ``InstanceNorm2d`` that normalises with the image's own statistics runs as :class:`GroupInstanceNorm`.
     """
     network = (copy.deepcopy(network) if copy_network else network).eval()
     for block in network.modules():
@@ -268,7 +291,85 @@ def inference_network(network: torch.nn.Module, device: torch.device | str, copy
             transpose = isinstance(block.conv, torch.nn.modules.conv._ConvTransposeNd)
             block.conv = fuse_conv_bn_eval(block.conv, first, transpose=transpose)
             setattr(adn, first_name, torch.nn.Identity())
+    if group_instance_norm:
+        for parent in list(network.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.InstanceNorm2d) and not child.track_running_stats:
+                    setattr(parent, name, GroupInstanceNorm(child))
     return with_memory_format(network, torch.device(device).type == "cpu")
+
+
+#: the values of ``--precision`` (see :func:`fast_path`)
+PRECISIONS = ("fp32", "bf16", "auto")
+#: ``/proc/cpuinfo`` flags of the CPU instructions that do bfloat16 arithmetic (AVX512-BF16, AMX)
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_flags() -> frozenset[str]:
+    """The bfloat16 instruction flags this CPU reports in ``/proc/cpuinfo``; empty where it reports none or there is
+    no such file.
+
+    PyTorch runs bfloat16 on any CPU, but without these instructions it converts in software: the shipped model's
+    forward under bfloat16 autocast took 4x as long as in float32 on an AVX2-only AMD EPYC (docs/benchmarks.md).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return frozenset(flags) & _CPU_BF16_FLAGS
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic itself: a CUDA GPU that supports it, a CPU that reports it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_bf16_flags())
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How the forward runs for a ``--precision`` on a device (see :func:`fast_path`).
+
+    Args:
+        autocast: the dtype the forward autocasts to; None runs it in float32.
+        group_instance_norm: instance norm computed as group norm (:class:`GroupInstanceNorm`).
+    """
+
+    autocast: torch.dtype | None = None
+    group_instance_norm: bool = False
+
+    def describe(self) -> str:
+        """In words, for reports: ``float32``, ``bfloat16 autocast``, ``float32, instance norm as group_norm``."""
+        what = f"{str(self.autocast).removeprefix('torch.')} autocast" if self.autocast is not None else "float32"
+        return what + (", instance norm as group_norm" if self.group_instance_norm else "")
+
+
+def fast_path(precision: str, device: torch.device) -> FastPath:
+    """How the forward runs for ``precision`` on ``device``.
+
+    ``fp32``: float32 with the network's own layers, the reference. ``bf16``: bfloat16 autocast, only on a device with
+    bfloat16 arithmetic (:func:`bf16_supported`). ``auto``: on CPU float32 with instance norm as group norm
+    (:class:`GroupInstanceNorm`); on CUDA float16 autocast (as ``brainseg infer`` always did there). bfloat16 is not
+    part of ``auto``: it halved the shipped model's forward on a CPU with AVX512-BF16, but whether it leaves the masks
+    unchanged has not been measured over the LGG patients (docs/benchmarks.md, "The shipped model").
+
+    Raises:
+        ValueError: for a ``precision`` not in :data:`PRECISIONS`, or ``bf16`` on a device without bfloat16.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} but is {precision!r}.")
+    if precision == "bf16":
+        if not bf16_supported(device):
+            what = ("this CPU reports neither AVX512-BF16 nor AMX-BF16" if device.type == "cpu"
+                    else f"{device} does not support bfloat16")
+            raise ValueError(f"precision bf16: {what}, so bfloat16 would be emulated, slower than float32; use "
+                             f"precision fp32 or auto.")
+        return FastPath(autocast=torch.bfloat16)
+    if precision == "auto" and device.type == "cuda":
+        return FastPath(autocast=torch.float16)
+    return FastPath(group_instance_norm=precision == "auto" and device.type == "cpu")
 
 
 class Predictor:
@@ -280,18 +381,23 @@ class Predictor:
         device: where to run.
         tta: ``"none"``, ``"flip"`` or ``"dihedral"``.
         batch_size: images (2D) or slices per forward; each is multiplied by the number of TTA views.
-        amp: autocast on CUDA (default: on when the device is CUDA).
         copy_network: False lets the predictor fuse and re-lay ``network`` itself (see :func:`inference_network`).
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"``: how the forward runs, see :func:`fast_path`
+            (``fast_path`` holds the one chosen).
+
+    Raises:
+        ValueError: for a ``batch_size`` below 1, an unknown ``precision``, or ``"bf16"`` on a device without
+            bfloat16 arithmetic.
     """
 
     def __init__(self, network: torch.nn.Module, spec: ModelSpec, device: torch.device, tta: str = "dihedral",
-                 batch_size: int = 16, amp: bool | None = None, copy_network: bool = True) -> None:
+                 batch_size: int = 16, copy_network: bool = True, precision: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 but is {batch_size}.")
         self.spec, self.device = spec, torch.device(device)
-        self.network = inference_network(network, self.device, copy_network)
+        self.fast_path = fast_path(precision, self.device)
+        self.network = inference_network(network, self.device, copy_network, self.fast_path.group_instance_norm)
         self.tta, self.batch_size = tta, int(batch_size)
-        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         roi = list(spec.roi_size)
         self.window = SlidingWindowInferer(roi_size=roi, sw_batch_size=self.batch_size, overlap=0.25, mode="gaussian")
 
@@ -314,7 +420,7 @@ class Predictor:
         pad = DivisiblePad(k=_DIVISOR, mode="constant")
         padded = torch.stack([pad(im) for im in images]) if any(s % _DIVISOR for s in spatial) else images
         probs = predict_with_tta(self._network_fn(padded.shape[2:]), padded.to(self.device), self.tta,
-                                 self.spec.spatial_dims, amp=self.amp)
+                                 self.spec.spatial_dims, dtype=self.fast_path.autocast)
         probs = probs[:, 0].float().cpu()
         if probs.shape[1:] != spatial:
             starts = [(p - s) // 2 for p, s in zip(probs.shape[1:], spatial)]
@@ -477,8 +583,9 @@ def _read_channels(images: Sequence[str], series: Sequence[DicomSeries], spec: M
 
 def _check_visible(image: torch.Tensor, source: str) -> None:
     """Refuse an image whose slices are smaller than :data:`_MIN_SIDE` pixels: a 1x1 PNG would otherwise come back
-    ``ok`` with an empty mask, as if it had been looked at."""
-    side = tuple(int(s) for s in image.shape[1:3])
+    ``ok`` with an empty mask, as if it had been looked at. Of a volume, the two largest sides count: its plane
+    may be stored sagittal or coronal, and a stack of a few slices is a volume all the same."""
+    side = tuple(sorted((int(s) for s in image.shape[1:]), reverse=True)[:2])
     if min(side) < _MIN_SIDE:
         raise InputError(source, f"is {' x '.join(map(str, side))} pixels in-plane: too small for the model to see "
                                  f"(at least {_MIN_SIDE} x {_MIN_SIDE})")

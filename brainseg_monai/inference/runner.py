@@ -1,25 +1,35 @@
 """The batch job behind ``brainseg infer``: every case independent, failures recorded, outputs atomic, resumable.
 
-Each case is predicted into a hidden temporary folder that is renamed to ``DIR/<case id>`` when complete, with a
-``case.json`` marker holding its summary row and the inputs it read; ``resume`` skips cases whose marker lists the
-same inputs. ``summary.csv`` is rewritten atomically after every case. Under ``torchrun`` each rank takes every
-WORLD_SIZE-th case and rank 0 merges the per-rank summaries.
+One run at a time writes to ``DIR``: it holds ``DIR/.brainseg-infer.lock``, which names its PID and host, and first
+clears what an interrupted run left behind. Each case is predicted into a hidden temporary folder that is renamed to
+``DIR/<case id>`` when complete, with a ``case.json`` marker holding its summary row, the inputs it read and the
+fingerprint of their contents, the model and the settings; ``resume`` skips a case whose marker lists the same
+inputs and fingerprint and redoes, saying why, one whose fingerprint differs. ``summary.csv`` is rewritten
+atomically after every case; it keeps the rows of earlier runs' cases that this run does not include, and a case of
+other inputs never takes the id of an earlier one. A full disk stops the batch with the cases so far recorded.
+Under ``torchrun`` each rank takes every WORLD_SIZE-th case, rank 0 holds the lock and merges the per-rank summaries.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
-import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +39,17 @@ from tqdm import tqdm
 
 from brainseg_monai.channel_roles import InputRoles, SelectionRules
 from brainseg_monai.errors import InputError, input_error_in
-from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
+from brainseg_monai.inference.cases import (
+    CASE_MARKER,
+    LOCK_NAME,
+    SUMMARY_NAME,
+    Case,
+    cannot_read,
+    discover_cases,
+    is_case_output,
+)
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import Predictor, load_for_case, load_model
+from brainseg_monai.inference.predictor import ModelSpec, Predictor, load_for_case, load_model
 from brainseg_monai.io import file_stem
 from brainseg_monai.inference.writers import (
     SegNotWritten,
@@ -49,6 +67,16 @@ SUMMARY_FIELDS = [
 ]
 #: the columns that say a ``summary.csv`` is ours: any other file of that name is the user's and is never replaced
 _OWN_SUMMARY_COLUMNS = {"case", "source", "status", "error"}
+#: errors that say the output folder has no room left: the batch stops instead of failing every case after
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+#: the most characters of a summary field; the log holds the whole message
+_FIELD_CHARS = 500
+#: what an interrupted run leaves in the output folder: case folders being written (``tempfile.mkdtemp``'s eight
+#: characters) or moved aside for their replacement, and temporary or per-rank summaries
+_TEMP_CASE = re.compile(r"^\.(?P<case>.+)\.(?P<kind>[a-z0-9_]{8}|old)$")
+_TEMP_SUMMARY = re.compile(r"^\.\.?summary(\.rank\d+)?\.csv(\.tmp)?$")
+#: what a case folder holds (each possibly in a writer's hidden temporary name): nothing else is ever removed
+_OUTPUT_NAMES = (CASE_MARKER, "mask.nii.gz", "seg.dcm", "overlay.png", "_pred.png")
 
 
 @dataclass
@@ -69,13 +97,32 @@ class InferenceSettings:
     #: the user's series selection rules (``--series-rules``); None: the documented defaults
     series_rules: SelectionRules | None = None
     progress: bool = True
+    #: the forward's precision: ``fp32``, ``bf16`` or ``auto`` (see ``predictor.autocast_dtype``)
+    precision: str = "auto"
 
 
 def _row(case: Case, status: str, error: str = "", **values: Any) -> dict:
+    """A summary row; its ``error`` and ``warnings`` are one line each (:func:`_one_line`)."""
     row = {key: "" for key in SUMMARY_FIELDS}
     row.update(case=case.case_id, source=case.source, status=status, error=error, kind=case.kind, images=len(case.images))
     row.update({k: v for k, v in values.items() if k in row})
+    row.update(error=_one_line(row["error"]), warnings=_one_line(str(row["warnings"])))
     return row
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line of a summary field: the frames of a traceback inside a message are dropped (the error it
+    ended in stays), lines are joined and a very long message is shortened; the log holds it whole. A reason that a
+    spreadsheet shows in one cell and one ``grep`` finds, not a traceback spread over the rows."""
+    kept, in_traceback = [], False
+    for line in text.splitlines():
+        if line.strip().startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif not (in_traceback and line[:1].isspace()):
+            in_traceback = False
+            kept.append(line)
+    joined = " ".join(" ".join(kept).split())
+    return joined if len(joined) <= _FIELD_CHARS else joined[:_FIELD_CHARS - 1] + "…"
 
 
 def _volume_stats(mask: np.ndarray, spacing: Sequence[float] | None) -> dict:
@@ -122,16 +169,17 @@ class _CaseWriter:
 
     def __init__(self, out_dir: Path, case_id: str) -> None:
         self.final = out_dir / case_id
-        if self.final.exists() and not (self.final / CASE_MARKER).is_file() and any(self.final.iterdir()):
+        if self.final.exists() and not (self.final / CASE_MARKER).is_file() and (
+                not self.final.is_dir() or any(self.final.iterdir())):
             raise InputError(self.final, "exists and was not written by brainseg infer; refusing to replace it")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out_dir))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out_dir))  # the name _TEMP_CASE recognises
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
     def commit(self, row: dict, inputs: Sequence[str], details: Mapping[str, Any] | None = None) -> None:
-        """Write the marker (summary row, the inputs read for ``--resume``, and ``details`` such as the channel
-        roles) and move the case into place."""
+        """Write the marker (summary row, the inputs read for ``--resume``, and ``details`` such as their
+        fingerprint and the channel roles) and move the case into place."""
         marker = {**row, "inputs": list(inputs), **(details or {})}
         (self.tmp / CASE_MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
         old = None
@@ -193,12 +241,18 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
+    """Replace ``path`` by ``rows`` through a temporary file: a reader sees the old summary or the new one, and a
+    failed write (a full disk, Ctrl-C) leaves the old one and no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_summary(path: Path) -> list[dict]:
@@ -206,45 +260,281 @@ def _read_summary(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _with_earlier(rows: Sequence[dict], earlier: Mapping[str, dict]) -> list[dict]:
+    """This run's ``rows``, then the rows of earlier runs' cases this run has not (yet) written, in their order."""
+    mine = {row["case"] for row in rows}
+    return [*rows, *(row for name, row in earlier.items() if name not in mine)]
+
+
 def _distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+class _Ranks:
+    """This process's place among ``torchrun``'s processes, and what they agree on; a lone process is rank 0 of 1."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = _distributed()
+        self.created = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.dist = dist
+            if not dist.is_initialized():
+                dist.init_process_group(backend="gloo")
+                self.created = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` (picklable) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.created:  # a gloo group left alive at exit can abort the process ("terminate called without an active exception")
+            self.dist.destroy_process_group()
+
+
+class OutputLock:
+    """Exclusive use of an output folder by one run: two runs writing one folder at once left summary.csv and the
+    masks disagreeing, and both exited 0.
+
+    The lock is the kernel's (``flock``) on ``DIR/.brainseg-infer.lock``, so it goes with its holder, even one killed
+    by ``kill -9``; the file names the holder (PID, host, start) for the message of a refused run. On a file system
+    without ``flock`` the PID stands in: a holder on this host whose process is gone is recovered, one on another
+    host is taken as running. Released (the file removed) by :meth:`release`.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, recovering one left by a run that is gone.
+
+        Raises:
+            InputError: naming the folder, the holder's PID and host and what to do, while another run holds it;
+                naming the lock file and the reason when it cannot be written (a read-only folder, a full disk).
+        """
+        try:
+            self._acquire()
+        except OSError as err:
+            self.release()
+            raise InputError(self.path, f"cannot be written to hold the output folder ({_os_reason(err)})") from err
+
+    def _acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not self._lock(fd):
+                    raise self._refusal(_holder(fd))
+                opened, current = os.fstat(fd), os.stat(self.path)
+            except FileNotFoundError:  # its holder removed the file on release meanwhile: lock the one there now
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino):
+                break
+            os.close(fd)  # as above: the file locked is no longer the lock file
+        self._fd = fd
+        left = _holder(fd)
+        if left:
+            logger.warning("%s: recovered the lock of PID %s on %s (started %s): that run is no longer running",
+                           self.folder, left.get("pid"), left.get("host"), left.get("started"))
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        """Give the lock up and remove its file (nothing when not held)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing releases the kernel's lock
+            self._fd = None
+
+    @staticmethod
+    def _lock(fd: int) -> bool:
+        """Whether the lock was taken: the kernel's, else (no ``flock`` here) the recorded holder's being gone."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as err:  # no flock on this file system (some network and FUSE mounts)
+            logger.debug("flock is not available (%s): the lock's PID tells whether it is held", err)
+            holder = _holder(fd)
+            return not holder or not _running(holder)
+
+    def _refusal(self, holder: dict) -> InputError:
+        who = (f"PID {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}" if holder
+               else "its PID not yet recorded")
+        return InputError(self.folder, f"is in use by another brainseg infer run ({who}): two runs writing one "
+                                       f"folder corrupt it. Wait for that run to end, or choose another --out; if "
+                                       f"no such run exists, delete {self.path}")
+
+
+def _holder(fd: int) -> dict:
+    """The holder a lock file records (empty when none or unreadable)."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _running(holder: Mapping[str, Any]) -> bool:
+    """Whether the process a lock records may still run: gone only when on this host and its PID is not alive."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+@contextmanager
+def _held(out: Path, ranks: _Ranks) -> Iterator[None]:
+    """Hold ``out`` for this run: rank 0 takes its lock for all ranks, and clears what interrupted runs left in it
+    before any rank writes; a refusal reaches every rank. The lock is released however the run ends."""
+    lock = OutputLock(out) if ranks.rank == 0 else None
+    try:
+        refused = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except InputError as err:
+                refused = (err.path, err.reason)
+            else:
+                _remove_leftovers(out)
+        refused = ranks.from_rank0(refused)
+        if refused is not None:
+            raise InputError(*refused)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Clear what an interrupted run (``kill -9``, a power cut) left in ``out``, and nothing else: case folders being
+    written (``.<case>.<8 characters>``) or moved aside for their replacement (``.<case>.old``: put back when the
+    replacement never arrived), each holding only files a case folder holds, and temporary or per-rank summaries."""
+    for entry in sorted(out.iterdir()):
+        if entry.is_symlink():
+            continue
+        if _TEMP_SUMMARY.match(entry.name) and entry.is_file():
+            entry.unlink()
+            logger.warning("%s: removed, left by an interrupted run", entry)
+            continue
+        match = _TEMP_CASE.match(entry.name)
+        if match is None or not entry.is_dir() or not all(
+                f.is_file() and any(name in f.name for name in _OUTPUT_NAMES) for f in entry.iterdir()):
+            continue
+        final = out / match["case"]
+        if match["kind"] == "old" and is_case_output(entry) and not final.exists():
+            os.replace(entry, final)
+            logger.warning("%s: put back as %s, where an interrupted run had moved it aside", entry, final)
+        else:
+            shutil.rmtree(entry)
+            logger.warning("%s: removed, left by an interrupted run", entry)
+
+
 def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, settings: InferenceSettings,
                   select: Callable[[Case], bool] | None = None) -> list[dict]:
-    """Segment every case under ``inputs`` into ``out_dir``; returns the summary rows (also in ``summary.csv``).
+    """Segment every case under ``inputs`` into ``out_dir``; returns this run's summary rows (``summary.csv`` holds
+    them and the rows of earlier runs' cases that this run does not include).
 
     A case that cannot be read or predicted, and an input that cannot be used, is recorded as ``failed`` with its
     reason and the others go on. ``out_dir`` and what it holds are never read as inputs, even inside an input folder.
     ``select`` keeps only the cases it accepts (e.g. the series a web app user chose in a folder holding several).
 
     Raises:
-        InputError: when the checkpoint is unusable, no input can be used at all, ``select`` accepts no case, or
-            ``out_dir`` is a file or holds a ``summary.csv`` that ``brainseg infer`` did not write.
+        InputError: when the checkpoint is unusable, no input can be used at all, ``select`` accepts no case,
+            ``out_dir`` is a file, holds a ``summary.csv`` that ``brainseg infer`` did not write or is in use by
+            another run, or when ``out_dir`` has no room left (the batch stops with the cases so far recorded).
     """
     out = Path(out_dir)
     _check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    ranks = _Ranks()
+    try:
+        with _held(out, ranks):
+            return _run(inputs, out, settings, select, ranks)
+    finally:
+        ranks.close()
+
+
+@dataclass
+class _Job:
+    """What every case of a run shares."""
+
+    out: Path
+    #: where this process records its rows: ``summary.csv``, or its rank's summary under ``torchrun``
+    summary: Path
+    predictor: Predictor
+    post: PostProcessing
+    spec: ModelSpec
+    settings: InferenceSettings
+    rank: int
+    #: the model's and the settings' parts of every case's fingerprint
+    fingerprint: dict
+    #: with ``--resume``: the markers of cases finished before from the same inputs, by case id
+    resumable: Mapping[str, dict]
+    #: the rows of earlier runs' cases that the summary keeps, by case id
+    earlier: Mapping[str, dict]
+
+
+def _run(inputs: Sequence[str | os.PathLike], out: Path, settings: InferenceSettings,
+         select: Callable[[Case], bool] | None, ranks: _Ranks) -> list[dict]:
     network, spec = load_model(settings.checkpoint, settings.device)
     device = next(network.parameters()).device
     post = PostProcessing.from_dict(spec.postprocessing)
     overrides = {"threshold": settings.threshold, "min_size": settings.min_size, "open_above": settings.open_above,
                  "keep_largest": settings.keep_largest, "stack_slices": settings.stack_slices}
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False)
+    predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False,
+                          precision=settings.precision)
     roles = InputRoles.of(spec, settings.channels, settings.series_rules)
     cases = discover_cases(inputs, roles, exclude=[out])
     if select is not None:
         cases = [c for c in cases if select(c)]
         if not cases:
             raise InputError(None, f"no case under {', '.join(map(str, inputs))} is the one asked for")
-    finished = _match_finished_cases(cases, out) if settings.resume else {}
-    rank, world = _distributed()
-    mine = cases[rank::world]
-    rows = _run_cases(mine, out, predictor, post, spec, settings, rank, finished)
-    if world > 1:
-        return _merge_ranks(out, cases, rows, rank, world)
-    _write_summary(out / "summary.csv", rows)
+    earlier = _Earlier.read(out)
+    finished = _assign_ids(cases, earlier)
+    if ranks.rank == 0:
+        _say_kept(out, earlier, cases)
+    ranks.barrier()  # every rank has read what earlier runs left before any rank writes
+    fingerprint = {"model": _model_fingerprint(settings.checkpoint, spec),
+                   "settings": _settings_fingerprint(settings, post, roles)}
+    job = _Job(out, out / (SUMMARY_NAME if ranks.world == 1 else f".summary.rank{ranks.rank}.csv"), predictor, post,
+               spec, settings, ranks.rank, fingerprint, finished if settings.resume else {},
+               earlier.rows if ranks.world == 1 else {})
+    rows = _run_cases(cases[ranks.rank::ranks.world], job)
+    if ranks.world > 1:
+        return _merge_ranks(out, cases, rows, ranks, earlier.rows)
     return rows
 
 
@@ -256,7 +546,7 @@ def _check_output_folder(out: Path) -> None:
     """
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder; --out must be a folder (it is created when missing)")
-    summary = out / "summary.csv"
+    summary = out / SUMMARY_NAME
     if not summary.exists():
         return
     try:
@@ -269,38 +559,169 @@ def _check_output_folder(out: Path) -> None:
                                   "(choose another --out, or move the file)")
 
 
-def _match_finished_cases(cases: list[Case], out: Path) -> dict[str, dict]:
-    """For ``--resume``: the summary rows of cases already finished in ``out`` from the same inputs, by case id.
+@dataclass
+class _Earlier:
+    """What earlier runs left in the output folder, by case id: their summary rows (with those of finished cases
+    that ``summary.csv`` lacks, as after a full disk) and the markers of their finished cases."""
+
+    rows: dict[str, dict]
+    markers: dict[str, dict]
+
+    @classmethod
+    def read(cls, out: Path) -> _Earlier:
+        """Raises: InputError: when ``summary.csv`` cannot be read."""
+        markers: dict[str, dict] = {}
+        for path in sorted(out.glob(f"*/{CASE_MARKER}")):
+            if path.parent.name.startswith("."):
+                continue  # a case being written, not a finished one
+            try:
+                marker = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # an unreadable marker: the case is redone
+            if isinstance(marker, dict) and marker.get("inputs"):
+                markers[path.parent.name] = marker
+        rows: dict[str, dict] = {}
+        summary = out / SUMMARY_NAME
+        if summary.is_file():
+            try:
+                found = _read_summary(summary)
+            except (OSError, UnicodeDecodeError, csv.Error) as err:
+                raise InputError(summary, f"cannot be read to keep its rows ({err})") from err
+            rows = {r["case"]: {key: r.get(key) or "" for key in SUMMARY_FIELDS} for r in found if r.get("case")}
+        for name, marker in markers.items():
+            rows.setdefault(name, {key: marker.get(key, "") for key in SUMMARY_FIELDS})
+        return cls(rows, markers)
+
+
+def _assign_ids(cases: list[Case], earlier: _Earlier) -> dict[str, dict]:
+    """Give each case the id it is kept under beside what earlier runs left in the output folder; returns the
+    markers of the cases finished before from the same inputs, by case id.
 
     A finished case is recognised by the inputs its marker lists, not by its id: ids follow the order of the inputs
     (``img`` and ``img_2`` for two ``img.png``), so the same id may name other inputs in this run. Such a case takes
-    the id it was finished under, and the other cases take ids no finished case uses, so none is replaced.
+    the id it was finished under, and a case keeps an id that an earlier row gives to its own source: this run wins
+    for its own cases. A case whose id earlier results of other inputs hold takes an id no case uses, so a same-named
+    case of other inputs never replaces an earlier one; the log says so.
     """
-    on_disk: dict[tuple[str, ...], tuple[str, dict]] = {}
-    for marker in sorted(out.glob(f"*/{CASE_MARKER}")):
-        try:
-            row = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue  # an unreadable marker: the case is redone
-        if isinstance(row, dict) and row.get("inputs"):
-            on_disk[tuple(row["inputs"])] = (marker.parent.name, row)
+    by_inputs = {tuple(marker["inputs"]): name for name, marker in earlier.markers.items()}
     finished: dict[str, dict] = {}
     rest = []
     for case in cases:
-        hit = on_disk.get(tuple(case.inputs()))
-        if hit is not None and hit[0] not in finished:
-            case.case_id = hit[0]
-            finished[case.case_id] = {key: hit[1].get(key, "") for key in SUMMARY_FIELDS}
+        name = by_inputs.get(tuple(case.inputs()))
+        if name is not None and name not in finished:
+            case.case_id = name
+            finished[name] = earlier.markers[name]
         else:
             rest.append(case)
-    taken = set(finished) | {name for name, _ in on_disk.values()}
+    taken = set(finished)
+    moved = []
     for case in rest:
-        candidate, n = case.case_id, 2
-        while candidate in taken:
+        row = earlier.rows.get(case.case_id)
+        if case.case_id in taken or case.case_id in earlier.markers or (
+                row is not None and os.path.abspath(row["source"]) != os.path.abspath(case.source)):
+            moved.append(case)
+        else:
+            taken.add(case.case_id)
+    for case in moved:
+        holder = earlier.rows[case.case_id]["source"] if case.case_id in earlier.rows else next(
+            c.source for c in cases if c.case_id == case.case_id and c is not case)
+        candidate, n = f"{case.case_id}_2", 3
+        while candidate in taken or candidate in earlier.rows:
             candidate, n = f"{case.case_id}_{n}", n + 1
+        logger.warning("case %s (%s): the id names the results of other inputs (%s), which are kept; this case is "
+                       "named %s", case.case_id, case.source, holder, candidate)
         case.case_id = candidate
         taken.add(candidate)
     return finished
+
+
+def _say_kept(out: Path, earlier: _Earlier, cases: Sequence[Case]) -> None:
+    """Log which earlier runs' cases ``summary.csv`` keeps because this run does not include them."""
+    ids = {case.case_id for case in cases}
+    kept = [name for name in earlier.rows if name not in ids]
+    if kept:
+        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        logger.warning("%s: keeps the rows of %d case(s) of earlier runs that this run does not include: %s",
+                       out / SUMMARY_NAME, len(kept), shown)
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).isoformat(timespec="microseconds")
+
+
+def _file_digest(path: str | os.PathLike) -> tuple[os.stat_result, str]:
+    """The size and times of ``path`` and the SHA-256 of its content, streamed.
+
+    Raises:
+        InputError: naming the file when it cannot be read (``cannot be read: permission denied``).
+    """
+    try:
+        with open(path, "rb") as handle:
+            return os.fstat(handle.fileno()), hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as err:
+        raise InputError(path, cannot_read(err)) from err
+
+
+def input_fingerprint(case: Case) -> dict:
+    """What ``--resume`` compares of a case's inputs: how many files, their bytes, and one SHA-256 over each file's
+    path and content; the newest modification time is recorded too. Every byte is read (about 0.1-0.3 s per 100 MB;
+    the prediction reads them next anyway), so a file rewritten with its old size and time still counts as changed.
+
+    Raises:
+        InputError: naming a file that cannot be read.
+    """
+    combined = hashlib.sha256()
+    size, newest = 0, 0
+    files = case.files()
+    for path in files:
+        info, digest = _file_digest(path)
+        combined.update(f"{path}\0{digest}\n".encode())
+        size += info.st_size
+        newest = max(newest, info.st_mtime_ns)
+    return {"files": len(files), "bytes": size, "newest_mtime": _when(newest), "sha256": combined.hexdigest()}
+
+
+def _model_fingerprint(checkpoint: str, spec: ModelSpec) -> dict:
+    """The weights file (bytes, modification time, SHA-256) and the model's settings but its post-processing: the
+    post-processing applied is in the settings' fingerprint, since ``--threshold`` and the like override the model's."""
+    record: dict[str, Any] = {"spec": {key: value for key, value in spec.to_dict().items() if key != "postprocessing"}}
+    if Path(checkpoint).is_file():  # only a stand-in network (tests) comes without one
+        info, digest = _file_digest(checkpoint)
+        record.update(file=os.path.abspath(checkpoint), bytes=info.st_size, mtime=_when(info.st_mtime_ns),
+                      sha256=digest)
+    return record
+
+
+def _settings_fingerprint(settings: InferenceSettings, post: PostProcessing, roles: InputRoles) -> dict:
+    """The settings that change a case's outputs: TTA, the forward's precision, the post-processing applied
+    (threshold included) and how inputs become channels (``--channel``, ``--series-rules``). Device and batch size
+    do not."""
+    return {"tta": settings.tta, "precision": settings.precision, "postprocessing": post.to_dict(),
+            "channels": dict(roles.overrides), "series_rules": asdict(roles.rules)}
+
+
+#: what ``--resume`` compares of each part of a fingerprint: contents, not paths or times (a copied or touched file
+#: holds the same input); None: all of it
+_COMPARED: dict[str, tuple[str, ...] | None] = {
+    "inputs": ("files", "bytes", "sha256"), "model": ("bytes", "sha256", "spec"), "settings": None}
+
+
+def _changes(recorded: Any, current: Mapping[str, Any]) -> str:
+    """What differs between a finished case's fingerprint and this run's, in words (``input and settings
+    changed``); empty when nothing does."""
+    if not isinstance(recorded, dict):
+        return "finished without a fingerprint (by an earlier version)"
+    current = json.loads(json.dumps(current))  # as case.json holds it: lists, not tuples
+
+    def part(fingerprint: Mapping[str, Any], name: str) -> Any:
+        value, keys = fingerprint.get(name), _COMPARED[name]
+        return {key: value.get(key) for key in keys} if keys and isinstance(value, dict) else value
+
+    words = {"inputs": "input", "model": "model", "settings": "settings"}
+    changed = [word for name, word in words.items() if part(recorded, name) != part(current, name)]
+    if not changed:
+        return ""
+    return (", ".join(changed[:-1]) + " and " if len(changed) > 1 else "") + changed[-1] + " changed"
 
 
 def _spare_core_for_reading(device: torch.device) -> bool:
@@ -316,52 +737,118 @@ def _spare_core_for_reading(device: torch.device) -> bool:
     return cores > torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def _run_cases(cases: list[Case], out: Path, predictor: Predictor, post: PostProcessing, spec, settings: InferenceSettings,
-               rank: int, finished: Mapping[str, dict]) -> list[dict]:
+@dataclass
+class _Prepared:
+    """A case read for prediction (``loaded``), or found finished by ``--resume`` (``finished``: its summary row)."""
+
+    fingerprint: dict
+    loaded: dict | None = None
+    finished: dict | None = None
+    #: why a case finished before is redone (``redone: input changed``)
+    note: str = ""
+
+
+def _prepare(case: Case, job: _Job) -> _Prepared:
+    """Fingerprint a case's inputs and read them, unless ``--resume`` finds the case finished with the same
+    fingerprint (runs in a background thread, overlapping the prediction of the case before).
+
+    Raises:
+        InputError: for a case found unusable, a file that cannot be read, and errors of reading.
+    """
+    if case.error:
+        raise InputError(case.source, case.error)
+    fingerprint = {"inputs": input_fingerprint(case), **job.fingerprint}
+    note = ""
+    marker = job.resumable.get(case.case_id)
+    if marker is not None:
+        changed = _changes(marker.get("fingerprint"), fingerprint)
+        if not changed:
+            return _Prepared(fingerprint, finished={key: marker.get(key, "") for key in SUMMARY_FIELDS})
+        note = f"redone: {changed}"
+        logger.warning("case %s (%s): %s", case.case_id, case.source, note)
+    loaded = load_for_case(case.kind, case.images, job.spec, case.series, case.primary, case.fills)
+    return _Prepared(fingerprint, loaded, note=note)
+
+
+#: how a batch stopped for want of room goes on
+_GO_ON = "the finished cases are kept: make room and run the same command with --resume to go on"
+
+
+def _run_cases(cases: list[Case], job: _Job) -> list[dict]:
+    """Run ``cases`` in order, recording the rows in ``job.summary`` after each.
+
+    Raises:
+        InputError: when the output folder has no room left or the summary cannot be written: the batch stops, with
+            the case at fault and those not run recorded as failed where the summary can still be written.
+    """
     rows: list[dict] = []
-    summary = out / ("summary.csv" if _distributed()[1] == 1 else f".summary.rank{rank}.csv")
-    todo = []
-    for case in cases:
-        if case.case_id in finished:
-            rows.append(dict(finished[case.case_id]))
-        else:
-            todo.append(case)
-
-    def load(case: Case) -> dict:
-        if case.error:
-            raise InputError(case.source, case.error)
-        return load_for_case(case.kind, case.images, spec, case.series, case.primary, case.fills)
-
-    bar = tqdm(total=len(cases), initial=len(rows), unit="case", disable=not settings.progress or rank > 0)
-    overlap = _spare_core_for_reading(predictor.device)
+    bar = tqdm(total=len(cases), unit="case", disable=not job.settings.progress or job.rank > 0)
+    overlap = _spare_core_for_reading(job.predictor.device)
     order = {c.case_id: i for i, c in enumerate(cases)}  # summary rows stay in case order
     with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next case while this one is predicted
-        pending: Future | None = pool.submit(load, todo[0]) if todo and overlap else None
-        for index, case in enumerate(todo):
+        pending: Future | None = pool.submit(_prepare, cases[0], job) if cases and overlap else None
+        for index, case in enumerate(cases):
             started = time.perf_counter()
             future = pending
-            pending = pool.submit(load, todo[index + 1]) if overlap and index + 1 < len(todo) else None
-            writer = None
-            try:
-                loaded = future.result() if future is not None else load(case)
-                writer = _CaseWriter(out, case.case_id)
-                values = _predict_case(case, loaded, predictor, post, writer)
-                row = _row(case, "ok", seconds=round(time.perf_counter() - started, 3), **values)
-                writer.commit(row, case.inputs(), _case_details(case, loaded))
-            except Exception as err:  # one bad case is recorded, never fatal to the batch
-                if writer is not None:
-                    writer.abort()
-                reason = _failure_reason(case, err)
-                logger.warning("case %s failed: %s", case.case_id, reason)
-                logger.debug("%s", traceback.format_exc())
-                row = _row(case, "failed", reason, seconds=round(time.perf_counter() - started, 3))
+            pending = pool.submit(_prepare, cases[index + 1], job) if overlap and index + 1 < len(cases) else None
+            row, no_room = _run_case(case, future, job, started)
             rows.append(row)
             rows.sort(key=lambda r: order.get(r["case"], len(order)))
-            _write_summary(summary, rows)
+            if no_room:
+                rows += [_row(c, "failed", f"not run: {no_room} in {job.out}") for c in cases[index + 1:]]
+            try:
+                _write_summary(job.summary, _with_earlier(rows, job.earlier))
+            except OSError as err:
+                raise InputError(job.summary, f"cannot be written ({_os_reason(err)}): the batch stopped at case "
+                                              f"{index + 1} of {len(cases)}; {_GO_ON}") from err
+            if no_room:
+                raise InputError(job.out, f"{no_room}: case {case.case_id} could not be written and the batch "
+                                          f"stopped at case {index + 1} of {len(cases)}; {_GO_ON}")
             bar.update(1)
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
     bar.close()
     return rows
+
+
+def _run_case(case: Case, future: Future | None, job: _Job, started: float) -> tuple[dict, str]:
+    """One case's summary row, and the reason the output folder has no room when that is why the case failed."""
+    writer = None
+    try:
+        prepared = future.result() if future is not None else _prepare(case, job)
+        if prepared.finished is not None:
+            return prepared.finished, ""
+        writer = _CaseWriter(job.out, case.case_id)
+        values = _predict_case(case, prepared.loaded, job.predictor, job.post, writer)
+        row = _row(case, "ok", seconds=round(time.perf_counter() - started, 3), **values)
+        writer.commit(row, case.inputs(), {"fingerprint": prepared.fingerprint, **_case_details(case, prepared.loaded)})
+        # why it was redone is this run's news: the marker's row, which a later --resume reports, does not repeat it
+        return {**row, "warnings": "; ".join(filter(None, [prepared.note, row["warnings"]]))}, ""
+    except BaseException as err:
+        if writer is not None:
+            writer.abort()  # no half-written case stays behind, on Ctrl-C too
+        if not isinstance(err, Exception):
+            raise
+        reason = _failure_reason(case, err)
+        logger.warning("case %s failed: %s", case.case_id, _one_line(reason))
+        logger.debug("case %s failed", case.case_id, exc_info=True)  # the traceback: in the log, not the summary
+        return _row(case, "failed", reason, seconds=round(time.perf_counter() - started, 3)), _no_room(err)
+
+
+def _os_reason(error: OSError) -> str:
+    return (error.strerror or str(error)).lower()
+
+
+def _no_room(error: BaseException | None) -> str:
+    """``no space left on device`` (or the quota's reason) when ``error`` or one of its causes says the disk is full,
+    also in a library's message (ITK writes the system's reason into its text); else empty."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for code in _NO_ROOM:
+            if (isinstance(error, OSError) and error.errno == code) or os.strerror(code) in str(error):
+                return os.strerror(code).lower()
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _case_details(case: Case, loaded: Mapping[str, Any]) -> dict:
@@ -389,23 +876,18 @@ def _failure_reason(case: Case, error: Exception) -> str:
     return str(error)
 
 
-def _merge_ranks(out: Path, cases: list[Case], rows: list[dict], rank: int, world: int) -> list[dict]:
-    """Rank 0 waits for every rank and writes the merged ``summary.csv`` in case order."""
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend="gloo")
-    dist.barrier()
+def _merge_ranks(out: Path, cases: list[Case], rows: list[dict], ranks: _Ranks,
+                 earlier: Mapping[str, dict]) -> list[dict]:
+    """Rank 0 waits for every rank and writes the merged ``summary.csv`` in case order, with the earlier runs' rows
+    it keeps."""
+    ranks.barrier()
     merged = rows
-    if rank == 0:
-        merged = [r for k in range(world) for r in _read_summary(out / f".summary.rank{k}.csv")]
+    if ranks.rank == 0:
+        merged = [r for k in range(ranks.world) for r in _read_summary(out / f".summary.rank{k}.csv")]
         order = {c.case_id: i for i, c in enumerate(cases)}
         merged.sort(key=lambda r: order.get(r["case"], len(order)))
-        _write_summary(out / "summary.csv", merged)
-        for k in range(world):
+        _write_summary(out / SUMMARY_NAME, _with_earlier(merged, earlier))
+        for k in range(ranks.world):
             (out / f".summary.rank{k}.csv").unlink(missing_ok=True)
-    dist.barrier()
-    if created:  # a gloo group left alive at exit can abort the process ("terminate called without an active exception")
-        dist.destroy_process_group()
+    ranks.barrier()
     return merged
