@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg_monai.errors import InputError
+from brainseg_monai.errors import InputError, shown_pattern
 from brainseg_monai.io import DicomSeries
 from brainseg_monai.sequences import SeriesKind, classify_series
 
@@ -102,7 +102,7 @@ def compile_pattern(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern, re.IGNORECASE)
     except re.error as err:
-        raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+        raise ValueError(f"{shown_pattern(pattern)} is not a valid regular expression: {err}") from err
 
 
 @dataclass
@@ -240,7 +240,7 @@ def plan_dicom_channels(
         kinds[s.series_uid] = kind
         hit = next((p for p in skips if p.search(s.description)), None)
         if hit is not None:
-            set_aside[s.series_uid] = f"skipped by the rule pattern {hit.pattern!r}"
+            set_aside[s.series_uid] = f"skipped by the rule pattern {shown_pattern(hit.pattern)}"
         elif kind.skip:
             set_aside[s.series_uid] = f"not an input: {kind.skip}"
     usable = [s for s in series if s.series_uid not in set_aside]
@@ -251,7 +251,7 @@ def plan_dicom_channels(
         if role in patterns:
             regex = compile_pattern(patterns[role])
             candidates = [s for s in usable if regex.search(s.description)]
-            how = f"SeriesDescription matches {patterns[role]!r}"
+            how = f"SeriesDescription matches {shown_pattern(patterns[role])}"
         else:
             candidates = [s for s in usable if kinds[s.series_uid].role == role]
             how = "identified from its header"

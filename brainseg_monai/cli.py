@@ -1,4 +1,8 @@
-"""``brainseg`` command line: argument parsing and printing over the library functions, nothing else."""
+"""``brainseg`` command line: argument parsing and printing over the library functions, nothing else.
+
+What a user reads is `DESCRIPTION`, each sub-command's help and its example (`EXAMPLES`); every option's help ends
+with its default (`_HelpFormatter`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,56 @@ from pathlib import Path
 
 from brainseg_monai import __version__
 from brainseg_monai.errors import InputError
+
+
+DESCRIPTION = """\
+Find brain tumours in MRI and outline them voxel by voxel: masks in the scanner's geometry, DICOM SEG,
+overlays, volumes, and scores against truth masks. A research tool, not a medical device.
+
+first steps:
+  brainseg infer SCANS --out predictions/           segment DICOM studies, volumes, slice images or LGG folders
+  brainseg evaluate predictions/ --truth DATA --out report/     score the masks against truth
+  brainseg serve                                    a local web page: upload a scan, see the tumour
+  bash scripts/quickstart.sh                        a first result on synthetic data, end to end
+
+Run 'brainseg COMMAND --help' for a command's options, their defaults and an example."""
+
+#: one example per sub-command, shown under its --help
+EXAMPLES = {
+    "synth": "brainseg synth data/lgg --format lgg --cases 12 --seed 0",
+    "datalist": "brainseg datalist data/lgg --source lgg --out data/lgg.json --val 0.2 --seed 0",
+    "infer": "brainseg infer ../shared/data/lgg/kaggle_3m/TCGA_CS_4941_19960909 --out predictions/",
+    "evaluate": "brainseg evaluate predictions/ --truth ../shared/data/lgg/kaggle_3m/TCGA_CS_4941_19960909 "
+                "--out report/",
+    "tune-threshold": "brainseg tune-threshold --checkpoint runs/lgg/models/model_final.pt "
+                      "--datalist runs/lgg/datalist.json",
+    "aggregate-folds": "brainseg aggregate-folds reports/fold*/metrics.json --out reports/kfold",
+    "serve": "brainseg serve --port 8000        (then open http://127.0.0.1:8000)",
+    "benchmark": "brainseg benchmark --quick --out benchmark.json",
+    "compare": "brainseg compare scans/2021-03 scans/2022-03 --out change",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that keeps the line breaks of descriptions and examples, and ends each option's help with its default.
+
+    An option whose help already gives its default in words ("default: the model's setting") is shown as written,
+    a flag ends with "default: off" and a required option with "required".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default is None:
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        value = action.default
+        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def _channels(pairs: Sequence[str] | None) -> dict[str, str] | None:
@@ -82,7 +136,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
         keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
         series_rules=SelectionRules.from_file(args.series_rules) if args.series_rules else None,
-        progress=not args.no_progress, precision=args.precision,
+        progress=not args.no_progress, precision=args.precision, untrusted=args.untrusted,
     )
     try:
         rows = run_inference(args.inputs, args.out, settings)
@@ -102,7 +156,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from brainseg_monai.report import write_report
 
     result = evaluate_predictions(args.pred_dir, args.truth, args.source, args.spacing, split=args.split,
-                                  fold=args.fold, allow_missing=args.allow_missing)
+                                  fold=args.fold, allow_missing=args.allow_missing, label_maps=args.label_maps,
+                                  only_predicted=args.only_predicted)
     files = write_report(result, args.out, train_dir=args.train_dir, model=args.model, n_worst=args.n_worst)
     summary = result["summary"]
 
@@ -113,6 +168,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{summary.get('patients', len(result['per_patient']))} patients: patient Dice mean {fmt('patient_dice_mean')}, "
           f"median {fmt('patient_dice_median')}; global Dice {fmt('global_dice')}; "
           f"missing predictions {summary.get('missing_predictions', 0)}")
+    if summary.get("left_out_patients"):
+        print(f"left out (--only-predicted): {summary['left_out_patients']} patients ({summary['left_out_items']} "
+              f"truth items) without any prediction; listed under left_out in {files['metrics']}")
     print(f"report: {files['html']}")
     return 0
 
@@ -211,41 +269,61 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``brainseg`` argument parser with one sub-command per pipeline stage."""
-    parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="brainseg", description=DESCRIPTION, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"brainseg-monai {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress (INFO level; default: warnings and errors only)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write seeded synthetic phantoms with known truth")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        """A sub-command whose --help shows ``summary``, every option's default and its example."""
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter,
+                              epilog=f"example:\n  {EXAMPLES[name]}")
+
+    p = command("synth", "write seeded synthetic phantoms with known truth")
     p.add_argument("out", help="output folder (created; a non-empty folder of other files is refused)")
-    p.add_argument("--format", choices=["lgg", "pairs", "nifti", "dicom"], default="lgg")
+    p.add_argument("--format", choices=["lgg", "pairs", "nifti", "dicom"], default="lgg",
+                   help="layout: lgg (a folder per patient of TIF slices and masks), pairs (images/ and masks/), "
+                        "nifti (a folder per case of channel volumes), dicom (one DICOM series per channel)")
     p.add_argument("--cases", type=int, default=6, help="number of cases (patients)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, nargs="+", help="image size: X Y for 2D formats, X Y Z for volumes")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same bytes")
+    p.add_argument("--size", type=int, nargs="+",
+                   help="image size: X Y (slices per patient kept) or X Y Z (default: lgg 128 128 16, pairs 128 or "
+                        "96 square with 8 slices, nifti 96 96 64, dicom 96 96 32)")
     p.add_argument("--oblique", action="store_true", help="tilted slice orientation (nifti, dicom)")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("datalist", help="list a dataset as MONAI decathlon JSON with patient-level splits")
+    p = command("datalist", "list a dataset as MONAI decathlon JSON with patient-level splits")
     p.add_argument("root", help="dataset folder")
-    p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], required=True)
+    p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], required=True,
+                   help="layout of the dataset folder: lgg (a folder per patient, <patient>_<n>.tif and _mask.tif), "
+                        "pairs (images/ and masks/, patients in cases.csv), nifti (a folder per case, channel files "
+                        "and a *_seg.nii* label), dicom (a tree of studies)")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--val", type=float, default=0.2, help="fraction of patients for validation")
     p.add_argument("--test", type=float, default=0.0, help="fraction of patients held out for testing")
-    p.add_argument("--folds", type=int, help="K patient-level folds instead of a validation split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, help="K patient-level folds instead of a validation split (default: none, "
+                                             "one validation split by --val)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle that makes the split")
     p.add_argument("--channel", action="append", metavar="NAME=PATTERN",
-                   help="a channel: glob on file names (nifti) or regex on SeriesDescription (dicom); repeat in order")
-    p.add_argument("--label-pattern", help="glob of the label file in a case folder (nifti, dicom)")
+                   help="a channel: glob on file names (nifti) or regex on SeriesDescription (dicom); repeat in "
+                        "order (default: nifti: the t1/t1c/t2/flair files of the first case; dicom: one item per "
+                        "series; lgg/pairs: the images' own channels)")
+    p.add_argument("--label-pattern",
+                   help="glob of the label file in a case folder (nifti, dicom; default: *_seg.nii*)")
     p.set_defaults(func=_cmd_datalist)
 
-    p = sub.add_parser("infer", help="segment images, volumes, LGG folders or DICOM trees; masks in the source geometry")
+    p = command("infer", "segment images, volumes, LGG folders or DICOM trees; masks in the source geometry")
     p.add_argument("inputs", nargs="+", help="image files, folders of slices, volumes, DICOM series or study trees")
     p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv (never read as an input, "
                                                 "even inside an input folder)")
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
                    "if present, else the repository's bundle of an editable install)")
-    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
-    p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral", help="test-time augmentation")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
+                                        "bundle's models/model.pt, the shipped LGG model)")
+    p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
+                   help="test-time augmentation: none (fastest), flip (2 views) or dihedral (the 8 flips and quarter "
+                        "turns in 2D; what every figure of the shipped model uses)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
@@ -255,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip cases already complete in --out from the same input files, "
                    "model and settings; a case whose inputs' content, model or settings changed is redone")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
-    p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels")
-    p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this")
+    p.add_argument("--min-size", type=int, help="remove tumour components smaller than this many voxels (default: "
+                                                "the model's setting; the shipped model: none)")
+    p.add_argument("--open-above", type=int, help="morphological opening only on components larger than this many "
+                                                  "voxels (default: the model's setting; the shipped model: none)")
     p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction,
                    help="keep only the largest tumour component: of each image, or with --stack-slices of each "
                         "patient's stacked slices (default: the model's setting)")
@@ -265,23 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "one stacked volume: components, --min-size and --open-above count voxels of the stack "
                         "(default: the model's setting)")
     p.add_argument("--channel", action="append", metavar="NAME=REGEX",
-                   help="choose the input of a model channel by hand (repeat): a regex on SeriesDescription for "
-                        "DICOM studies, on file names for NIfTI/MHA case folders and lone files (e.g. "
-                        "--channel 'flair=FLAIR' --channel 't1=T1/SE'). Default: DICOM series are identified from "
-                        "their headers, files by <case>_<channel>.nii.gz; a missing optional channel is filled as "
-                        "the model says (README: 'How series become channels')")
+                   help="choose the input of a model channel by hand (repeat; multi-channel models): a regex "
+                        "(case-insensitive) on the SeriesDescription of DICOM series, on the file names of NIfTI/MHA "
+                        "case folders and of a lone one-channel image or volume (e.g. --channel 'flair=FLAIR' "
+                        "--channel 't1=T1/SE'); RGB slices such as LGG TIFs hold all channels and need none. "
+                        "Default: DICOM series identified from their headers; a case folder's file of each channel "
+                        "by the pattern [_-]<channel>.(nii|mha|mhd|nrrd), as in case_flair.nii.gz; a lone image by "
+                        "its name (FLAIR.png); a missing optional channel filled as the model says (README: 'How "
+                        "series become channels')")
     p.add_argument("--series-rules", metavar="FILE",
                    help="JSON rules for choosing DICOM series: {\"channels\": {NAME: REGEX}, \"skip\": [REGEX], "
                         "\"prefer\": [\"axial\", \"most_slices\", \"latest\"]} (default: those three in that order)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--untrusted", action="store_true",
+                   help="inputs from someone else: refuse any image header (MetaImage, NRRD, Analyze) naming a data "
+                        "file outside its input's folder, and links out of it, before anything is read (default: "
+                        "off; the web app always checks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one bar on stderr)")
     p.set_defaults(func=_cmd_infer)
 
-    p = sub.add_parser("evaluate", help="score brainseg infer outputs against truth; metrics.json and a report")
+    p = command("evaluate", "score brainseg infer outputs against truth; metrics.json and a report")
     p.add_argument("pred_dir", help="the --out folder of brainseg infer")
-    p.add_argument("--truth", required=True, help="dataset root (with --source) or a datalist JSON")
+    p.add_argument("--truth", required=True, help="dataset root (with --source), one LGG patient folder, or a "
+                                                  "datalist JSON")
     p.add_argument("--source", choices=["lgg", "pairs", "nifti", "dicom"], help="layout of a truth root (default: detected)")
-    p.add_argument("--split", choices=["training", "validation", "testing", "all"], help="datalist split to score")
-    p.add_argument("--fold", type=int, help="with a K-fold datalist: score fold K's validation patients")
+    p.add_argument("--split", choices=["training", "validation", "testing", "all"],
+                   help="datalist split to score (default: validation, for a datalist JSON)")
+    p.add_argument("--fold", type=int, help="with a K-fold datalist: score fold K's validation patients (default: "
+                                            "none)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
                    help="pixel spacing in mm for 2D distances (default: pixels): X [Y]; a third value Z, the slice "
                         "spacing, also gives the 3D HD95/ASD of a patient's stacked slices (without it they are "
@@ -289,50 +379,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="score a truth item without a prediction as an empty prediction (perfect on a tumour-free "
                         "item) instead of refusing")
+    p.add_argument("--only-predicted", action="store_true",
+                   help="score only the patients that have a prediction (one patient predicted, the dataset as "
+                        "truth); those without any are left out and counted in metrics.json (left_out). A patient "
+                        "with some predictions missing is still refused")
+    p.add_argument("--label-maps", action="store_true",
+                   help="take prediction masks holding other values than 0/1 or 0/255 (label maps), any non-zero "
+                        "value counted as tumour, instead of refusing them")
     p.add_argument("--out", required=True, help="report folder: metrics.json, report.md, report.html, plots")
-    p.add_argument("--train-dir", help="a training output folder: its TensorBoard curves go into the report")
-    p.add_argument("--model", help="checkpoint or model.json whose threshold tuning curve goes into the report")
+    p.add_argument("--train-dir", help="a training output folder: its TensorBoard curves go into the report "
+                                       "(default: none)")
+    p.add_argument("--model", help="checkpoint or model.json whose threshold tuning curve goes into the report "
+                                   "(default: --train-dir's models/model.json, if any)")
     p.add_argument("--n-worst", type=int, default=4, help="worst patients shown as overlays")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("tune-threshold", help="pick the threshold, then whether to keep only the largest component, "
-                       "maximising per-patient Dice; store them with the model")
+    p = command("tune-threshold", "pick the threshold, then whether to keep only the largest component, "
+                                  "maximising per-patient Dice; store them with the model")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="the model; or one model per fold, each scored on the --fold it never saw (out of fold)")
     p.add_argument("--datalist", required=True, help="datalist whose validation items (or --fold) are used")
     p.add_argument("--fold", type=int, nargs="+",
                    help="the held-out fold of each --checkpoint, in the same order (checked against each run's "
-                        "config_resolved.json; without --fold, the run must have held out the datalist's validation "
-                        "split and not trained on it with train_all)")
+                        "config_resolved.json; default: none: the run must have held out the datalist's "
+                        "validation split and not trained on it with train_all)")
     p.add_argument("--store-in", help="model whose model.json receives the threshold (default: the one --checkpoint)")
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
                    help="tune with the TTA you infer with (default dihedral, as brainseg infer)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward (times the TTA views)")
     p.add_argument("--thresholds", type=float, nargs="+", help="candidate thresholds (default 0.05 to 0.95 by 0.05)")
     p.add_argument("--dry-run", action="store_true", help="report the best threshold without storing it")
     p.set_defaults(func=_cmd_tune_threshold)
 
-    p = sub.add_parser("aggregate-folds", help="mean and spread of K folds' metrics.json, pooled per-patient Dice")
+    p = command("aggregate-folds", "mean and spread of K folds' metrics.json, pooled per-patient Dice")
     p.add_argument("metrics", nargs="+", help="metrics.json files or report folders, one per fold (numbered by "
                                               "the --fold each was evaluated with, else by their order)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="report folder: folds.json, folds.md, folds.html, folds_dice.png")
     p.set_defaults(func=_cmd_aggregate_folds)
 
-    p = sub.add_parser("serve", help="local web app: upload a scan, see the tumour outlined, read its size")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
+    p = command("serve", "local web app: upload a scan, see the tumour outlined, read its size")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port of the page, http://HOST:PORT")
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
                    "if present, else the repository's bundle of an editable install)")
-    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it)")
-    p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
+                                        "bundle's models/model.pt, the shipped LGG model)")
+    p.add_argument("--max-upload-mb", type=int, default=512,
+                   help="largest accepted upload in MB, all files of one request together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("benchmark", help="speed against MONAI's TestTimeAugmentation and the machine's matmul rate")
+    p = command("benchmark", "speed against MONAI's TestTimeAugmentation and the machine's matmul rate")
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--data", help="LGG patient folders to use instead of synthetic phantoms")
+    p.add_argument("--data", help="LGG patient folders to use instead of synthetic phantoms (default: phantoms)")
     p.add_argument("--bundle", help="bundle folder (its train.json times the data pipeline; default as for infer)")
     p.add_argument("--checkpoint", help="the model to time (default: the bundle's models/model.pt, the shipped model)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
@@ -340,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.set_defaults(func=_cmd_benchmark)
 
-    p = sub.add_parser("compare", help="how one patient's tumour changed between two studies: volumes, growth rate "
-                                       "(mm/year), a picture of what was gained and lost")
+    p = command("compare", "how one patient's tumour changed between two studies: volumes, growth rate "
+                           "(mm/year), a picture of what was gained and lost")
     p.add_argument("before", help="the earlier study: a DICOM study or series folder, a volume file, or a folder of "
                                   "2D slices (LGG layout)")
     p.add_argument("after", help="the later study of the same patient, of the same kind")
@@ -350,13 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs=2, metavar=("BEFORE_MASK", "AFTER_MASK"),
                    help="use these masks instead of segmenting: a mask file on the study's image (brainseg infer's "
                         "mask.nii.gz: on the FLAIR series of a DICOM study), or for a folder of slices a folder of "
-                        "<stem>_pred.png or <stem>_mask.* slices (it may be the slice folder itself)")
+                        "<stem>_pred.png or <stem>_mask.* slices (it may be the slice folder itself; default: "
+                        "segment both studies with the model)")
     p.add_argument("--dates", nargs=2, metavar=("BEFORE_DATE", "AFTER_DATE"),
                    help="study dates YYYY-MM-DD for the growth rate, where the inputs carry no DICOM StudyDate "
-                        "(they win over it)")
+                        "(they win over it; default: the StudyDate, if any)")
     p.add_argument("--force", action="store_true", help="compare even when the two studies' PatientIDs differ")
     p.add_argument("--bundle", help="bundle folder whose models/model.pt segments the studies (default as for infer)")
-    p.add_argument("--checkpoint", help="model checkpoint that segments the studies (model.pt with its model.json)")
+    p.add_argument("--checkpoint", help="model checkpoint that segments the studies (model.pt with its model.json; "
+                                        "default: the bundle's models/model.pt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_compare)
     return parser
@@ -366,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``brainseg`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from brainseg_monai.quiet import quiet_third_party  # after parsing: --help needs none of the libraries
+
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

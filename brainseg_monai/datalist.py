@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from brainseg_monai.errors import InputError
+from brainseg_monai.errors import InputError, shown_pattern
 from brainseg_monai.io import find_dicom_series, read_header, read_sitk, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ IMAGE_SUFFIXES_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 _LGG_SLICE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
-_LGG_LAYOUT = "ROOT/<patient>/<patient>_<n>.tif with <patient>_<n>_mask.tif beside each slice"
+_LGG_LAYOUT = ("ROOT/<patient>/<patient>_<n>.tif with <patient>_<n>_mask.tif beside each slice (or ROOT a single "
+               "<patient> folder)")
 _PAIRS_LAYOUT = "ROOT/images/<name>.<png|tif|jpg> and ROOT/masks/<name>.<png|tif|jpg> with matching names"
 _NIFTI_LAYOUT = "ROOT/<case>/<case>_<channel>.nii.gz (channels among t1, flair, t1c, t2) and a label <case>_seg.nii.gz"
 _DICOM_LAYOUT = "ROOT/<study>/<series folder>/*.dcm, optionally a label ROOT/<study>/<study>_seg.nii.gz"
@@ -239,14 +240,21 @@ def load_lgg_volume(patient_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 
 
 def _scan_lgg(root: Path, channels: Any, check: bool, skipped: list[dict[str, str]]) -> tuple[list[Item], list[str]]:
-    """One item per slice; patient = the folder name."""
+    """One item per slice; patient = the folder name. ``root`` is a folder of patient folders, or one patient
+    folder (its slices in it, no patient folder below): what ``brainseg infer`` was pointed at for one patient."""
     items: list[Item] = []
-    for folder in _subfolders(root):
+    for folder in _subfolders(root) or ([root] if is_lgg_patient_folder(root) else []):
         for _, image, mask in _lgg_slices(folder, skipped):
             items.append({"image": str(image), "label": str(mask), "patient": folder.name})
     if not items:
         raise InputError(root, f"no LGG cases found: expected {_LGG_LAYOUT}")
     return items, _component_names(items, channels, check)
+
+
+def is_lgg_patient_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds LGG slice masks (``<patient>_<n>_mask.tif``) itself: one patient's folder."""
+    return any((m := _LGG_SLICE.match(p.name)) is not None and m["mask"] and p.is_file()
+               for p in Path(folder).iterdir())
 
 
 def _lgg_slices(folder: Path, skipped: list[dict[str, str]]) -> list[tuple[int, Path, Path]]:
@@ -465,7 +473,7 @@ def _dicom_channel_regexes(channels: Any) -> dict[str, re.Pattern[str]] | None:
         try:
             compiled[name] = re.compile(pattern, re.IGNORECASE)
         except re.error as e:
-            raise ValueError(f"channels[{name!r}] is not a valid regex: {pattern!r} ({e})") from None
+            raise ValueError(f"channels[{name!r}] is not a valid regex: {shown_pattern(pattern)} ({e})") from None
     return compiled
 
 
@@ -478,7 +486,8 @@ def _match_channels(study: Path, series: list[Any], regexes: Mapping[str, re.Pat
         if len(hits) != 1:
             problem = "no series matches" if not hits else f"{len(hits)} series match"
             raise InputError(
-                study, f"channel {name!r} ({regex.pattern!r}): {problem}; series descriptions: {descriptions}"
+                study,
+                f"channel {name!r} ({shown_pattern(regex.pattern)}): {problem}; series descriptions: {descriptions}"
             )
         chosen.append(hits[0])
     if len({id(s) for s in chosen}) != len(chosen):

@@ -14,6 +14,12 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
 
 
+def shown_pattern(pattern: str) -> str:
+    """A regular expression or glob as a message shows it: as the user types it, in quotes; never Python's repr,
+    which doubles every backslash (a user copying the pattern from the message would copy two)."""
+    return f"'{pattern}'"
+
+
 def input_error_in(error: BaseException | None) -> InputError | None:
     """The InputError behind ``error``, if any: MONAI's ``Compose`` re-raises a transform's error as "applying
     transform", so a user's file error can sit several causes deep."""

@@ -3,7 +3,9 @@
 Predictions are found where the runner puts them: ``PRED_DIR/<case>/<image stem>_pred.png`` for 2D images and
 ``PRED_DIR/<case>/mask.nii.gz`` for volumes. A truth item without a prediction is refused (`MISSING_POLICY`):
 scoring it as an empty prediction would count a tumour-free item as perfect, so deleting predictions could raise
-the scores. ``allow_missing`` scores such items as empty predictions all the same and lists them in ``missing``.
+the scores. ``allow_missing`` scores such items as empty predictions all the same and lists them in ``missing``;
+``only_predicted`` leaves out the patients that have no prediction at all (one patient predicted, the dataset root
+as truth) and counts them in ``left_out``.
 A prediction mask holds 0 and 1 (volumes) or 0 and 255 (PNG), as ``brainseg infer`` writes them: other values (a
 label map, a probability map) are refused unless ``label_maps`` counts every non-zero value as tumour.
 
@@ -33,6 +35,7 @@ from brainseg_monai.datalist import (
     IMAGE_SUFFIXES_2D,
     SOURCES,
     build_datalist,
+    is_lgg_patient_folder,
     load_datalist,
     training_split,
 )
@@ -77,6 +80,7 @@ def evaluate_predictions(
     fold: int | None = None,
     allow_missing: bool = False,
     label_maps: bool = False,
+    only_predicted: bool = False,
 ) -> dict[str, Any]:
     """Score the masks ``brainseg infer`` wrote into ``pred_dir`` against ``truth``.
 
@@ -89,9 +93,9 @@ def evaluate_predictions(
 
     Args:
         pred_dir: the output folder of ``brainseg infer``.
-        truth: a dataset folder (read as ``source``) or a datalist JSON file: a decathlon datalist (its
-            ``split``, or fold ``fold``'s validation patients) or a JSON list of items ``{"image", "label",
-            "patient"}``; items without a patient are their own patient (the image stem).
+        truth: a dataset folder (read as ``source``; for ``lgg`` also one patient folder) or a datalist JSON file:
+            a decathlon datalist (its ``split``, or fold ``fold``'s validation patients) or a JSON list of items
+            ``{"image", "label", "patient"}``; items without a patient are their own patient (the image stem).
         source: ``lgg``, ``pairs``, ``nifti`` or ``dicom`` for a dataset folder; None: recognised from its layout.
         spacing: mm per axis. 2D images: (x, y) or one number for both; the 3D distances of a patient's stacked
             slices need the slice spacing too, (x, y, z), else their HD95 and ASD are None (a patient of one image
@@ -103,17 +107,23 @@ def evaluate_predictions(
         allow_missing: score a truth item without a prediction as an empty prediction instead of refusing it.
         label_maps: take prediction masks holding other values than `PREDICTION_VALUES` (label maps), every
             non-zero value counted as tumour, instead of refusing them.
+        only_predicted: score only the patients with a prediction: a patient none of whose items has one is left
+            out (counted in ``summary["left_out_patients"]``/``["left_out_items"]``, listed in ``left_out``). A
+            patient with some predictions but not all still has missing items (refused unless ``allow_missing``):
+            leaving out only the slices without one would change what the patient's score measures.
 
     Returns:
-        ``{"summary", "per_patient", "per_image", "missing", "skipped", "settings"}``: ``summary`` is
-        `metrics.summarise` plus ``missing_predictions`` and ``unmatched_predictions`` (prediction files of no truth
-        item) and ``patients_pooled``; ``per_patient`` records ``{"patient", "images", "stacked",
-        "missing_predictions", "spacing", <metrics>}`` (``spacing``: what its HD95/ASD were computed at, None when
-        undefined; a patient whose images are not the numbered slices of one size of that patient, or who has several
-        volumes, is not stacked but pooled: its ratios come from the pooled confusion and HD95/ASD are None);
+        ``{"summary", "per_patient", "per_image", "missing", "left_out", "skipped", "settings"}``: ``summary`` is
+        `metrics.summarise` plus ``missing_predictions``, ``unmatched_predictions`` (prediction files of no truth
+        item), ``patients_pooled``, ``left_out_patients`` and ``left_out_items`` (0 without ``only_predicted``);
+        ``per_patient`` records ``{"patient", "images", "stacked", "missing_predictions", "spacing", <metrics>}``
+        (``spacing``: what its HD95/ASD were computed at, None when undefined; a patient whose images are not the
+        numbered slices of one size of that patient, or who has several volumes, is not stacked but pooled: its
+        ratios come from the pooled confusion and HD95/ASD are None);
         ``per_image`` records ``{"patient", "image", "label", "prediction"[, "slice"], <metrics>}`` (a volume's
         image is its FLAIR channel when a file or folder is named so, else its first); ``missing`` lists
-        ``{"patient", "image", "label", "expected"}``; ``skipped`` lists items without a label; ``settings`` says
+        ``{"patient", "image", "label", "expected"}``; ``left_out`` lists ``{"patient", "items"}`` of the patients
+        left out by ``only_predicted``; ``skipped`` lists items without a label; ``settings`` says
         what a patient is (``patient_definition``) and what distances were measured in.
 
     Raises:
@@ -121,7 +131,8 @@ def evaluate_predictions(
         InputError: a missing folder or file, no labelled item, an unreadable mask, a prediction whose size (or, for
             volumes, geometry) differs from its truth (the message names both files), an ambiguous prediction, a
             truth item without a prediction unless ``allow_missing`` (the message names the first few expected), a
-            prediction holding values outside `PREDICTION_VALUES` unless ``label_maps`` (the message names them).
+            prediction holding values outside `PREDICTION_VALUES` unless ``label_maps`` (the message names them),
+            no truth item with a prediction at all under ``only_predicted``.
     """
     pred_root = Path(pred_dir).expanduser().resolve()
     if not pred_root.is_dir():
@@ -136,6 +147,8 @@ def evaluate_predictions(
         raise ValueError(f"allow_missing must be a bool but is {allow_missing!r}")
     if not isinstance(label_maps, (bool, np.bool_)):
         raise ValueError(f"label_maps must be a bool but is {label_maps!r}")
+    if not isinstance(only_predicted, (bool, np.bool_)):
+        raise ValueError(f"only_predicted must be a bool but is {only_predicted!r}")
     spacing_values = _check_spacing(spacing)
 
     items, source, truth_path, split = _truth_items(Path(truth).expanduser().resolve(), source, split, fold)
@@ -154,12 +167,15 @@ def evaluate_predictions(
     by_patient: dict[str, list[tuple[dict[str, Any], Path | None]]] = {}
     for item in labelled:  # every prediction is found before any is read, so a missing one fails fast
         by_patient.setdefault(str(item["patient"]), []).append((item, scored.find(item)))
+    left_out = _leave_out_unpredicted(by_patient, scored, pred_root, truth_path) if only_predicted else []
+    labelled = [item for found in by_patient.values() for item, _ in found]
     if scored.missing and not allow_missing:
         shown = ", ".join(_relative(m["expected"], pred_root) for m in scored.missing[:3])
         raise InputError(pred_root, f"{len(scored.missing)} of {len(labelled)} truth items have no prediction here "
                                     f"(expected {shown}{', ...' if len(scored.missing) > 3 else ''}): predict them "
-                                    f"with brainseg infer, or pass --allow-missing (allow_missing=True) to score each "
-                                    f"as an empty prediction, which is perfect on a tumour-free item")
+                                    f"with brainseg infer; pass --only-predicted (only_predicted=True) to score only "
+                                    f"the patients that were predicted, or --allow-missing (allow_missing=True) to "
+                                    f"score each as an empty prediction, which is perfect on a tumour-free item")
     per_patient, per_image = [], []
     for patient, found in by_patient.items():
         patient_record, image_records = scored.patient(patient, found)
@@ -170,6 +186,8 @@ def evaluate_predictions(
     summary["missing_predictions"] = len(scored.missing)
     summary["unmatched_predictions"] = len(scored.unmatched())
     summary["patients_pooled"] = sum(1 for p in per_patient if not p["stacked"])
+    summary["left_out_patients"] = len(left_out)
+    summary["left_out_items"] = sum(entry["items"] for entry in left_out)
     if scored.missing:
         logger.warning("%d of %d truth items have no prediction in %s; allowed: each is scored as an empty prediction",
                        len(scored.missing), len(labelled), pred_root)
@@ -188,6 +206,7 @@ def evaluate_predictions(
         "distances": scored.distances(),
         "allow_missing": bool(allow_missing),
         "label_maps": bool(label_maps),
+        "only_predicted": bool(only_predicted),
         "missing_policy": MISSING_POLICY,
         "items": len(labelled),
     }
@@ -196,10 +215,34 @@ def evaluate_predictions(
         "per_patient": per_patient,
         "per_image": per_image,
         "missing": scored.missing,
+        "left_out": left_out,
         "skipped": skipped,
         "settings": settings,
     }
     return json_ready(result)
+
+
+def _leave_out_unpredicted(by_patient: dict[str, list[tuple[dict[str, Any], Path | None]]], scored: _Scorer,
+                           pred_root: Path, truth: Path) -> list[dict[str, Any]]:
+    """Remove from ``by_patient`` (and from ``scored.missing``) every patient none of whose items has a prediction;
+    returns ``{"patient", "items"}`` of each, in truth order.
+
+    Raises:
+        InputError: when no patient has a prediction (the wrong prediction folder or truth, most likely).
+    """
+    left_out = [{"patient": patient, "items": len(found)} for patient, found in by_patient.items()
+                if all(path is None for _, path in found)]
+    if len(left_out) == len(by_patient):
+        raise InputError(pred_root, f"no truth item of {truth} has a prediction here; is this the --out folder of "
+                                    f"brainseg infer run on (part of) that data?")
+    gone = {entry["patient"] for entry in left_out}
+    for patient in gone:
+        del by_patient[patient]
+    scored.missing = [m for m in scored.missing if str(m["patient"]) not in gone]
+    if left_out:
+        logger.info("only_predicted: %d patient(s) (%d truth items) without any prediction left out",
+                    len(left_out), sum(entry["items"] for entry in left_out))
+    return left_out
 
 
 def write_metrics_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -234,7 +277,7 @@ def _truth_items(
     if truth.is_dir():
         if split is not None or fold is not None:
             raise ValueError(f"split and fold apply to a datalist JSON, not to the dataset folder {truth}")
-        source = source or _detect_source(truth)
+        source = source or ("lgg" if is_lgg_patient_folder(truth) else _detect_source(truth))
         if source == "dicom":
             return _dicom_truth_items(truth), source, truth, None
         datalist = build_datalist(source, truth, val=0.0, check=False)

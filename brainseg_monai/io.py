@@ -34,6 +34,7 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from monai.utils.type_conversion import convert_to_numpy
 
 from brainseg_monai.errors import InputError
+from brainseg_monai.quiet import itk_warnings_off, quiet_third_party
 
 __all__ = [
     "MAX_PIXELS_2D",
@@ -278,8 +279,10 @@ def _read_failure(path: PathLike, what: str, error: RuntimeError, dicom: Path | 
 
 def _series_in_folder(folder: Path) -> list[DicomSeries]:
     series = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    with itk_warnings_off():  # GDCM prints "No Series were found" for a folder without DICOM; callers say what matters
+        found = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+                 for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+    for uid, files in found.items():
         if not files:
             continue
         tags = _series_tags(_file_information(files[0]))
@@ -932,7 +935,9 @@ class SimpleITKReader(ImageReader):
     A folder is read as one DICOM series; a sequence of paths is stacked as channels like `ITKReader`.
 
     Use it with ``LoadImage(reader=SimpleITKReader())``, ``LoadImaged(keys, reader=SimpleITKReader())``, or in a
-    bundle config as ``"reader": "$brainseg_monai.io.SimpleITKReader"``.
+    bundle config as ``"reader": "$brainseg_monai.io.SimpleITKReader"``. Build it before the ``LoadImage``: it
+    silences what MONAI's other default readers say about themselves (`brainseg_monai.quiet`), once per image
+    otherwise.
     """
 
     def __init__(
@@ -961,6 +966,7 @@ class SimpleITKReader(ImageReader):
                 limit that is not a positive whole number.
         """
         super().__init__()
+        quiet_third_party()
         if not (channel_dim is None or channel_dim == "no_channel" or isinstance(channel_dim, int)):
             raise ValueError(f"channel_dim must be None, 'no_channel' or an int but is {channel_dim!r}.")
         _compile_description(series_description)

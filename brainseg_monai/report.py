@@ -32,8 +32,9 @@ __all__ = ["TRAINING_TAGS", "read_training_scalars", "write_folds_report", "writ
 
 logger = logging.getLogger(__name__)
 
-TRAINING_TAGS = ("train_loss", "val_mean_dice", "val_mean_iou", "learning_rate")
-"""The TensorBoard scalars the training bundle writes, plotted in this order."""
+TRAINING_TAGS = ("train_loss", "val_dice", "val_mean_dice", "val_mean_iou", "learning_rate")
+"""The TensorBoard scalars the training bundle writes, plotted in this order: ``val_dice`` is the key metric (the
+Dice of all validation pixels pooled), the one that picks ``model.pt`` and drives the schedule and early stopping."""
 _STEP_UNIT = {"train_loss": "iteration"}  # the bundle logs the loss per iteration, the others per epoch
 
 _MISSING_ALLOWED = ("allowed with --allow-missing: each is scored as an empty prediction, so a missed item with tumour "
@@ -226,6 +227,9 @@ def _overview(result: Mapping[str, Any]) -> _Section:
         f"{s.get('images')} images. Missing predictions: {missing}"
         + (f" ({_MISSING_ALLOWED})" if missing else "")
         + f". Prediction files matching no truth item: {s.get('unmatched_predictions', 0)}.")
+    if s.get("left_out_patients"):
+        section.text(f"Left out (--only-predicted): {s['left_out_patients']} patients of the truth without any "
+                     f"prediction ({s.get('left_out_items')} items); metrics.json lists them under left_out.")
     return section
 
 

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.data import DistributedSampler, DistributedWeightedRandomSampler
-from monai.handlers import CheckpointLoader, EarlyStopHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.inferers import SimpleInferer
 from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
@@ -301,6 +301,19 @@ def distributed_training_sampler(
     return DistributedWeightedRandomSampler(dataset, tumour_weights(items, fraction), **common)
 
 
+class RunRefused(SystemExit):
+    """A training run refused before it wrote anything, its message saying why and what to do instead.
+
+    A ``SystemExit`` rather than an ``Exception``: the bundle runs its ``initialize`` expressions through MONAI's
+    config parser, which wraps every ``Exception`` in ``RuntimeError: Failed to evaluate ConfigExpression`` under a
+    50-line traceback, the reason buried in it. ``SystemExit`` passes through, and Python prints its message alone on
+    stderr and exits with status 1 (``python -m monai.bundle run ...``; in a process of one's own, catch it).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"training refused: {message}")
+
+
 def check_fresh_run(ckpt_dir: str | os.PathLike, resume: bool | str | int) -> None:
     """Refuses to start a fresh run (``resume`` false) in a checkpoint folder holding an earlier run's last checkpoint.
 
@@ -308,23 +321,36 @@ def check_fresh_run(ckpt_dir: str | os.PathLike, resume: bool | str | int) -> No
     which may be the earlier run's. User files are not deleted: the run stops before writing anything.
 
     Raises:
-        FileExistsError: naming the folder and the checkpoint found.
+        RunRefused: naming the folder, the checkpoint found and the two ways out (a ``SystemExit``: the bundle
+            prints this one line, not a traceback).
     """
     if as_bool(resume, "resume"):
         return
     found = latest_checkpoint(ckpt_dir)
     if found is not None:
-        raise FileExistsError(
-            f"{ckpt_dir}: holds {Path(found).name} of an earlier run, and a fresh run (resume false) there could later "
-            "resume from it; choose another --output_dir (or --ckpt_dir), or pass --resume true to continue that run."
+        raise RunRefused(
+            f"{ckpt_dir} holds {Path(found).name} of an earlier run, and a fresh run there could later resume from "
+            "it. Choose another --output_dir (or --ckpt_dir), or pass --resume true to continue that run."
         )
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+def _last_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = LAST_CHECKPOINT_PREFIX) -> list[tuple[int, str]]:
+    """(N, path) of every ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir``, by N."""
+    pattern = re.compile(rf"{re.escape(prefix)}_checkpoint_epoch=(\d+)\.pt$")
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(str(ckpt_dir), "*.pt"))
+                  if (m := pattern.match(os.path.basename(p))))
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = LAST_CHECKPOINT_PREFIX) -> str | None:
     """The newest ``last_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``."""
-    pattern = re.compile(rf"{LAST_CHECKPOINT_PREFIX}_checkpoint_epoch=(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(str(ckpt_dir), "*.pt")) if (m := pattern.search(p))]
-    return max(found)[1] if found else None
+    found = _last_checkpoints(ckpt_dir, prefix)
+    return found[-1][1] if found else None
+
+
+def latest_epoch(ckpt_dir: str | os.PathLike, prefix: str = LAST_CHECKPOINT_PREFIX) -> int:
+    """N of the newest ``last_checkpoint_epoch=N.pt`` in ``ckpt_dir``, 0 when there is none."""
+    found = _last_checkpoints(ckpt_dir, prefix)
+    return found[-1][0] if found else 0
 
 
 class KeyMetricState:
@@ -429,6 +455,41 @@ def resume_handlers(resume: bool, ckpt_dir: str | os.PathLike, load_dict: Mappin
         logger.warning("%s holds no %s (saved by an older version): that tracking starts afresh", path, skipped)
     load = {k: v for k, v in load_dict.items() if k not in skipped}
     return [CheckpointLoader(load_path=path, load_dict=load, map_location=str(resolve_device(device)))]
+
+
+class LastCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` for the last checkpoint, which also removes those of the run it resumed.
+
+    A saver keeps its ``n_saved`` newest files, but only those it wrote: a resumed run left the checkpoint it
+    resumed from (``last_checkpoint_epoch=2.pt``) beside its own (``=3.pt``), and every later resume added one. After
+    this run's first save, the last checkpoints up to the epoch it started from are removed: never before, so a
+    resumed run that stops before saving leaves the checkpoint it started from. The arguments are
+    ``CheckpointSaver``'s, ``file_prefix`` defaulting to ``last`` (the files read by ``resume``).
+    """
+
+    def __init__(self, *args: Any, file_prefix: str = LAST_CHECKPOINT_PREFIX, **kwargs: Any) -> None:
+        super().__init__(*args, file_prefix=file_prefix, **kwargs)
+        self.file_prefix = file_prefix
+        #: the epoch this run started from (the resumed checkpoint's), until this run's own checkpoint supersedes it
+        self._started_at: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._record_start)  # after the resume loader: its epoch
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._remove_resumed)  # after this saver's own save
+
+    def _record_start(self, engine: Engine) -> None:
+        self._started_at = int(engine.state.epoch)
+
+    def _remove_resumed(self, engine: Engine) -> None:
+        if not self._started_at or latest_epoch(self.save_dir, self.file_prefix) <= self._started_at:
+            return  # a fresh run, or none of this run's own checkpoints is written yet
+        for epoch, path in _last_checkpoints(self.save_dir, self.file_prefix):
+            if epoch <= self._started_at:
+                Path(path).unlink(missing_ok=True)
+                logger.info("removed %s, the checkpoint this run resumed from: %s supersedes it",
+                            path, latest_checkpoint(self.save_dir, self.file_prefix))
+        self._started_at = None
 
 
 FINAL_MODEL_FILENAME = "model_final.pt"
@@ -552,6 +613,27 @@ def early_stop_patience(name: str, patience: int, max_epochs: int) -> int:
     validations than the run has, so the schedule, not a validation score, ends training."""
     _check_schedule(name)
     return int(patience) if name == "plateau" else int(max_epochs) + 1
+
+
+def iteration_log_filter(every: int | str) -> bool | Callable[[Engine, int], bool]:
+    """The ``iteration_log`` of the training ``StatsHandler`` (the bundle's ``log_every``): the loss line of every
+    ``every``-th iteration, counted over the run; 1 logs each iteration, 0 none.
+
+    A line per iteration buried the epoch lines (540 lines in the quickstart, about 500 an epoch on LGG); the epoch
+    lines (validation Dice, best so far) stay, and TensorBoard records every iteration's loss whatever this is.
+
+    Raises:
+        ValueError: for anything but a whole number >= 0.
+    """
+    try:
+        value = int(every)
+    except (TypeError, ValueError):
+        value = -1
+    if isinstance(every, bool) or value < 0 or str(value) != str(every).strip():
+        raise ValueError(f"log_every must be a whole number of iterations >= 0 (0: no iteration lines) but is {every!r}.")
+    if value <= 1:
+        return bool(value)
+    return lambda engine, iteration: iteration % value == 0
 
 
 def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_rate") -> Callable:

@@ -203,7 +203,8 @@ def load_transforms(
         EnsureTyped(image_key, dtype="float32", track_meta=True),
     ]
     if spatial_dims == 3:
-        xforms.append(Orientationd(keys, axcodes="RAS"))
+        # labels=None: axis names from the image's space (RAS, as SimpleITKReader returns it), MONAI's coming default
+        xforms.append(Orientationd(keys, axcodes="RAS", labels=None))
         if pixdim is not None:
             modes = ["bilinear"] + ["nearest"] * len(label_keys)
             xforms.append(Spacingd(keys, pixdim=pixdim, mode=modes))

@@ -20,7 +20,7 @@ from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.networks import get_network
 from brainseg_monai.inference.predictor import load_model
-from brainseg_monai.training import AutocastInferer, latest_checkpoint, with_memory_format
+from brainseg_monai.training import AutocastInferer, RunRefused, latest_checkpoint, with_memory_format
 from conftest import REPO_ROOT, shared_path
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -117,6 +117,8 @@ def test_resume_continues_epochs_and_optimizer_state(lgg_phantoms: Path, tmp_pat
     wf.run()
     assert epochs_run == [3]
     assert trainer.state.epoch == 3
+    # the checkpoint it resumed from is gone once its own is written: a later resume finds one, this run's
+    assert [p.name for p in (out / "models").glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=3.pt"]
     after = torch.load(latest_checkpoint(out / "models"), map_location="cpu", weights_only=False)
     # Adam's step counter carried on from the first run: 2 epochs' steps plus one more epoch.
     steps_before = next(iter(before["optimizer"]["state"].values()))["step"]
@@ -224,14 +226,32 @@ def test_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoint(lgg_phantoms
     (models / "last_checkpoint_epoch=4.pt").write_bytes(b"an earlier run")
     (out / "config_resolved.json").write_text("the earlier run's")
     for flag in (False, "false"):
-        with pytest.raises(Exception) as info:
+        with pytest.raises(RunRefused) as info:  # a SystemExit passes MONAI's wrapping of config errors
             _workflow(TRAIN, out, resume=flag, **common).initialize()
-        message = _messages(info.value)
-        assert f"{models}: holds last_checkpoint_epoch=4.pt of an earlier run" in message
-        assert "choose another --output_dir" in message and "--resume true" in message
+        message = str(info.value.code)
+        assert f"{models} holds last_checkpoint_epoch=4.pt of an earlier run" in message
+        assert "Choose another --output_dir" in message and "--resume true" in message
     assert (out / "config_resolved.json").read_text() == "the earlier run's"  # refused before writing anything
     assert json.loads((models / "model.json").read_text()) == settings
     assert (models / "last_checkpoint_epoch=4.pt").read_bytes() == b"an earlier run"
+
+
+def test_fresh_run_into_a_used_folder_prints_one_line_and_the_ways_out(lgg_phantoms: Path, tmp_path: Path) -> None:
+    """``python -m monai.bundle run`` into a used folder: the reason and the two ways out, no traceback."""
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    (models / "last_checkpoint_epoch=3.pt").write_bytes(b"an earlier run")
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--bundle_root",
+         str(REPO_ROOT / "bundle"), "--output_dir", str(tmp_path / "run"), "--dataset_dir", str(lgg_phantoms)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ConfigExpression" not in result.stderr
+    refused = [line for line in result.stderr.splitlines() if line.startswith("training refused:")]
+    assert refused == [f"training refused: {models} holds last_checkpoint_epoch=3.pt of an earlier run, and a fresh "
+                       f"run there could later resume from it. Choose another --output_dir (or --ckpt_dir), or pass "
+                       f"--resume true to continue that run."]
+    assert (models / "last_checkpoint_epoch=3.pt").read_bytes() == b"an earlier run"
 
 
 def test_num_folds_sets_the_folds_and_fold_is_checked(lgg_phantoms: Path, tmp_path: Path) -> None:

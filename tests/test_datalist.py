@@ -578,3 +578,12 @@ def test_real_dicom_series_without_channels() -> None:
     assert sorted(it["image"] for it in items) == [str(root / "C3L-03728_AX_T1_SE"), str(root / "HF1139_AXIAL_FLAIR")]
     assert sorted(it["patient"] for it in items) == ["C3L-03728_AX_T1_SE", "HF1139_AXIAL_FLAIR"]
     assert all("label" not in it for it in items)
+
+
+def test_one_lgg_patient_folder_is_a_dataset_of_one_patient(tmp_path: Path) -> None:
+    """What ``brainseg infer`` is pointed at for one patient is also a truth ``brainseg evaluate`` can read."""
+    root = write_lgg(tmp_path / "lgg", {"A": [1, 2, 10], "B": [1]})
+    datalist = build_datalist("lgg", root / "A", val=0.0)
+    items = datalist["training"]
+    assert [Path(it["image"]).name for it in items] == ["A_1.tif", "A_2.tif", "A_10.tif"]
+    assert {it["patient"] for it in items} == {"A"} and datalist["validation"] == []

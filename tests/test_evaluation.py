@@ -432,3 +432,73 @@ def test_prediction_values_other_than_a_binary_mask_are_refused_unless_label_map
     sitk.WriteImage(probability, str(pred / "SYN_0001" / "mask.nii.gz"))
     with pytest.raises(InputError, match=r"mask.nii.gz: prediction mask holds the values 0, 0.9 \(2 distinct\)"):
         evaluate_predictions(pred, nifti_root, "nifti")
+
+
+def test_one_predicted_patient_against_the_dataset_root_or_its_own_folder(
+    lgg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """What the README's Evaluate section does after ``brainseg infer PATIENT``: the root as truth with
+    --only-predicted (the other patients left out and counted), or the patient's folder as truth."""
+    from brainseg_monai.cli import main
+
+    pairs = write_lgg_predictions(lgg_root, tmp_path / "all", perturb)
+    shutil.copytree(tmp_path / "all" / "SYN_0002", tmp_path / "pred" / "SYN_0002")
+    expected = stacked_dice(pairs["SYN_0002"])
+
+    with pytest.raises(InputError, match="12 of 18 truth items have no prediction here .*--only-predicted"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg")
+    result = evaluate_predictions(tmp_path / "pred", lgg_root, only_predicted=True)
+    assert [p["patient"] for p in result["per_patient"]] == ["SYN_0002"]
+    assert result["per_patient"][0]["dice"] == pytest.approx(expected, abs=1e-6)
+    assert result["left_out"] == [{"patient": "SYN_0001", "items": 6}, {"patient": "SYN_0003", "items": 6}]
+    summary = result["summary"]
+    assert (summary["left_out_patients"], summary["left_out_items"], summary["missing_predictions"]) == (2, 12, 0)
+    assert result["settings"]["only_predicted"] is True and result["settings"]["items"] == 6
+
+    alone = evaluate_predictions(tmp_path / "pred", lgg_root / "SYN_0002")  # source detected: one LGG patient
+    assert alone["settings"]["source"] == "lgg" and [p["patient"] for p in alone["per_patient"]] == ["SYN_0002"]
+    assert alone["per_patient"][0]["dice"] == pytest.approx(expected, abs=1e-6)
+    assert alone["summary"]["left_out_patients"] == 0 and alone["left_out"] == []
+
+    args = ["evaluate", str(tmp_path / "pred"), "--truth", str(lgg_root), "--n-worst", "0", "--only-predicted"]
+    assert main([*args, "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 patients: patient Dice mean") and "left out (--only-predicted): 2 patients (12 " in out
+    stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert stored["summary"]["left_out_items"] == 12 and len(stored["left_out"]) == 2
+    assert "Left out (--only-predicted): 2 patients" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["evaluate", str(tmp_path / "pred"), "--truth", str(lgg_root / "SYN_0002"), "--n-worst", "0",
+                 "--out", str(tmp_path / "report_patient")]) == 0
+
+
+def test_only_predicted_still_refuses_a_patient_with_predictions_missing(lgg_root: Path, tmp_path: Path) -> None:
+    """Leaving out a deleted slice's truth could raise a patient's score: only whole unpredicted patients leave."""
+    write_lgg_predictions(lgg_root, tmp_path / "pred", perturb)
+    shutil.rmtree(tmp_path / "pred" / "SYN_0001")
+    (tmp_path / "pred" / "SYN_0003" / "SYN_0003_1_pred.png").unlink()
+    with pytest.raises(InputError, match=r"1 of 12 truth items have no prediction here \(expected "
+                                         r"SYN_0003/SYN_0003_1_pred.png\)"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", only_predicted=True)
+    result = evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", only_predicted=True, allow_missing=True)
+    assert result["summary"]["missing_predictions"] == 1 and result["left_out"] == [{"patient": "SYN_0001",
+                                                                                     "items": 6}]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no truth item of .* has a prediction here"):
+        evaluate_predictions(empty, lgg_root, "lgg", only_predicted=True)
+    with pytest.raises(ValueError, match="only_predicted must be a bool"):
+        evaluate_predictions(tmp_path / "pred", lgg_root, "lgg", only_predicted="yes")
+
+
+def test_command_line_takes_label_maps(lgg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from brainseg_monai.cli import main
+
+    write_lgg_predictions(lgg_root, tmp_path / "pred", lambda i, z, m: m)
+    odd = next(p for p in sorted((tmp_path / "pred" / "SYN_0001").glob("*_pred.png")) if np.asarray(Image.open(p)).any())
+    Image.fromarray(np.where(np.asarray(Image.open(odd)) > 0, 4, 0).astype(np.uint8)).save(odd)  # label 4: tumour
+    args = ["evaluate", str(tmp_path / "pred"), "--truth", str(lgg_root), "--n-worst", "0"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "pass --label-maps" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "report"), "--label-maps"]) == 0
+    stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert stored["settings"]["label_maps"] is True and stored["summary"]["patient_dice_mean"] == 1.0

@@ -317,11 +317,11 @@ def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
 
 
 def test_inference_bundle_config_runs_the_batch_job(tmp_path: Path) -> None:
-    """bundle/configs/inference.json over train.json: the same batch job as 'brainseg infer'."""
+    """bundle/configs/batch_inference.json: the same batch job as 'brainseg infer', DICOM studies included."""
     studies = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=26, size=(32, 32, 4))
     checkpoint = _untrained_one_channel_model(tmp_path / "model")
-    configs = [str(REPO_ROOT / "bundle" / "configs" / name) for name in ("train.json", "inference.json")]
-    wf = ConfigWorkflow(config_file=configs, workflow_type="infer", bundle_root=str(REPO_ROOT / "bundle"),
+    config = REPO_ROOT / "bundle" / "configs" / "batch_inference.json"
+    wf = ConfigWorkflow(config_file=str(config), workflow_type="infer", bundle_root=str(REPO_ROOT / "bundle"),
                         input=str(studies), checkpoint=str(checkpoint), output_dir=str(tmp_path / "pred"), tta="none")
     wf.initialize()
     wf.run()
@@ -720,3 +720,57 @@ def test_an_image_too_small_to_see_fails_instead_of_an_empty_ok(tmp_path: Path, 
     rows = {r["case"]: r for r in run_inference([tiny, fine], tmp_path / "out", _settings())}
     assert rows["tiny"]["status"] == "failed" and "1 x 1 pixels in-plane: too small" in rows["tiny"]["error"]
     assert rows["fine"]["status"] == "ok"
+
+
+# --------------------------------------------------------------------- the images column; inputs from someone else
+
+
+def test_images_counts_the_inputs_read_the_same_for_ok_and_failed_rows(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``images``: slice files, channel files or DICOM series read, each once, whatever the status; 0 when no input
+    was chosen. A FLAIR-only study fills three channels from one series: 1."""
+    import brainseg_monai.inference.runner as runner
+
+    folders = {"good": tmp_path / "slices" / "good", "broken": tmp_path / "slices" / "broken"}
+    for index, folder in enumerate(folders.values()):
+        for n in range(3):
+            _write_image(folder / f"img{n}.png", _random_image(10 * index + n))
+    (folders["broken"] / "img1.png").write_bytes(b"not a png")
+    studies = make_dataset(tmp_path / "studies", "dicom", cases=2, seed=27, size=(32, 32, 4))
+    for series in ("T1_PRE", "T1_POST"):
+        shutil.rmtree(studies / "SYN_0001" / series)
+    shutil.rmtree(studies / "SYN_0002" / "FLAIR")
+
+    _stand_in(monkeypatch)
+    slices = {r["case"]: r for r in run_inference(list(folders.values()), tmp_path / "pred", _settings())}
+    assert (slices["good"]["status"], slices["good"]["images"]) == ("ok", 3)
+    assert (slices["broken"]["status"], slices["broken"]["images"]) == ("failed", 3)
+
+    spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=3, roi_size=[32, 32], channels=THREE_CHANNELS,
+                     channel_fallbacks={"t1": "flair", "t1c": "flair"})
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels(1).eval(), spec))
+    rows = {r["case"]: r for r in run_inference([studies], tmp_path / "pred_dicom", _settings())}
+    assert (rows["SYN_0001"]["status"], rows["SYN_0001"]["images"]) == ("ok", 1)
+    assert (rows["SYN_0002"]["status"], rows["SYN_0002"]["images"]) == ("failed", 0)
+    written = _summary(tmp_path / "pred_dicom")
+    assert [(r["case"], r["images"]) for r in written] == [("SYN_0001", "1"), ("SYN_0002", "0")]
+
+
+def test_untrusted_refuses_a_header_naming_a_file_outside_its_input_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _stand_in(monkeypatch)
+    inbox = tmp_path / "inbox"
+    image = _write_image(inbox / "scan.mha", _random_image(5))
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(40 * 28))
+    (inbox / "evil.mhd").write_text("ObjectType = Image\nNDims = 2\nDimSize = 40 28\nElementType = MET_UCHAR\n"
+                                    f"ElementDataFile = {secret}\n")
+    with pytest.raises(InputError, match=r"evil.mhd: names the data file .*secret.raw.*outside the folder"):
+        run_inference([inbox], tmp_path / "refused", _settings(untrusted=True))
+    assert not (tmp_path / "refused").exists()  # refused before anything was written or read
+    assert _cli(inbox, "--out", tmp_path / "refused_cli", "--untrusted") == 2
+    assert "evil.mhd: names the data file" in capsys.readouterr().err
+    # trusted (the default) it is read as any other file; a lone file of the folder passes the check on its own
+    assert {r["status"] for r in run_inference([inbox], tmp_path / "trusted", _settings())} == {"ok"}
+    assert run_inference([image], tmp_path / "alone", _settings(untrusted=True))[0]["status"] == "ok"

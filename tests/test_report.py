@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from brainseg_monai.datalist import build_datalist, write_datalist
 from brainseg_monai.evaluation import evaluate_predictions
 from brainseg_monai.inference.writers import write_png_mask
-from brainseg_monai.report import read_training_scalars, write_folds_report, write_report
+from brainseg_monai.report import TRAINING_TAGS, read_training_scalars, write_folds_report, write_report
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.tuning import aggregate_folds
 
@@ -73,6 +73,7 @@ def lgg_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     loss_writer.close()
     epoch_writer = SummaryWriter(str(run))
     for epoch in (1, 2, 3):
+        epoch_writer.add_scalar("val_dice", 0.25 * epoch, epoch)
         epoch_writer.add_scalar("val_mean_dice", 0.2 * epoch, epoch)
         epoch_writer.add_scalar("val_mean_iou", 0.15 * epoch, epoch)
         epoch_writer.add_scalar("learning_rate", 1e-3 / epoch, epoch)
@@ -130,6 +131,21 @@ def test_report_has_every_section_and_only_valid_references(lgg_run: dict, tmp_p
     assert np.any(rgb[..., 0] - rgb[..., 1] > 60)  # prediction fill
 
 
+def test_training_curves_show_val_dice_the_key_metric(lgg_run: dict, tmp_path: Path) -> None:
+    """val_dice picks model.pt and drives the schedule: it is plotted, and said when a run lacks it."""
+    files = write_report(lgg_run["result"], tmp_path / "report", train_dir=lgg_run["run"], n_worst=0)
+    curves = files["markdown"].read_text(encoding="utf-8").split("## Training curves\n")[1].split("\n## ")[0]
+    assert "training_curves.png" in curves and "Not in the event files" not in curves
+    assert "val_dice" in TRAINING_TAGS and TRAINING_TAGS.index("val_dice") == 1
+    run = tmp_path / "no_val_dice"
+    writer = SummaryWriter(str(run))
+    writer.add_scalar("train_loss", 0.5, 1)
+    writer.close()
+    files = write_report(lgg_run["result"], tmp_path / "report2", train_dir=run, n_worst=0)
+    curves = files["markdown"].read_text(encoding="utf-8").split("## Training curves\n")[1].split("\n## ")[0]
+    assert "Not in the event files: val_dice, val_mean_dice, val_mean_iou, learning_rate." in curves
+
+
 def test_training_scalars_are_read_from_every_event_file(lgg_run: dict) -> None:
     scalars = read_training_scalars(lgg_run["run"])
     assert [step for step, _ in scalars["train_loss"]] == list(range(1, 7))
@@ -145,7 +161,7 @@ def test_absent_inputs_are_said_in_one_line(lgg_run: dict, tmp_path: Path) -> No
     markdown = files["markdown"].read_text(encoding="utf-8")
     for title in SECTIONS:
         assert f"## {title}\n" in markdown
-    for title, line in (("Worst cases", "n_worst is 0"), ("Training curves", "no train_loss, val_mean_dice"),
+    for title, line in (("Worst cases", "n_worst is 0"), ("Training curves", "no train_loss, val_dice, val_mean_dice"),
                         ("Threshold tuning", "no tuned threshold found")):
         body = markdown.split(f"## {title}\n")[1].split("\n## ")[0].strip()
         assert body.startswith("*Not available") and line in body and body.count("\n") == 0

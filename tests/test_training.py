@@ -16,9 +16,11 @@ from brainseg_monai.inference.predictor import write_model_sidecar
 from brainseg_monai.io import read_sitk
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import (
+    RunRefused,
     check_fresh_run,
     check_tumour_fraction,
     distributed_training_sampler,
+    iteration_log_filter,
     prepare_data,
     training_sampler,
     tumour_weights,
@@ -118,11 +120,11 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoint(tmp_path: 
     check_fresh_run(models, False)
     (models / "last_checkpoint_epoch=7.pt").write_bytes(b"an earlier run")
     for flag in (False, "false"):
-        with pytest.raises(FileExistsError) as info:
+        with pytest.raises(RunRefused) as info:  # a SystemExit: the bundle's command line prints it, no traceback
             check_fresh_run(models, flag)
-        message = str(info.value)
-        assert str(models) in message and "last_checkpoint_epoch=7.pt" in message
-        assert "--output_dir" in message and "--resume true" in message
+        message = str(info.value.code)
+        assert message.startswith(f"training refused: {models} holds last_checkpoint_epoch=7.pt of an earlier run")
+        assert "--output_dir" in message and "--resume true" in message and "\n" not in message
     check_fresh_run(models, "true")
     check_fresh_run(tmp_path / "absent", False)
     assert (models / "last_checkpoint_epoch=7.pt").read_bytes() == b"an earlier run"
@@ -139,3 +141,13 @@ def test_model_sidecar_keeps_a_tuned_threshold_only_when_resuming(tmp_path: Path
         assert values["network_name"] == "unet" and values["roi_size"] == [64, 64]
         assert values["postprocessing"] == ({"threshold": 0.3} if kept else {})
         assert values.get("tuning") == ({"threshold": 0.3} if kept else None)
+
+
+def test_iteration_lines_are_logged_every_n_iterations_or_not_at_all() -> None:
+    """The bundle's ``log_every``: a loss line every N iterations of the run, not one per iteration."""
+    assert iteration_log_filter(0) is False and iteration_log_filter(1) is True
+    every_50 = iteration_log_filter("50")
+    assert [i for i in range(1, 201) if every_50(None, i)] == [50, 100, 150, 200]
+    for bad in (-1, "ten", 2.5, True):
+        with pytest.raises(ValueError, match="log_every must be a whole number"):
+            iteration_log_filter(bad)

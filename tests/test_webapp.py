@@ -302,7 +302,9 @@ def test_channel_roles_set_by_hand_reach_the_run(client: TestClient, tmp_path: P
                    channels=json.dumps({"flair": {"name": "AX T1 PRE"}})).json()
     flair = {c["channel"]: c for c in swapped["inputs"]["channels"]}["flair"]
     exact = r"^AX\ T1\ PRE$"  # escaped and anchored: this description and no other
-    assert flair["source"] == "AX T1 PRE" and flair["reason"] == f"set by hand: SeriesDescription matches {exact!r}"
+    # shown as typed, never as Python's repr with every backslash doubled
+    assert flair["source"] == "AX T1 PRE" and flair["reason"] == f"set by hand: SeriesDescription matches '{exact}'"
+    assert not any("\\\\" in c["reason"] for c in swapped["inputs"]["channels"])  # no backslash shown twice
     assert not np.array_equal(mask_of(swapped, tmp_path), mask_of(auto, tmp_path))
 
 
@@ -465,3 +467,42 @@ def test_image_over_the_pixel_limit_is_refused_with_422(client: TestClient) -> N
     assert response.json()["error"].startswith("huge.png: image too large: 10000 x 10000 is 100,000,000 pixels")
     rgb, _ = known_slice()
     assert post(client, [("ok.png", png_bytes(rgb))], tta="none").status_code == 200
+
+
+def test_page_serves_its_icon_and_names_what_an_area_in_pixels_means(client: TestClient) -> None:
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.startswith("<svg") and "</svg>" in icon.text
+    page = client.get("/").text
+    assert '<link rel="icon" href="/favicon.ico"' in page
+    # image files give an area in pixels: the page says why it is no mm²
+    assert "pixels (no pixel size in this file)" in page
+
+
+def test_a_patients_downloads_come_as_one_zip_too(client: TestClient) -> None:
+    rgb, _ = known_slice()
+    names = [f"TCGA_XY_{n}.png" for n in (1, 2, 3)]
+    result = post(client, [(name, png_bytes(rgb)) for name in names], tta="none").json()
+    files = downloads(result)
+    assert list(files) == ["TCGA_XY_1_pred.png", "TCGA_XY_2_pred.png", "TCGA_XY_3_pred.png", "overlay.png"]
+    archive = result["archive"]
+    assert archive["name"] == f"{result['case']}.zip" and archive["url"].startswith("data:application/zip;base64,")
+    with zipfile.ZipFile(io.BytesIO(decode(archive["url"]))) as bundle:
+        assert {name: bundle.read(name) for name in bundle.namelist()} == files
+    single = post(client, [("one.png", png_bytes(rgb))], tta="none").json()
+    assert len(single["downloads"]) == 2 and single["archive"]["name"] == "one.zip"
+
+
+def test_post_processing_is_named_as_applied_to_a_single_slice_or_a_stack(
+        known_network: None, tmp_path: Path) -> None:
+    """With the shipped model's settings a lone slice keeps its largest component: no stack is involved."""
+    checkpoint = flair_model(tmp_path / "model")
+    sidecar = checkpoint.parent / MODEL_SIDECAR
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()),
+                                   "postprocessing": {"keep_largest": True, "stack_slices": True}}))
+    shipped_like = TestClient(create_app(Segmenter(checkpoint, max_upload_mb=2)))
+    rgb, _ = known_slice()
+    single = post(shipped_like, [("TCGA_XY_7.png", png_bytes(rgb))], tta="none").json()
+    assert single["settings"]["postprocessing"] == "largest component kept"
+    stack = post(shipped_like, [(f"TCGA_XY_{n}.png", png_bytes(rgb)) for n in (1, 2)], tta="none").json()
+    assert stack["settings"]["postprocessing"] == "largest component kept (a patient's numbered slices as one stack)"

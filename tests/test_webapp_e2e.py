@@ -11,6 +11,7 @@ Set ``BRAINSEG_WEBAPP_SCREENSHOT=PATH`` to keep the shipped model's screenshot (
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import socket
@@ -154,7 +155,7 @@ def test_browser_shipped_model_on_an_lgg_patient(tmp_path: Path) -> None:
         assert page.inner_text("#error") == ""
         assert stat_row(page, "Slices with tumour").endswith("of 30")
         assert float(stat_row(page, "Dice")) >= 0.6  # well above chance, below what the model measures here
-        assert "pixels (image files hold no scanner pixel size)" in stat_row(page, "Tumour area")
+        assert "pixels (no pixel size in this file)" in stat_row(page, "Tumour area")
         # the shipped model's defaults from its model.json, said on the page
         assert stat_row(page, "Post-processing") == "largest component kept (a patient's numbered slices as one stack)"
         shot = tmp_path / "webapp.png"
@@ -224,6 +225,39 @@ def test_browser_corrupt_file_is_named_then_good_upload_works(server: str, tmp_p
         assert page.inner_text("#case-id") == "good"
         coverage = float(page.get_attribute("#coverage", "data-value"))
         assert coverage == pytest.approx(100.0 * (mask > 0).sum() / mask.size, abs=0.01)
+
+
+def test_browser_failed_upload_clears_the_previous_result(server: str, tmp_path: Path) -> None:
+    """A patient's slices, then an upload that never reaches the server: the error stands alone, with none of the
+    previous case's image, figures or downloads left under it. The icon is served, the downloads come as one zip."""
+    rgb, _ = known_slice()
+    files = []
+    for n in (1, 2, 3, 4):
+        files.append(tmp_path / f"TCGA_XY_{n}.png")
+        files[-1].write_bytes(png_bytes(rgb))
+    with browser_page(server) as page:
+        failed = []
+        page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
+        page.reload()  # with the listener: the page, its icon and /api/info
+        page.set_input_files("#files", [str(f) for f in files])
+        page.wait_for_selector(READY, timeout=60_000)
+        archive = page.locator("#downloads li.archive a")
+        assert archive.get_attribute("download") == "TCGA_XY.zip" and archive.inner_text().startswith("all 5 files")
+        assert page.locator("#downloads details a").count() == 5  # the files one by one, folded away
+        with zipfile.ZipFile(io.BytesIO(base64.b64decode(archive.get_attribute("href").split(",", 1)[1]))) as bundle:
+            assert sorted(bundle.namelist()) == sorted([f"TCGA_XY_{n}_pred.png" for n in (1, 2, 3, 4)] + ["overlay.png"])
+        assert failed == [], f"requests that failed: {failed}"
+        page.evaluate("fetch('/favicon.ico').then(r => { document.body.dataset.icon = r.status + ' ' + "
+                      "r.headers.get('content-type'); })")
+        page.wait_for_function("document.body.dataset.icon !== undefined")
+        assert page.evaluate("document.body.dataset.icon").startswith("200 image/svg+xml")
+
+        page.route("**/api/segment", lambda route: route.abort())  # the upload fails on its way
+        page.set_input_files("#files", str(files[0]))
+        page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=60_000)
+        assert not page.locator("#result").is_visible()
+        assert page.inner_html("#downloads") == "" and page.inner_html("#stats") == ""
+        assert page.locator(READY).count() == 0
 
 
 def test_browser_flair_only_dicom_study_lists_its_series_and_is_segmented(server: str, tmp_path: Path) -> None:

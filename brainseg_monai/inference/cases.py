@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 
 from brainseg_monai.channel_roles import InputRoles, plan_dicom_channels, role_from_name, single_channel_fills
-from brainseg_monai.errors import InputError
+from brainseg_monai.errors import InputError, shown_pattern
 from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file, series_header
 from brainseg_monai.sequences import classify_series
 
@@ -368,7 +368,7 @@ def _one_channel_dicom_cases(root: Path, series: list[DicomSeries], unreadable: 
     else:
         listing = "; ".join(f"'{s.description}'" for s in series)
         cases = [Case(_unique(_rel_id(root, root), taken), str(root), "dicom", [],
-                      error=f"no series matches channel pattern {regex!r} (series: {listing})")]
+                      error=f"no series matches channel pattern {shown_pattern(regex)} (series: {listing})")]
     cases += _unreadable_cases(root, unreadable, taken)
     return sorted(cases, key=lambda c: _natural_key(c.source))
 
@@ -556,7 +556,8 @@ def _volume_channels_case(folder: Path, volumes: list[Path], roles: InputRoles, 
         hits = [v for v in volumes if re.search(pattern, v.name, re.IGNORECASE)]
         if len(hits) > 1:
             return Case(case_id, str(folder), "volume", [], error=(
-                f"channel '{role}' (file-name pattern {pattern!r}): {len(hits)} files match among {listing}; "
+                f"channel '{role}' (file-name pattern {shown_pattern(pattern)}): {len(hits)} files match among "
+                f"{listing}; "
                 f"name one with --channel '{role}=REGEX'"))
         if hits:
             chosen[role] = hits[0]
@@ -566,11 +567,12 @@ def _volume_channels_case(folder: Path, volumes: list[Path], roles: InputRoles, 
         if source not in chosen:
             flags = " ".join(f"--channel '{r}=REGEX'" for r in roles.channels if r not in chosen)
             return Case(case_id, str(folder), "volume", [], error=(
-                f"no file for the required channel '{role}' (file-name pattern {roles.file_pattern(role)!r}) among "
+                f"no file for the required channel '{role}' (file-name pattern "
+                f"{shown_pattern(roles.file_pattern(role))}) among "
                 f"{listing}; name the files with {flags}"))
         paths.append(str(chosen[source]))
         record = {"channel": role, "file": chosen[source].name,
-                  "reason": f"file name matches {roles.file_pattern(source)!r}"}
+                  "reason": f"file name matches {shown_pattern(roles.file_pattern(source))}"}
         if source != role:
             record.update(filled_from=source, reason=f"no {role} file: filled from {source}, as the model was trained for")
         records.append(record)

@@ -114,8 +114,14 @@ class PostProcessing:
             raise ValueError(f"settings has unknown keys {unknown}; valid keys are {names}.")
         return cls(**settings)
 
-    def describe(self) -> str:
-        """The steps after the threshold in words, so a page or report can say what was done to the mask."""
+    def describe(self, stacked: bool | None = None) -> str:
+        """The steps after the threshold in words, so a page or report can say what was done to the mask.
+
+        Args:
+            stacked: for one case, whether its slices were post-processed as a stack (``stack_slices`` and several
+                numbered slices of one patient, `slice_stacks`): a lone image or a volume was not, and its
+                description does not say so. None: the settings in general.
+        """
         steps = []
         if self.open_above is not None:
             steps.append(f"components over {self.open_above} voxels opened (radius {self.open_radius})")
@@ -125,7 +131,8 @@ class PostProcessing:
             steps.append("largest component kept")
         if not steps:
             return "none"
-        return "; ".join(steps) + (" (a patient's numbered slices as one stack)" if self.stack_slices else "")
+        as_stack = self.stack_slices if stacked is None else self.stack_slices and stacked
+        return "; ".join(steps) + (" (a patient's numbered slices as one stack)" if as_stack else "")
 
     def to_dict(self) -> dict[str, Any]:
         """Settings as a JSON-serialisable dict (inverse of :meth:`from_dict`)."""

@@ -51,6 +51,7 @@ from brainseg_monai.inference.cases import (
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import ModelSpec, Predictor, load_for_case, load_model
 from brainseg_monai.io import file_stem
+from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
     SegNotWritten,
     write_dicom_seg,
@@ -97,17 +98,32 @@ class InferenceSettings:
     #: the user's series selection rules (``--series-rules``); None: the documented defaults
     series_rules: SelectionRules | None = None
     progress: bool = True
-    #: the forward's precision: ``fp32``, ``bf16`` or ``auto`` (see ``predictor.autocast_dtype``)
+    #: the forward's precision: ``fp32``, ``bf16`` or ``auto`` (see ``predictor.fast_path``)
     precision: str = "auto"
+    #: inputs from someone else (``--untrusted``): refuse any whose header would make the reader open a file outside
+    #: the input's folder (`brainseg_monai.untrusted.check_detached_data`), before anything is read
+    untrusted: bool = False
 
 
 def _row(case: Case, status: str, error: str = "", **values: Any) -> dict:
-    """A summary row; its ``error`` and ``warnings`` are one line each (:func:`_one_line`)."""
+    """A summary row; its ``error`` and ``warnings`` are one line each (:func:`_one_line`), ``images`` is
+    :func:`input_count`."""
     row = {key: "" for key in SUMMARY_FIELDS}
-    row.update(case=case.case_id, source=case.source, status=status, error=error, kind=case.kind, images=len(case.images))
+    row.update(case=case.case_id, source=case.source, status=status, error=error, kind=case.kind,
+               images=input_count(case))
     row.update({k: v for k, v in values.items() if k in row})
     row.update(error=_one_line(row["error"]), warnings=_one_line(str(row["warnings"])))
     return row
+
+
+def input_count(case: Case) -> int:
+    """The ``images`` column of ``summary.csv``: how many inputs the case reads, the same for an ``ok`` and a
+    ``failed`` row: its slice files, channel files or DICOM series, each once (a channel filled from another, as a
+    FLAIR-only study fills T1 and T1c, does not count again). 0 when no input was chosen: an input that cannot be
+    used at all, or a study whose series cannot fill the model's channels."""
+    if case.series:
+        return len({(os.path.abspath(s.folder), s.series_uid) for s in case.series})
+    return len({os.path.abspath(p) for p in case.images})
 
 
 def _one_line(text: str) -> str:
@@ -473,10 +489,14 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     Raises:
         InputError: when the checkpoint is unusable, no input can be used at all, ``select`` accepts no case,
             ``out_dir`` is a file, holds a ``summary.csv`` that ``brainseg infer`` did not write or is in use by
-            another run, or when ``out_dir`` has no room left (the batch stops with the cases so far recorded).
+            another run, or when ``out_dir`` has no room left (the batch stops with the cases so far recorded);
+            with ``settings.untrusted``, before anything is read, when a header would make the reader open a file
+            outside its input's folder.
     """
     out = Path(out_dir)
     _check_output_folder(out)
+    if settings.untrusted:
+        _check_untrusted(inputs)
     out.mkdir(parents=True, exist_ok=True)
     ranks = _Ranks()
     try:
@@ -484,6 +504,18 @@ def run_inference(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             return _run(inputs, out, settings, select, ranks)
     finally:
         ranks.close()
+
+
+def _check_untrusted(inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse the run if an input, or a file in an input folder, would make the reader open a file outside that
+    input's folder (a file's folder for a file input): a detached image header naming another file, or a link.
+
+    Raises:
+        InputError: naming the file and the data file its header names (`check_detached_data`).
+    """
+    for raw in inputs:
+        path = Path(raw)
+        check_detached_data(path, path if path.is_dir() else path.parent)
 
 
 @dataclass
@@ -782,10 +814,10 @@ def _run_cases(cases: list[Case], job: _Job) -> list[dict]:
             the case at fault and those not run recorded as failed where the summary can still be written.
     """
     rows: list[dict] = []
-    bar = tqdm(total=len(cases), unit="case", disable=not job.settings.progress or job.rank > 0)
     overlap = _spare_core_for_reading(job.predictor.device)
     order = {c.case_id: i for i, c in enumerate(cases)}  # summary rows stay in case order
-    with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next case while this one is predicted
+    bar = tqdm(total=len(cases), unit="case", disable=not job.settings.progress or job.rank > 0)
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:  # reads the next case while this one is predicted
         pending: Future | None = pool.submit(_prepare, cases[0], job) if cases and overlap else None
         for index, case in enumerate(cases):
             started = time.perf_counter()
@@ -804,9 +836,11 @@ def _run_cases(cases: list[Case], job: _Job) -> list[dict]:
             if no_room:
                 raise InputError(job.out, f"{no_room}: case {case.case_id} could not be written and the batch "
                                           f"stopped at case {index + 1} of {len(cases)}; {_GO_ON}")
-            bar.update(1)
-            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
-    bar.close()
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows), refresh=False)
+            if index + 1 < len(cases):
+                bar.update(1)
+            else:  # the finished bar is drawn once, when it closes: update() would draw it a second time
+                bar.n = len(cases)
     return rows
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.requests import Request
@@ -29,6 +29,10 @@ __all__ = ["create_app", "serve"]
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><ellipse cx="16" cy="16" rx="13" ry="15" '
+           'fill="#666"/><circle cx="20" cy="11" r="5" fill="none" stroke="#f00" stroke-width="2.5"/></svg>')
+"""The page's icon (a head with a tumour outlined in red), inline: browsers ask for ``/favicon.ico`` otherwise, and a
+404 there fills the server's log and the browser's console."""
 #: Room for the multipart framing and form fields on top of the files' own size limit.
 _FORM_OVERHEAD = 1 << 20
 
@@ -130,15 +134,19 @@ async def _segment_form(segmenter: Segmenter, form: FormData) -> JSONResponse:
 
 
 def create_app(segmenter: Segmenter) -> FastAPI:
-    """The web app around ``segmenter``: ``GET /`` (page), ``GET /api/info``, ``POST /api/segment`` (multipart:
-    ``files`` one or more, optional ``truth``, ``tta``, ``threshold``, ``case``, ``channels``: a JSON object of
-    channel roles set by hand)."""
+    """The web app around ``segmenter``: ``GET /`` (page), ``GET /favicon.ico``, ``GET /api/info``,
+    ``POST /api/segment`` (multipart: ``files`` one or more, optional ``truth``, ``tta``, ``threshold``, ``case``,
+    ``channels``: a JSON object of channel roles set by hand)."""
     app = FastAPI(title="brainseg-monai", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, limit_bytes=segmenter.max_upload_bytes)
 
     @app.get("/")
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml")
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import Case, discover_cases
-from brainseg_monai.inference.postprocess import PostProcessing
+from brainseg_monai.inference.postprocess import PostProcessing, slice_stacks
 from brainseg_monai.inference.predictor import ModelSpec, load_model
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.tta import TTA_MODES
@@ -235,8 +235,9 @@ class Segmenter:
             raise CaseRefused(row["source"], row["error"], inputs)
         truths = _truths_for(case, sources, found)
         view = case_view(case.kind, images, sources, tmp / "output" / row["case"], row, truths, shown_channel)
+        stacked = case.kind == "slices" and bool(slice_stacks(case.images))
         view["settings"] = {"tta": tta, "threshold": self.default_threshold if threshold is None else threshold,
-                            "postprocessing": self.postprocessing.describe()}
+                            "postprocessing": self.postprocessing.describe(stacked=stacked)}
         view["inputs"] = inputs
         return view
 

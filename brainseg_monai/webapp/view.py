@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ _GREEN = (0, 255, 0, 255)
 def read_channels_first(paths: Sequence[str | Path], series_uid: str | None = None) -> Any:
     """(C, x, y[, z]) image from one file or folder (with ``series_uid``, that series of a folder holding several),
     or channels stacked from several, read as inference reads them."""
-    load = LoadImage(image_only=True)
+    reader = SimpleITKReader(series_uid=series_uid)  # first: it quiets what LoadImage's default readers say
     items = [str(p) for p in paths]
-    reader = SimpleITKReader(series_uid=series_uid)
+    load = LoadImage(image_only=True)
     return EnsureChannelFirst()(load(items if len(items) > 1 else items[0], reader=reader))
 
 
@@ -54,6 +55,15 @@ def _data_url(pixels: np.ndarray, mime: str = "image/png") -> str:
 def _file_url(path: Path) -> str:
     mime = next((m for s, m in _MIME.items() if path.name.lower().endswith(s)), "application/octet-stream")
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _zip_url(paths: Sequence[Path]) -> str:
+    """A zip of ``paths`` (each under its own name) as a data URL: a patient's 23 slice masks in one download."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in paths:
+            archive.write(path, path.name)
+    return f"data:application/zip;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 def _window(values: np.ndarray) -> tuple[float, float]:
@@ -105,7 +115,9 @@ def case_view(
     truths: Sequence[Path | None],
     channel: int,
 ) -> dict:
-    """The result page's data for one case predicted into ``case_dir`` by ``run_inference``.
+    """The result page's data for one case predicted into ``case_dir`` by ``run_inference``: ``case``, ``kind``,
+    ``slices`` (layers per slice), ``start``, ``stats``, ``metrics``, ``downloads`` (each file the case wrote) and
+    ``archive`` (all of them in one zip, when there are several; else None).
 
     Args:
         kind: the case kind, ``"slices"`` or a volume kind (``"volume"``, ``"dicom"``).
@@ -162,4 +174,5 @@ def case_view(
         "stats": stats,
         "metrics": metrics,
         "downloads": [{"name": p.name, "url": _file_url(p)} for p in downloads],
+        "archive": {"name": f"{row['case']}.zip", "url": _zip_url(downloads)} if len(downloads) > 1 else None,
     }
