@@ -1,5 +1,10 @@
 """Measured performance of ``brainseg infer`` and of training, in one run on one machine.
 
+Inference is timed with the model users run: a checkpoint, by default the shipped model (``bundle/models/model.pt``,
+an instance-norm U-Net); ``model`` in the result names it, its normalisation and the precision of its fast path.
+The default batch-norm U-Net (untrained; speed does not depend on the weights) is timed beside it as one named row,
+its forward on the same batches.
+
 The headline figures are ratios, so that they carry over between machines better than seconds do:
 ``tta_speedup_vs_monai_tta`` (our end-to-end 8-way TTA against MONAI's ``TestTimeAugmentation`` with the same model),
 ``tta_overhead_pct`` (how much of our end-to-end time is not the network's forward), ``forward_fraction_of_matmul_peak``
@@ -29,6 +34,7 @@ from typing import Any
 
 import monai
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.data import TestTimeAugmentation
@@ -40,16 +46,24 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec, Predictor, load_model
+from brainseg_monai.inference.predictor import (
+    MODEL_SIDECAR,
+    ModelSpec,
+    Predictor,
+    fast_path,
+    inference_network,
+    load_model,
+)
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.writers import write_overlay_png, write_png_mask
+from brainseg_monai.io import read_sitk
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import resolve_device
 from brainseg_monai.transforms import infer_transforms
 
 __all__ = [
-    "FULL", "QUICK", "BenchmarkSizes", "PeakMemory", "format_table", "run_benchmark", "run_command",
+    "FULL", "QUICK", "BenchmarkSizes", "PeakMemory", "format_table", "mask_agreement", "run_benchmark", "run_command",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,8 +84,8 @@ class BenchmarkSizes:
         scaling_cases: cases in the 1x run of ``scaling``.
         scaling_repeats: repeats of every ``brainseg infer`` process in ``scaling``.
         batch_size: ``brainseg infer --batch-size`` (slices per forward, times the TTA views).
-        network_kwargs: overrides of the default ``unet`` (empty: the bundle's default model).
-        roi_size: the 2D model's training patch, as in its ``model.json`` (larger images go through a sliding window).
+        network_kwargs: overrides of the default batch-norm ``unet`` (empty: the bundle's default), whose forward is
+            timed beside the timed model's and which the training part trains.
         train_cases: synthetic cases the training pipeline reads.
         train_steps: training steps timed per repeat.
         train_roi: training patch of the bundle (``roi_size`` in ``train.json``).
@@ -93,7 +107,6 @@ class BenchmarkSizes:
     scaling_repeats: int = 1
     batch_size: int = 16
     network_kwargs: dict = field(default_factory=dict)
-    roi_size: tuple[int, int] = (128, 128)
     train_cases: int = 4
     train_steps: int = 4
     train_roi: tuple[int, int] = (128, 128)
@@ -109,7 +122,7 @@ class BenchmarkSizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer but is {value!r}.")
-        for name in ("roi_size", "train_roi", "volume_size", "roi_3d"):
+        for name in ("train_roi", "volume_size", "roi_3d"):
             value = getattr(self, name)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
                 raise ValueError(f"{name} must hold positive integers but is {value!r}.")
@@ -450,29 +463,66 @@ def _timed_matmul(a: torch.Tensor, b: torch.Tensor, device: torch.device, calls:
     return best, peak
 
 
-def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, work: Path) -> dict:
-    """Ours (TTA on and off), MONAI's TTA and the network alone on the same slices; matmul peak and FLOPs."""
+def _norm_kind(network: torch.nn.Module) -> str:
+    """The normalisation layers of ``network`` by kind (``instance``, ``batch``, ``group``, ``layer``), or ``none``."""
+    kinds = ((torch.nn.modules.instancenorm._InstanceNorm, "instance"),
+             (torch.nn.modules.batchnorm._BatchNorm, "batch"), (torch.nn.GroupNorm, "group"),
+             (torch.nn.LayerNorm, "layer"))
+    found = {name for module in network.modules() for cls, name in kinds if isinstance(module, cls)}
+    return "+".join(sorted(found)) or "none"
+
+
+def _forward_of(predictor: Predictor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The predictor's network as :class:`~brainseg_monai.inference.tta.TTAPredictor` runs it: under
+    ``torch.autocast`` when its fast path autocasts."""
+    dtype = predictor.fast_path.autocast
+    if dtype is None:
+        return predictor.network
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(predictor.device.type, dtype=dtype):
+            return predictor.network(x)
+
+    return forward
+
+
+def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, work: Path, checkpoint: Path,
+               precision: str) -> dict:
+    """The timed model ``checkpoint`` on the same slices: ours (TTA on and off, at ``precision``), MONAI's TTA (the
+    model as loaded, float32, as a user would call it) and the network alone (the float32 reference); when
+    ``precision`` runs the model otherwise than ``fp32``, its forward that way and ours with TTA at ``fp32`` too
+    (before and after); the default batch-norm U-Net's forward on the same batches; matmul peak and FLOPs."""
     cases = _lgg_cases(sizes, data, work, sizes.cases, "lgg_tta")
     n_slices = _n_slices(cases)
-    spec = ModelSpec(network_kwargs=dict(sizes.network_kwargs), roi_size=list(sizes.roi_size))
-    checkpoint = _write_checkpoint(work / "model_2d", spec)
 
-    def settings(tta: str) -> InferenceSettings:
-        return InferenceSettings(str(checkpoint), tta=tta, device=str(device), batch_size=sizes.batch_size, progress=False)
+    def settings(tta: str, at: str = precision) -> InferenceSettings:
+        return InferenceSettings(str(checkpoint), tta=tta, device=str(device), batch_size=sizes.batch_size,
+                                 progress=False, precision=at)
 
     network, spec = load_model(checkpoint, device)
-    predictor = Predictor(network, spec, device, tta="dihedral", batch_size=sizes.batch_size)
+    predictor = Predictor(network, spec, device, tta="dihedral", batch_size=sizes.batch_size, precision=precision)
+    reference = Predictor(network, spec, device, tta="dihedral", batch_size=sizes.batch_size, precision="fp32")
+    torch.manual_seed(0)
+    default_unet = get_network("unet", 2, spec.in_channels, 1, **sizes.network_kwargs).to(device)
+    default_norm = _norm_kind(default_unet)  # before its batch norm is folded away
+    default_unet = inference_network(default_unet, device, copy_network=False)
     batches = _record_network_inputs(cases, work / "out_record", settings("dihedral"), type(predictor.network))
     inputs = _inputs_for(batches, device)
     monai_tta = _MonaiTTA(checkpoint, device, sizes.batch_size)
     matmul_a, matmul_b = _matmul_operands(sizes.matmul_size, device)
-    parts = {
+    parts: dict[str, Callable[[], tuple[float, PeakMemory]]] = {
         "ours": lambda: _timed_infer(cases, work / "out_ours", settings("dihedral"), device),
         "monai": lambda: _timed_monai(monai_tta, cases, work / "out_monai", device),
         "ours_no_tta": lambda: _timed_infer(cases, work / "out_none", settings("none"), device),
-        "forward": lambda: _timed_forward(predictor.network, inputs, device),
+        "forward": lambda: _timed_forward(reference.network, inputs, device),
+        "forward_default": lambda: _timed_forward(default_unet, inputs, device),
         "matmul": lambda: _timed_matmul(matmul_a, matmul_b, device),
     }
+    has_fast = predictor.fast_path != reference.fast_path
+    if has_fast:
+        fast = _forward_of(predictor)
+        parts["forward_fast"] = lambda: _timed_forward(fast, inputs, device)
+        parts["ours_fp32"] = lambda: _timed_infer(cases, work / "out_fp32", settings("dihedral", "fp32"), device)
     runs: dict[str, list[float]] = {name: [] for name in parts}
     peaks: dict[str, PeakMemory] = {}
     names = list(parts)
@@ -486,7 +536,7 @@ def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, w
             if name not in peaks or peak.peak_mb > peaks[name].peak_mb:
                 peaks[name] = peak
 
-    flops = _forward_flops(predictor.network, inputs)
+    flops = _forward_flops(reference.network, inputs)
     forward_rates = [flops / s for s in runs["forward"]]
     matmul_rates = [2.0 * sizes.matmul_size**3 / s for s in runs["matmul"]]
 
@@ -494,26 +544,37 @@ def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, w
         return {"seconds": _stats(runs[name]), "slices_per_s": _stats([n_slices / s for s in runs[name]]),
                 **peaks[name].to_dict()}
 
-    ours, theirs, forward = (statistics.median(runs[k]) for k in ("ours", "monai", "forward"))
+    # ours runs at the fast path's precision, so its time outside the forward is against that forward
+    forward_name = "forward_fast" if has_fast else "forward"
+    ours, theirs, forward = (statistics.median(runs[k]) for k in ("ours", "monai", forward_name))
     shapes = sorted({(shape, cl) for shape, cl in batches})
+    out_parts = {
+        "infer_tta_dihedral": part("ours"),
+        "monai_tta": part("monai"),
+        "infer_tta_none": part("ours_no_tta"),
+        "forward_only": {
+            **part("forward"),
+            "flops_per_s": _stats(forward_rates),
+            "gflop_per_slice": flops / n_slices / 1e9,
+            "batches": len(batches),
+            "batch_shapes": [{"shape": list(s), "channels_last": cl, "count": batches.count((s, cl))} for s, cl in shapes],
+        },
+        "forward_default_unet_bn": part("forward_default"),
+        "matmul_fp32": {"seconds": _stats(runs["matmul"]), "flops_per_s": _stats(matmul_rates),
+                        "size": sizes.matmul_size, **peaks["matmul"].to_dict()},
+    }
+    if has_fast:
+        out_parts["forward_fast"] = part("forward_fast")
+        out_parts["infer_tta_dihedral_fp32"] = part("ours_fp32")
     return {
         "tta_speedup_vs_monai_tta": theirs / ours,
         "tta_overhead_pct": 100.0 * (ours - forward) / ours,
         "forward_fraction_of_matmul_peak": statistics.median(forward_rates) / statistics.median(matmul_rates),
-        "parts": {
-            "infer_tta_dihedral": part("ours"),
-            "monai_tta": part("monai"),
-            "infer_tta_none": part("ours_no_tta"),
-            "forward_only": {
-                **part("forward"),
-                "flops_per_s": _stats(forward_rates),
-                "gflop_per_slice": flops / n_slices / 1e9,
-                "batches": len(batches),
-                "batch_shapes": [{"shape": list(s), "channels_last": cl, "count": batches.count((s, cl))} for s, cl in shapes],
-            },
-            "matmul_fp32": {"seconds": _stats(runs["matmul"]), "flops_per_s": _stats(matmul_rates),
-                            "size": sizes.matmul_size, **peaks["matmul"].to_dict()},
-        },
+        "model": {"checkpoint": str(checkpoint), "network": spec.network_name, "norm": _norm_kind(network),
+                  "network_kwargs": dict(spec.network_kwargs), "precision": precision,
+                  "fast_path": predictor.fast_path.describe(),
+                  "default_unet_norm": default_norm, "default_unet_kwargs": dict(sizes.network_kwargs)},
+        "parts": out_parts,
         "tta_setup": {"slices": n_slices, "cases": len(cases), "image_size": sizes.image_size,
                       "roi_size": list(spec.roi_size), "batch_size": sizes.batch_size, "views": TTA_VIEWS,
                       "data": str(data) if data else "synthetic"},
@@ -610,14 +671,14 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "brainseg_monai.cli", *args]
 
 
-def _bench_scaling(sizes: BenchmarkSizes, device: torch.device, data: Path | None, work: Path) -> dict:
+def _bench_scaling(sizes: BenchmarkSizes, device: torch.device, data: Path | None, work: Path, checkpoint: Path,
+                   precision: str) -> dict:
     """``brainseg infer`` processes over 1x, 2x and 4x the cases, then the 4x batch under ``torchrun`` with 1 and 2."""
     base = sizes.scaling_cases
     cases = _lgg_cases(sizes, data, work, 4 * base, "lgg_scaling")
-    checkpoint = work / "model_2d" / "model.pt"
     env = dict(os.environ)
     args = ["--checkpoint", str(checkpoint), "--device", str(device), "--batch-size", str(sizes.batch_size),
-            "--no-progress"]
+            "--precision", precision, "--no-progress"]
     rows = []
     for factor in (1, 2, 4):
         chosen = cases[: factor * base]
@@ -671,17 +732,17 @@ def _process_row(runs: Sequence[dict], cases: int, slices: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------- 3D
 
 
-def _bench_volume(sizes: BenchmarkSizes, device: torch.device, work: Path) -> dict:
-    """One volume through a 3D model (sliding window) and through the 2D model slice by slice, both via ``run_inference``."""
+def _bench_volume(sizes: BenchmarkSizes, device: torch.device, work: Path, checkpoint: Path, precision: str) -> dict:
+    """One volume through a 3D model (sliding window) and through the timed 2D model slice by slice, both via
+    ``run_inference``."""
     volume = make_dataset(work / "volume", "nifti", cases=1, seed=0, size=sizes.volume_size)
     case = next(p for p in volume.iterdir() if p.is_dir())
     spec_3d = ModelSpec(spatial_dims=3, network_kwargs=dict(sizes.network_kwargs_3d), roi_size=list(sizes.roi_3d))
     checkpoint_3d = _write_checkpoint(work / "model_3d", spec_3d)
-    checkpoint_2d = work / "model_2d" / "model.pt"
     out = {}
-    for name, checkpoint in (("volume_3d_sliding_window", checkpoint_3d), ("volume_2d_by_slices", checkpoint_2d)):
-        settings = InferenceSettings(str(checkpoint), tta=sizes.volume_tta, device=str(device),
-                                     batch_size=sizes.batch_size, progress=False)
+    for name, model in (("volume_3d_sliding_window", checkpoint_3d), ("volume_2d_by_slices", checkpoint)):
+        settings = InferenceSettings(str(model), tta=sizes.volume_tta, device=str(device),
+                                     batch_size=sizes.batch_size, progress=False, precision=precision)
         runs, peak = [], None
         for _ in range(sizes.repeats if name == "volume_2d_by_slices" else max(1, sizes.repeats // 2)):
             seconds, this = _timed_infer([case], work / "out_volume", settings, device)
@@ -690,6 +751,51 @@ def _bench_volume(sizes: BenchmarkSizes, device: torch.device, work: Path) -> di
         out[name] = {"seconds": _stats(runs), **peak.to_dict()}  # type: ignore[union-attr]
     return {"volume": {**out, "size": list(sizes.volume_size), "roi_3d": list(sizes.roi_3d), "tta": sizes.volume_tta,
                        "batch_size": sizes.batch_size}}
+
+
+# ---------------------------------------------------------------------------------------------- mask agreement
+
+#: the mask files ``brainseg infer`` writes into a case folder: one PNG per 2D image, one volume per volume case
+_MASK_PATTERNS = ("*_pred.png", "mask.nii.gz")
+
+
+def mask_agreement(reference: str | os.PathLike, other: str | os.PathLike) -> dict:
+    """Per-case Dice between the masks of two ``brainseg infer`` outputs of the same inputs (e.g. ``--precision fp32``
+    and the fast path), over each case's stacked masks; two empty masks agree fully (Dice 1).
+
+    Returns ``cases`` (case -> ``dice``, ``pixels`` of the mask in each run, ``pixels_differing``), ``min_dice``,
+    ``mean_dice``, ``identical_cases`` and ``cases_compared``.
+
+    Raises:
+        InputError: when the two outputs do not hold the same cases and mask files.
+    """
+    first, second = Path(reference), Path(other)
+
+    def masks(root: Path) -> dict[str, list[Path]]:
+        found: dict[str, list[Path]] = {}
+        for case in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(f for pattern in _MASK_PATTERNS for f in case.glob(pattern))
+            if files:
+                found[case.name] = files
+        return found
+
+    ours, theirs = masks(first), masks(second)
+    names = {case: [f.name for f in files] for case, files in ours.items()}
+    if names != {case: [f.name for f in files] for case, files in theirs.items()}:
+        missing = sorted(set(ours) ^ set(theirs)) or sorted(c for c in ours if names[c] != [f.name for f in theirs[c]])
+        raise InputError(second, f"does not hold the same cases and mask files as {first} (differing: "
+                                 f"{', '.join(missing[:5])})")
+    cases = {}
+    for case, files in ours.items():
+        a = np.concatenate([sitk.GetArrayFromImage(read_sitk(f)).ravel() > 0 for f in files])
+        b = np.concatenate([sitk.GetArrayFromImage(read_sitk(f)).ravel() > 0 for f in theirs[case]])
+        both, total = int(np.count_nonzero(a & b)), int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+        cases[case] = {"dice": 2.0 * both / total if total else 1.0, "pixels": [int(a.sum()), int(b.sum())],
+                       "pixels_differing": int(np.count_nonzero(a ^ b))}
+    dice = [c["dice"] for c in cases.values()]
+    return {"cases": cases, "cases_compared": len(cases), "min_dice": min(dice, default=1.0),
+            "mean_dice": statistics.fmean(dice) if dice else 1.0,
+            "identical_cases": sum(c["pixels_differing"] == 0 for c in cases.values())}
 
 
 # -------------------------------------------------------------------------------------------------------- top level
@@ -703,6 +809,8 @@ def run_benchmark(
     bundle: str | os.PathLike = "bundle",
     sizes: BenchmarkSizes | None = None,
     workdir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Run every part, write the JSON to ``out`` and return it.
 
@@ -714,12 +822,20 @@ def run_benchmark(
         bundle: the bundle folder whose ``configs/train.json`` defines the training data pipeline.
         sizes: explicit sizes, overriding ``quick``.
         workdir: where data, models and outputs go (default: a temporary folder, removed afterwards).
+        checkpoint: the model whose inference is timed (default: ``bundle/models/model.pt``, the shipped model).
+        precision: ``fp32``, ``bf16`` or ``auto``, as ``brainseg infer --precision``; the forward is timed in
+            float32 as well.
 
     Raises:
-        InputError: when ``data`` or the bundle's ``train.json`` is missing, or ``data`` has too few patients.
-        ValueError: for a bad ``device``.
+        InputError: when ``data``, the checkpoint or the bundle's ``train.json`` is missing, or ``data`` has too few
+            patients.
+        ValueError: for a bad ``device``, or a ``precision`` the device cannot run.
     """
     dev = resolve_device(device)
+    model = Path(checkpoint) if checkpoint is not None else Path(bundle) / "models" / "model.pt"
+    if not model.is_file():
+        raise InputError(model, "checkpoint not found (pass --checkpoint)")
+    fast_path(precision, dev)  # refuse a precision the device cannot run before any part starts
     sizes = sizes or (QUICK if quick else FULL)
     data_dir = Path(data) if data is not None else None
     if data_dir is not None and not data_dir.is_dir():
@@ -733,10 +849,10 @@ def run_benchmark(
     started = time.perf_counter()
     try:
         for name, part in (
-            ("tta", lambda: _bench_tta(sizes, dev, data_dir, work)),
+            ("tta", lambda: _bench_tta(sizes, dev, data_dir, work, model, precision)),
             ("training", lambda: _bench_training(sizes, dev, data_dir, work, Path(bundle))),
-            ("scaling", lambda: _bench_scaling(sizes, dev, data_dir, work)),
-            ("volume", lambda: _bench_volume(sizes, dev, work)),
+            ("scaling", lambda: _bench_scaling(sizes, dev, data_dir, work, model, precision)),
+            ("volume", lambda: _bench_volume(sizes, dev, work, model, precision)),
         ):
             logger.info("benchmark part %s", name)
             part_started = time.perf_counter()
@@ -759,8 +875,8 @@ def run_benchmark(
     return ordered
 
 
-HEADLINE = ("tta_speedup_vs_monai_tta", "tta_overhead_pct", "forward_fraction_of_matmul_peak", "train_data_overhead_pct",
-            "scaling", "volume")
+HEADLINE = ("model", "tta_speedup_vs_monai_tta", "tta_overhead_pct", "forward_fraction_of_matmul_peak",
+            "train_data_overhead_pct", "scaling", "volume")
 #: The targets of the benchmark issue, on 2 CPU cores: (key, comparison, bound).
 TARGETS = (("tta_overhead_pct", "<", 10.0), ("forward_fraction_of_matmul_peak", ">=", 0.5),
            ("tta_speedup_vs_monai_tta", ">", 1.15), ("train_data_overhead_pct", "<", 10.0))
@@ -774,8 +890,13 @@ def format_table(result: Mapping[str, Any]) -> str:
     """The figures as a plain-text table: headline ratios against their targets, then every part."""
     lines = [f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, "
              f"device {result['machine']['device']}; load average before {_fmt_load(result.get('load_average_before'))}, "
-             f"after {_fmt_load(result.get('load_average_after'))}", ""]
-    lines.append(f"{'headline':34} {'value':>10}  target")
+             f"after {_fmt_load(result.get('load_average_after'))}"]
+    model = result.get("model")
+    if model:
+        lines.append(f"model timed: {model['checkpoint']} ({model['network']}, {model['norm']} norm), precision "
+                     f"{model['precision']} -> {model['fast_path']}; forward_default_unet_bn: the default unet "
+                     f"({model['default_unet_norm']} norm, folded) on the same batches")
+    lines += ["", f"{'headline':34} {'value':>10}  target"]
     for key, op, bound in TARGETS:
         if key in result:
             value = result[key]

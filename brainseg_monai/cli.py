@@ -327,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
-                   help="the forward's arithmetic: fp32; bf16 (bfloat16 autocast, only on a CPU that reports "
-                        "AVX512-BF16 or AMX-BF16, or a GPU with bfloat16); auto: float16 autocast on CUDA, fp32 on "
-                        "CPU (default; docs/benchmarks.md, 'The shipped model')")
+                   help="how the forward runs: fp32 (float32, the model's own layers: the reference); bf16 "
+                        "(bfloat16 autocast, only on a CPU that reports AVX512-BF16 or AMX-BF16, or a GPU with "
+                        "bfloat16); auto (default): on CPU float32 with instance norm computed as group norm, on "
+                        "CUDA float16 autocast (docs/benchmarks.md, 'The shipped model')")
     p.add_argument("--resume", action="store_true", help="skip cases already complete in --out from the same input files, "
                    "model and settings; a case whose inputs' content, model or settings changed is redone")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's tuned value, else 0.5)")
@@ -437,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle folder (its train.json times the data pipeline; default as for infer)")
     p.add_argument("--checkpoint", help="the model to time (default: the bundle's models/model.pt, the shipped model)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
-                   help="precision of the timed model's fast path, as for infer (float32 is timed too)")
+                   help="how the timed model's fast path runs, as for infer (the fp32 reference is timed too)")
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.set_defaults(func=_cmd_benchmark)
 

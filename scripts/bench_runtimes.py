@@ -1,16 +1,31 @@
-"""Forward-pass runtimes for the default 2D model: eager PyTorch, brainseg's inference network, torch.compile, and
-ONNX Runtime when it is installed. It backs the "what did not help" table in docs/benchmarks.md.
+"""Forward-pass runtimes of a 2D model: eager PyTorch, brainseg's inference network, torch.compile, ONNX Runtime when
+it is installed and, for a model with instance norm (the shipped one), ways of making the norm cheaper. It backs the
+"what did not help" table and "The shipped model" in docs/benchmarks.md.
 
     python scripts/bench_runtimes.py --out runtimes.json [--checkpoint bundle/models/model.pt] [--batch 8] [--repeats 7]
 
-Each variant's probabilities are compared with eager PyTorch's (largest absolute difference); times are medians of
-``--repeats`` forwards after two warm-up ones, on the same input, in one process. The first call's time is reported
-too: it holds torch.compile's compilation.
+Each variant's probabilities are compared with eager PyTorch's (largest absolute difference); the variants run
+interleaved, round after round on the same input in one process (a change in the load of a shared machine hits them
+alike), after two warm-up calls each; the median and the fastest of ``--repeats`` rounds are reported, and the first
+call's time, which holds torch.compile's compilation. The instance-norm variants replace every ``InstanceNorm2d`` of
+the inference network (:func:`~brainseg_monai.inference.predictor.inference_network`):
+
+- bfloat16 autocast of the whole forward, or bfloat16 for the norms only (cast in and out of each norm);
+- ``torch.nn.functional.group_norm`` with one group per channel (the same statistics as instance norm), as
+  ``brainseg infer --precision auto`` runs it on CPU (``GroupInstanceNorm``);
+- the statistics by ``torch.var_mean`` over the spatial axes, which reduces a channels-last tensor where it lies
+  (``instance_norm`` reshapes it to one batch-norm channel per image and channel, a copy for channels-last);
+- ``torch.compile`` of that norm (one compiled function shared by every norm);
+- the inference network in the contiguous layout instead of channels-last (instance norm's reshape is then a view).
+
+bfloat16 runs on any CPU, but at speed only where the CPU has bfloat16 instructions (``setup.cpu_bf16`` says which
+it reports); elsewhere it is emulated and the timing says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -20,25 +35,13 @@ from pathlib import Path
 
 import torch
 
-from brainseg_monai.inference.predictor import inference_network, load_model
+from brainseg_monai.inference.predictor import cpu_bf16_flags, inference_network, load_model
 from brainseg_monai.networks import get_network
 
-
-def _time(run: Callable[[], torch.Tensor], repeats: int) -> tuple[float, list[float], torch.Tensor]:
-    """(seconds of the first call, which includes any compilation; seconds of each timed call; the last output)."""
-    started = time.perf_counter()
-    run()
-    first = time.perf_counter() - started
-    out = run()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = run()
-        seconds.append(time.perf_counter() - started)
-    return first, seconds, out
+Runner = Callable[[], torch.Tensor]
 
 
-def _onnx_runner(network: torch.nn.Module, example: torch.Tensor, work: Path) -> Callable[[], torch.Tensor] | str:
+def _onnx_runner(network: torch.nn.Module, example: torch.Tensor, work: Path) -> Runner | str:
     """An ONNX Runtime session over ``network``'s export, or the reason there is none."""
     try:
         import onnxruntime as ort
@@ -57,6 +60,94 @@ def _onnx_runner(network: torch.nn.Module, example: torch.Tensor, work: Path) ->
     return lambda: torch.from_numpy(session.run(None, {"image": feed})[0])
 
 
+class _Bf16Norm(torch.nn.Module):
+    """Instance norm computed in bfloat16: the input cast down, the output cast back to float32."""
+
+    def __init__(self, norm: torch.nn.InstanceNorm2d) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.to(torch.bfloat16)).to(x.dtype)
+
+
+def _var_mean_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Instance norm without affine: each image's channel z-scored over the spatial axes (population variance)."""
+    var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+_compiled_norm = torch.compile(_var_mean_norm, dynamic=False)
+
+
+class _VarMeanNorm(torch.nn.Module):
+    """Instance norm by :func:`_var_mean_norm`, eager or compiled."""
+
+    def __init__(self, norm: torch.nn.InstanceNorm2d, compiled: bool = False) -> None:
+        super().__init__()
+        self.eps, self.fn = norm.eps, (_compiled_norm if compiled else _var_mean_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.eps)
+
+
+def _with_norms(network: torch.nn.Module,
+                make: Callable[[torch.nn.InstanceNorm2d], torch.nn.Module]) -> torch.nn.Module:
+    """A copy of ``network`` with every affine-free ``InstanceNorm2d`` replaced by ``make(norm)``."""
+    network = copy.deepcopy(network)
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.InstanceNorm2d) and not child.affine and not child.track_running_stats:
+                setattr(parent, name, make(child))
+    return network
+
+
+def _bf16_forward(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return network(x).float()
+
+
+def _norm_variants(ours: torch.nn.Module, network: torch.nn.Module, x_last: torch.Tensor,
+                   x: torch.Tensor) -> dict[str, Runner]:
+    """The instance-norm variants (see the module's docstring), all on the inference network."""
+    contiguous = inference_network(network, "cpu").to(memory_format=torch.contiguous_format)
+    group = inference_network(network, "cpu", group_instance_norm=True)
+    var_mean = _with_norms(ours, _VarMeanNorm)
+    compiled = _with_norms(ours, lambda norm: _VarMeanNorm(norm, compiled=True))
+    bf16_norms = _with_norms(ours, _Bf16Norm)
+    return {
+        "inference_network, contiguous layout": lambda: contiguous(x),
+        "bf16 autocast, whole forward": lambda: _bf16_forward(ours, x_last),
+        "bf16 norms only": lambda: bf16_norms(x_last),
+        "instance norm as group_norm (one group per channel; --precision auto)": lambda: group(x_last),
+        "instance norm by var_mean (channels-last)": lambda: var_mean(x_last),
+        "torch.compile of the norm (var_mean)": lambda: compiled(x_last),
+    }
+
+
+def _run_interleaved(variants: dict[str, Runner], repeats: int) -> dict[str, dict]:
+    """Time every variant: a first call and a warm-up each, then ``repeats`` rounds of one call of each variant."""
+    firsts, outputs, failed = {}, {}, {}
+    for name, run in variants.items():
+        try:
+            started = time.perf_counter()
+            run()
+            firsts[name] = time.perf_counter() - started
+            outputs[name] = run()
+        except Exception as error:  # a variant this build cannot run (compiler, exporter) is reported, not fatal
+            failed[name] = f"failed: {error}"
+    seconds: dict[str, list[float]] = {name: [] for name in outputs}
+    for _ in range(repeats):
+        for name in outputs:
+            started = time.perf_counter()
+            variants[name]()
+            seconds[name].append(time.perf_counter() - started)
+    results = {name: {"skipped": reason} for name, reason in failed.items()}
+    for name in outputs:
+        results[name] = {"first_call_s": firsts[name], "seconds": seconds[name], "output": outputs[name]}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -73,47 +164,42 @@ def main() -> None:
     else:
         network, channels = get_network("unet", 2, 3, 1).eval(), 3
     example = torch.randn(args.batch, channels, args.size, args.size)
+    example_last = example.contiguous(memory_format=torch.channels_last)
     ours = inference_network(network, "cpu")
-    variants: dict[str, Callable[[], torch.Tensor] | str] = {
+    variants: dict[str, Runner | str] = {
         "eager": lambda: network(example),
-        "inference_network (BN folded, channels-last)": lambda: ours(example.contiguous(memory_format=torch.channels_last)),
+        "inference_network (BN folded, channels-last)": lambda: ours(example_last),
     }
-    try:
-        compiled = torch.compile(ours)
-        variants["torch.compile(inference_network)"] = lambda: compiled(example.contiguous(memory_format=torch.channels_last))
-    except Exception as error:
-        variants["torch.compile(inference_network)"] = f"torch.compile failed: {error}"
-    with tempfile.TemporaryDirectory() as work:
+    has_instance_norm = any(isinstance(m, torch.nn.InstanceNorm2d) for m in network.modules())
+    if has_instance_norm:
+        variants.update(_norm_variants(ours, network, example_last, example))
+    compiled = torch.compile(ours)
+    variants["torch.compile(inference_network)"] = lambda: compiled(example_last)
+    with tempfile.TemporaryDirectory() as work, torch.inference_mode():
         variants["onnxruntime (inference_network export)"] = _onnx_runner(ours, example, Path(work))
-        results, reference = {}, None
-        with torch.inference_mode():
-            for name, run in variants.items():
-                if isinstance(run, str):
-                    results[name] = {"skipped": run}
-                    print(f"{name:48s} skipped: {run}")
-                    continue
-                try:
-                    first, seconds, out = _time(run, args.repeats)
-                except Exception as error:
-                    results[name] = {"skipped": f"failed: {error}"}
-                    print(f"{name:48s} failed: {error}")
-                    continue
-                probs = torch.sigmoid(out.float())
-                reference = probs if reference is None else reference
-                median = statistics.median(seconds)
-                results[name] = {
-                    "median_ms_per_image": 1000 * median / args.batch, "min_s": min(seconds), "max_s": max(seconds),
-                    "first_call_s": first,
-                    "max_abs_prob_diff_vs_eager": float((probs - reference).abs().max()),
-                }
-                print(f"{name:48s} {1000 * median / args.batch:8.2f} ms/image  first call {first:6.2f} s  "
-                      f"max |p - p_eager| {results[name]['max_abs_prob_diff_vs_eager']:.1e}")
-    eager = results["eager"]["median_ms_per_image"]
-    for value in results.values():
-        if "median_ms_per_image" in value:
-            value["speedup_vs_eager"] = eager / value["median_ms_per_image"]
+        runnable = {name: run for name, run in variants.items() if not isinstance(run, str)}
+        timed = _run_interleaved(runnable, args.repeats)
+    reference = torch.sigmoid(timed["eager"]["output"].float())
+    eager_ms = 1000 * statistics.median(timed["eager"]["seconds"]) / args.batch
+    results = {}
+    for name, run in variants.items():
+        value = {"skipped": run} if isinstance(run, str) else timed[name]
+        if "skipped" in value:
+            results[name] = value
+            print(f"{name:60s} skipped: {value['skipped']}")
+            continue
+        probs = torch.sigmoid(value["output"].float())
+        median, fastest = (1000 * f(value["seconds"]) / args.batch for f in (statistics.median, min))
+        results[name] = {
+            "median_ms_per_image": median, "min_ms_per_image": fastest, "seconds": value["seconds"],
+            "first_call_s": value["first_call_s"], "speedup_vs_eager": eager_ms / median,
+            "max_abs_prob_diff_vs_eager": float((probs - reference).abs().max()),
+        }
+        print(f"{name:60s} {median:8.2f} ms/image (fastest {fastest:7.2f})  first call {value['first_call_s']:6.2f} s"
+              f"  max |p - p_eager| {results[name]['max_abs_prob_diff_vs_eager']:.1e}")
     setup = {"batch": args.batch, "size": args.size, "repeats": args.repeats, "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+             "torch": torch.__version__, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+             "cpu_bf16": sorted(cpu_bf16_flags()), "instance_norm": has_instance_norm}
     args.out.write_text(json.dumps({"setup": setup, "variants": results}, indent=2))
 
 

@@ -13,8 +13,21 @@ import pytest
 import torch
 from monai.transforms import NormalizeIntensity
 
-from brainseg_monai.benchmark import BenchmarkSizes, PeakMemory, format_table, run_benchmark, run_command
+from brainseg_monai import cli
+from brainseg_monai.benchmark import (
+    BenchmarkSizes,
+    PeakMemory,
+    _bench_tta,
+    _write_checkpoint,
+    format_table,
+    mask_agreement,
+    run_benchmark,
+    run_command,
+)
+from brainseg_monai.errors import InputError
+from brainseg_monai.inference import predictor as predictor_module
 from brainseg_monai.inference.predictor import (
+    GroupInstanceNorm,
     ModelSpec,
     Predictor,
     inference_network,
@@ -22,6 +35,7 @@ from brainseg_monai.inference.predictor import (
     normalise_slices,
 )
 from brainseg_monai.inference.tta import predict_with_tta
+from brainseg_monai.inference.writers import write_png_mask
 from brainseg_monai.networks import get_network
 from brainseg_monai.transforms import channel_statistics, normalise_with
 from conftest import REPO_ROOT
@@ -92,6 +106,129 @@ def test_predictor_matches_plain_tta_through_sliding_window() -> None:
     direct = predict_with_tta(net, images[:, :, :32, :32], "dihedral", 2)[:, 0]
     small = predictor.predict_batch(images[:, :, :32, :32])  # no window: the network itself
     assert (small - direct).abs().max().item() < PROB_TOLERANCE
+
+
+TINY_INSTANCE_NET = {**TINY_NET, "norm": "instance"}
+
+
+def _instance_norm_predictor_inputs() -> tuple[torch.nn.Module, ModelSpec, torch.Tensor]:
+    torch.manual_seed(0)
+    spec = ModelSpec(network_kwargs=TINY_INSTANCE_NET, roi_size=[32, 32])
+    net = get_network("unet", 2, 3, 1, **TINY_INSTANCE_NET).eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    return net, spec, images
+
+
+def test_precision_fp32_is_the_reference_bit_for_bit() -> None:
+    """``fp32`` runs the inference network as it was before ``--precision``: no autocast, the network's own layers."""
+    net, spec, images = _instance_norm_predictor_inputs()
+    predictor = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32")
+    assert predictor.fast_path.autocast is None and not predictor.fast_path.group_instance_norm
+    with torch.inference_mode():
+        expected = predict_with_tta(inference_network(net, "cpu"), images, "dihedral", 2)[:, 0]
+    assert torch.equal(predictor.predict_batch(images), expected)
+    bn_net = _with_trained_batch_norm(get_network("unet", 2, 3, 1, **TINY_NET))
+    bn_spec = ModelSpec(network_kwargs=TINY_NET, roi_size=[32, 32])
+    fp32, auto = (Predictor(bn_net, bn_spec, torch.device("cpu"), precision=p).predict_batch(images)
+                  for p in ("fp32", "auto"))
+    assert torch.equal(fp32, auto), "auto changes nothing on CPU for a model without instance norm"
+
+
+def test_precision_auto_on_cpu_runs_instance_norm_as_group_norm() -> None:
+    net, spec, images = _instance_norm_predictor_inputs()
+    auto = Predictor(net, spec, torch.device("cpu"), tta="dihedral")
+    assert auto.fast_path.autocast is None and auto.fast_path.group_instance_norm
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in auto.network.modules())
+    assert sum(isinstance(m, GroupInstanceNorm) for m in auto.network.modules()) == sum(
+        isinstance(m, torch.nn.InstanceNorm2d) for m in net.modules()) > 0
+    fp32 = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32")
+    got, expected = auto.predict_batch(images), fp32.predict_batch(images)
+    assert (got - expected).abs().max().item() < PROB_TOLERANCE
+    assert (expected - 0.5).abs().max().item() > 0.05, "the check needs a network whose output is not flat"
+
+
+def test_group_instance_norm_equals_affine_instance_norm() -> None:
+    norm = torch.nn.InstanceNorm2d(4, affine=True, eps=1e-3).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 3.0]))
+    x = (torch.randn(2, 4, 9, 7) * 5 + 3).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(GroupInstanceNorm(norm)(x), norm(x), rtol=0, atol=1e-5)
+
+
+def test_precision_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, spec, images = _instance_norm_predictor_inputs()
+    monkeypatch.setattr(predictor_module, "cpu_bf16_flags", lambda: frozenset())
+    with pytest.raises(ValueError, match="neither AVX512-BF16 nor AMX-BF16.*use precision fp32 or auto"):
+        Predictor(net, spec, torch.device("cpu"), precision="bf16")
+    assert Predictor(net, spec, torch.device("cpu")).fast_path.autocast is None, "auto is never bfloat16 on CPU"
+    monkeypatch.setattr(predictor_module, "cpu_bf16_flags", lambda: frozenset({"avx512_bf16"}))
+    bf16 = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="bf16")
+    assert bf16.fast_path.autocast == torch.bfloat16 and not bf16.fast_path.group_instance_norm
+    assert Predictor(net, spec, torch.device("cpu")).fast_path.autocast is None, "nor where the CPU has it"
+    got = bf16.predict_batch(images)
+    expected = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32").predict_batch(images)
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)
+    assert (got - expected).abs().max().item() < 0.05
+
+
+def test_unknown_precision_is_a_clear_error() -> None:
+    net, spec, _ = _instance_norm_predictor_inputs()
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, auto but is 'fp16'"):
+        Predictor(net, spec, torch.device("cpu"), precision="fp16")
+    parser = cli.build_parser()
+    for command in (["infer", "x", "--out", "y"], ["benchmark", "--out", "y"]):
+        assert parser.parse_args(command + ["--precision", "fp32"]).precision == "fp32"
+        assert parser.parse_args(command).precision == "auto"
+        with pytest.raises(SystemExit):
+            parser.parse_args(command + ["--precision", "fp16"])
+
+
+def test_benchmark_times_the_given_checkpoint(tmp_path: Path) -> None:
+    """The TTA part on a tiny instance-norm checkpoint: it names the model, its norm and fast path, and times the
+    default batch-norm U-Net beside it."""
+    sizes = BenchmarkSizes(image_size=32, slices=4, cases=1, repeats=1, batch_size=2,
+                           network_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 1}, matmul_size=64)
+    checkpoint = _write_checkpoint(tmp_path / "tiny", ModelSpec(network_kwargs=TINY_INSTANCE_NET, roi_size=[32, 32]))
+    result = _bench_tta(sizes, torch.device("cpu"), None, tmp_path / "work", checkpoint, "auto")
+    assert result["model"] == {
+        "checkpoint": str(checkpoint), "network": "unet", "norm": "instance", "network_kwargs": TINY_INSTANCE_NET,
+        "precision": "auto", "fast_path": "float32, instance norm as group_norm", "default_unet_norm": "batch",
+        "default_unet_kwargs": sizes.network_kwargs,
+    }
+    for name in ("infer_tta_dihedral", "infer_tta_dihedral_fp32", "monai_tta", "infer_tta_none", "forward_only",
+                 "forward_fast", "forward_default_unet_bn"):
+        _positive_finite(result["parts"][name]["seconds"]["median"], name)
+    assert result["tta_setup"]["roi_size"] == [32, 32]
+    table = format_table({"machine": {"cpu": "c", "cores": 2, "torch": "t", "device": "cpu"}, **result})
+    assert f"model timed: {checkpoint} (unet, instance norm), precision auto -> float32, instance norm as" in table
+    fp32 = _bench_tta(sizes, torch.device("cpu"), None, tmp_path / "work32", checkpoint, "fp32")
+    assert fp32["model"]["fast_path"] == "float32"
+    assert "forward_fast" not in fp32["parts"] and "infer_tta_dihedral_fp32" not in fp32["parts"]
+
+
+def test_benchmark_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="checkpoint not found"):
+        run_benchmark(tmp_path / "b.json", bundle=REPO_ROOT / "bundle", checkpoint=tmp_path / "none.pt")
+
+
+def test_mask_agreement_is_dice_per_case_over_its_stacked_masks(tmp_path: Path) -> None:
+    square = np.zeros((16, 16), dtype=np.uint8)
+    square[4:8, 4:8] = 1  # 16 pixels
+    shifted = np.roll(square, 2, axis=0)  # 8 of them shared
+    empty = np.zeros_like(square)
+    for run, masks in (("a", {"p1": [square, square], "p2": [empty]}), ("b", {"p1": [square, shifted], "p2": [empty]})):
+        for case, slices in masks.items():
+            for i, mask in enumerate(slices):
+                write_png_mask(mask, tmp_path / run / case / f"{case}_{i}_pred.png")
+    (tmp_path / "a" / ".p3.tmp12345").mkdir()  # what an interrupted run leaves is not a case
+    result = mask_agreement(tmp_path / "a", tmp_path / "b")
+    assert result["cases"]["p1"] == {"dice": 2 * (16 + 8) / 64, "pixels": [32, 32], "pixels_differing": 16}
+    assert result["cases"]["p2"]["dice"] == 1.0, "two empty masks agree"
+    assert result["cases_compared"] == 2 and result["identical_cases"] == 1 and result["min_dice"] == 0.75
+    write_png_mask(square, tmp_path / "b" / "p4" / "p4_0_pred.png")
+    with pytest.raises(InputError, match="same cases and mask files.*p4"):
+        mask_agreement(tmp_path / "a", tmp_path / "b")
 
 
 def test_normalise_slices_equals_monai_per_slice() -> None:
@@ -174,19 +311,23 @@ def _positive_finite(value: object, where: str) -> None:
 def test_tiny_benchmark_writes_every_key(tmp_path: Path) -> None:
     sizes = BenchmarkSizes(
         image_size=32, slices=4, cases=1, repeats=1, scaling_cases=1, scaling_repeats=1, batch_size=4,
-        network_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 1}, roi_size=(32, 32), train_cases=3,
+        network_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 1}, train_cases=3,
         train_steps=2, train_roi=(32, 32), volume_size=(32, 32, 8), roi_3d=(16, 16, 16),
         network_kwargs_3d={"channels": [4, 8], "strides": [2], "num_res_units": 1}, matmul_size=64,
     )
     out = tmp_path / "b.json"
-    result = run_benchmark(out, device="cpu", bundle=REPO_ROOT / "bundle", sizes=sizes, workdir=tmp_path / "work")
+    checkpoint = _write_checkpoint(tmp_path / "tiny", ModelSpec(network_kwargs=TINY_INSTANCE_NET, roi_size=[32, 32]))
+    result = run_benchmark(out, device="cpu", bundle=REPO_ROOT / "bundle", sizes=sizes, workdir=tmp_path / "work",
+                           checkpoint=checkpoint)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=float))
-    for key in ("tta_speedup_vs_monai_tta", "tta_overhead_pct", "forward_fraction_of_matmul_peak",
-                "train_data_overhead_pct"):
+    for key in ("tta_speedup_vs_monai_tta", "forward_fraction_of_matmul_peak"):
         _positive_finite(result[key], key)
+    for key in ("tta_overhead_pct", "train_data_overhead_pct"):  # differences of timings: noise may make them < 0
+        assert math.isfinite(result[key]), key
     parts = result["parts"]
-    for name in ("infer_tta_dihedral", "monai_tta", "infer_tta_none", "forward_only", "matmul_fp32",
-                 "train_bundle_pipeline", "train_in_memory"):
+    assert result["model"]["checkpoint"] == str(checkpoint) and result["model"]["norm"] == "instance"
+    for name in ("infer_tta_dihedral", "monai_tta", "infer_tta_none", "forward_only", "forward_fast",
+                 "forward_default_unet_bn", "matmul_fp32", "train_bundle_pipeline", "train_in_memory"):
         for stat in ("median", "min", "max"):
             _positive_finite(parts[name]["seconds"][stat], f"{name} seconds {stat}")
         assert parts[name]["seconds"]["min"] <= parts[name]["seconds"]["median"] <= parts[name]["seconds"]["max"]
@@ -210,5 +351,6 @@ def test_tiny_benchmark_writes_every_key(tmp_path: Path) -> None:
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"] == torch.__version__
     table = format_table(result)
     for key in ("tta_speedup_vs_monai_tta", "tta_overhead_pct", "forward_fraction_of_matmul_peak",
-                "train_data_overhead_pct", "monai_tta", "torchrun x2", "volume_3d_sliding_window"):
+                "train_data_overhead_pct", "monai_tta", "torchrun x2", "volume_3d_sliding_window", "model timed",
+                "forward_default_unet_bn"):
         assert key in table

@@ -466,7 +466,7 @@ def test_one_predicted_patient_against_the_dataset_root_or_its_own_folder(
     assert out.startswith("1 patients: patient Dice mean") and "left out (--only-predicted): 2 patients (12 " in out
     stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert stored["summary"]["left_out_items"] == 12 and len(stored["left_out"]) == 2
-    assert "Left out (--only-predicted): 2 patients" in (tmp_path / "report" / "report.md").read_text()
+    assert "Left out (--only-predicted): 2 patients" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert main(["evaluate", str(tmp_path / "pred"), "--truth", str(lgg_root / "SYN_0002"), "--n-worst", "0",
                  "--out", str(tmp_path / "report_patient")]) == 0
 

@@ -171,9 +171,34 @@ def test_inference_mode_metatensor_and_function_form():
     images = _images((2, 2, 6, 5, 4))
     expected = _hand_average(net, images, _flip_pairs((2, 3, 4)))
     with torch.inference_mode():
-        prob = predict_with_tta(net, MetaTensor(images), "flip", 3, amp=True)  # amp is ignored on CPU
+        prob = predict_with_tta(net, MetaTensor(images), "flip", 3)
     assert type(prob) is torch.Tensor
     torch.testing.assert_close(prob, expected, rtol=0, atol=1e-6)
+
+
+class DtypeNet(nn.Module):
+    """:class:`AsymmetricNet` that records the dtype its convolution ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.dtypes = AsymmetricNet(2).eval(), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net.conv(x)
+        self.dtypes.append(out.dtype)
+        return self.net(x)
+
+
+def test_autocast_dtype_runs_the_network_in_it_on_cpu():
+    """``dtype`` autocasts on the images' own device (bfloat16 on CPU); the probabilities stay float32."""
+    images = _images((3, 2, 16, 16))
+    plain, autocast = DtypeNet(), DtypeNet()
+    expected = TTAPredictor("dihedral", 2)(plain, images)
+    prob = TTAPredictor("dihedral", 2, dtype=torch.bfloat16)(autocast, images)
+    assert plain.dtypes == [torch.float32] and autocast.dtypes == [torch.bfloat16]
+    assert prob.dtype == torch.float32
+    torch.testing.assert_close(prob, expected, rtol=0, atol=3e-2)  # bfloat16 keeps 8 bits of mantissa
+    assert not torch.equal(prob, expected), "the bfloat16 forward should round differently"
 
 
 def test_sliding_window_inferer_as_network_fn():
@@ -188,11 +213,11 @@ def test_sliding_window_inferer_as_network_fn():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_with_amp_matches_cpu():
+def test_cuda_with_float16_autocast_matches_cpu():
     net = AsymmetricNet(2).eval()
     images = _images((3, 2, 16, 16))
     expected = TTAPredictor("dihedral", 2)(net, images)
-    prob = TTAPredictor("dihedral", 2, amp=True)(net.cuda(), images.cuda())
+    prob = TTAPredictor("dihedral", 2, dtype=torch.float16)(net.cuda(), images.cuda())
     assert prob.dtype == torch.float32 and prob.is_cuda
     torch.testing.assert_close(prob.cpu(), expected, rtol=0, atol=2e-2)  # float16 logits
 

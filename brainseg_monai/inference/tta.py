@@ -117,13 +117,15 @@ class TTAPredictor:
         prob = predictor(net, images)  # (B, 1, H, W) in [0, 1]
     """
 
-    def __init__(self, mode: str = "flip", spatial_dims: int = 2, max_batch: int | None = None, amp: bool = False):
+    def __init__(self, mode: str = "flip", spatial_dims: int = 2, max_batch: int | None = None,
+                 dtype: torch.dtype | None = None):
         """
         Args:
             mode: ``"none"``, ``"flip"`` or ``"dihedral"`` (see :func:`tta_views`).
             spatial_dims: 2 or 3.
             max_batch: most images per forward pass; ``None`` sends all views of all images at once.
-            amp: run the network under ``torch.autocast`` (CUDA inputs only; ignored on CPU). The output stays float32.
+            dtype: run the network under ``torch.autocast`` to this dtype on the images' device (float16 or
+                bfloat16 on CUDA, bfloat16 on CPU); ``None`` runs it as it is. The output stays float32.
 
         Raises:
             ValueError: When ``mode`` or ``spatial_dims`` is not supported, or ``max_batch`` is not a positive integer.
@@ -134,7 +136,7 @@ class TTAPredictor:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be None or a positive integer, got {max_batch!r}.")
         self.max_batch = max_batch
-        self.amp = amp
+        self.dtype = dtype
 
     def __call__(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """
@@ -158,8 +160,8 @@ class TTAPredictor:
         for view in self.views:
             groups.setdefault(view.spatial_shape(spatial), []).append(view)
         total = torch.zeros((images.shape[0], 1, *spatial), dtype=torch.float32, device=images.device)
-        use_amp = self.amp and images.device.type == "cuda"
-        autocast = torch.autocast("cuda") if use_amp else contextlib.nullcontext()
+        autocast = (torch.autocast(images.device.type, dtype=self.dtype) if self.dtype is not None
+                    else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             for shape, views in groups.items():
                 self._add_group(network_fn, images, views, shape, total)
@@ -210,11 +212,11 @@ def predict_with_tta(
     mode: str = "flip",
     spatial_dims: int = 2,
     max_batch: int | None = None,
-    amp: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One-off :class:`TTAPredictor` call: ``B1H[WD]`` float32 probabilities of ``network_fn`` on ``images``.
 
     Raises:
         ValueError: As :class:`TTAPredictor` and its call.
     """
-    return TTAPredictor(mode, spatial_dims, max_batch, amp)(network_fn, images)
+    return TTAPredictor(mode, spatial_dims, max_batch, dtype)(network_fn, images)
