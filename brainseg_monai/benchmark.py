@@ -42,24 +42,17 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, RandFlipd, RandRotate90d
 from torch.utils.flop_counter import FlopCounterMode
 
+from brainseg_monai.devices import resolve_device
 from brainseg_monai.errors import InputError
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.inference.cases import discover_cases
-from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import (
-    MODEL_SIDECAR,
-    ModelSpec,
-    Predictor,
-    fast_path,
-    inference_network,
-    load_model,
-)
+from brainseg_monai.inference.predictor import Predictor, fast_path, inference_network
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.writers import write_overlay_png, write_png_mask
 from brainseg_monai.io import read_sitk
+from brainseg_monai.model import MODEL_SIDECAR, ModelSpec, load_model, write_sidecar
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
-from brainseg_monai.training import resolve_device
 from brainseg_monai.transforms import infer_transforms
 
 __all__ = [
@@ -303,7 +296,7 @@ def _write_checkpoint(folder: Path, spec: ModelSpec) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     net = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
     torch.save(net.state_dict(), folder / "model.pt")
-    (folder / MODEL_SIDECAR).write_text(json.dumps(spec.to_dict(), indent=2))
+    write_sidecar(folder / MODEL_SIDECAR, spec.to_dict())
     return folder / "model.pt"
 
 
@@ -339,7 +332,7 @@ class _MonaiTTA:
     def __init__(self, checkpoint: Path, device: torch.device, sw_batch_size: int) -> None:
         self.network, self.spec = load_model(checkpoint, device)
         self.device = device
-        self.post = PostProcessing.from_dict(self.spec.postprocessing)
+        self.post = self.spec.postprocessor
         self.pre = infer_transforms(2)
         roi = list(self.spec.roi_size)
         # the sliding window ours uses for images larger than the training patch

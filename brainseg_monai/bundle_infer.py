@@ -44,10 +44,11 @@ from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import ModelSpec, Predictor, normalise_images
+from brainseg_monai.inference.predictor import Predictor, normalise_images
 from brainseg_monai.inference.runner import slice_output_names
 from brainseg_monai.inference.writers import write_png_mask, write_volume_mask
 from brainseg_monai.io import SimpleITKReader, file_stem
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.transforms import channel_statistics, check_normalisation
 
 __all__ = [
@@ -263,7 +264,7 @@ class PostProcessd(MapTransform):
 
     Args:
         keys: the probability keys (one channel).
-        postprocessing: the steps, e.g. ``PostProcessing.from_dict(spec.postprocessing)``.
+        postprocessing: the steps, e.g. a model's :attr:`~brainseg_monai.model.ModelSpec.postprocessor`.
     """
 
     def __init__(self, keys: KeysCollection, postprocessing: PostProcessing) -> None:

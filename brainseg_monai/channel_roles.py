@@ -364,7 +364,7 @@ class InputRoles:
     @classmethod
     def of(cls, spec: Any, overrides: Mapping[str, str] | None = None,
            rules: SelectionRules | None = None) -> InputRoles:
-        """The roles of a :class:`~brainseg_monai.inference.predictor.ModelSpec`, with the user's choices."""
+        """The roles of a :class:`~brainseg_monai.model.ModelSpec`, with the user's choices."""
         return cls(tuple(spec.channels), spec.primary_channel, dict(spec.channel_fallbacks), dict(overrides or {}),
                    rules or SelectionRules())
 

@@ -23,10 +23,10 @@ from tensorboard.backend.event_processing.event_accumulator import SCALARS, Even
 
 from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready, write_metrics_json
-from brainseg_monai.inference.predictor import MODEL_SIDECAR
 from brainseg_monai.inference.writers import write_overlay_png
 from brainseg_monai.io import read_sitk, write_text_atomic
-from brainseg_monai.tuning import load_tuning, plot_threshold_curve, save_figure
+from brainseg_monai.model import MODEL_SIDECAR, load_tuning
+from brainseg_monai.tuning import plot_threshold_curve, save_figure
 
 __all__ = ["TRAINING_TAGS", "read_training_scalars", "write_folds_report", "write_report"]
 

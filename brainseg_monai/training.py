@@ -26,7 +26,9 @@ from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSamp
 
 from brainseg_monai import datalist as datalist_lib
 from brainseg_monai import synth, transforms
+from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.io import read_sitk, write_text_atomic
+from brainseg_monai.model import MODEL_SIDECAR, own_sidecar, write_untuned_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -35,33 +37,6 @@ LAST_CHECKPOINT_PREFIX = "last"
 OPTIONAL_RESUME_KEYS = ("key_metric", "early_stop")
 #: folds of the datalist a run builds from ``dataset_dir`` when ``fold`` is set (the bundle's ``num_folds``)
 DEFAULT_NUM_FOLDS = 5
-
-
-def as_bool(value: bool | str | int, name: str = "value") -> bool:
-    """A flag from a config or the command line: ``python -m monai.bundle run --resume false`` passes a string.
-
-    Raises:
-        ValueError: for anything but a bool, 0/1 or true/false/yes/no/1/0 (any case).
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
-        return value.strip().lower() in ("true", "yes", "1")
-    raise ValueError(f"{name} must be true or false but is {value!r}.")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but no CUDA GPU is available; use 'cpu' or 'auto'.")
-    return dev
 
 
 def _amp_mode(amp: bool | str | int) -> str:
@@ -91,26 +66,6 @@ def resolve_amp(amp: bool | str, device: torch.device) -> bool:
 def resolve_bf16(amp: bool | str) -> bool:
     """Whether the training forward runs under bfloat16 autocast (``amp="bf16"``), on CPU or CUDA."""
     return _amp_mode(amp) == "bf16"
-
-
-def with_memory_format(network: torch.nn.Module, channels_last: bool | str | int = False) -> torch.nn.Module:
-    """``network`` with its convolution weights stored channels-last (2D) or channels-last-3d (3D) when asked.
-
-    oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster on channels-last tensors, and a channels-last
-    weight makes each convolution's output channels-last too, so the whole network runs in that layout without
-    converting the batches. Measured per bfloat16 training step (forward, backward, AdamW) on 2 CPU cores, batch 16
-    of 3x256x256: MONAI ``UNet`` 0.34 -> 0.27 s and ``AttentionUnet`` 1.2 -> 0.97 s, but ``attresseunet`` 2.2 ->
-    2.5 s and ``SegResNet`` 1.3 -> 1.5 s, so it is a per-network choice, off by default. Only the memory layout
-    changes, not the values; saved weights load into either layout.
-    """
-    if not as_bool(channels_last, "channels_last"):
-        return network
-    dims = next((m.weight.dim() - 2 for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), 0)
-    if dims == 2:
-        return network.to(memory_format=torch.channels_last)
-    if dims == 3:
-        return network.to(memory_format=torch.channels_last_3d)
-    return network
 
 
 class AutocastInferer(SimpleInferer):
@@ -509,7 +464,7 @@ class FinalModelSaver:
     def __init__(self, network: torch.nn.Module, save_dir: str | os.PathLike, filename: str = FINAL_MODEL_FILENAME):
         self.network = network
         self.path = Path(save_dir) / filename
-        self.sidecar = self.path.with_suffix(".json")
+        self.sidecar = own_sidecar(self.path)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.remove_previous)
@@ -528,12 +483,7 @@ class FinalModelSaver:
         network = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the network
         torch.save({"model": network.state_dict(), "epoch": int(engine.state.epoch)}, tmp)
         os.replace(tmp, self.path)
-        settings = self.path.parent / "model.json"  # written when training starts
-        if settings.is_file():
-            values = json.loads(settings.read_text(encoding="utf-8"))
-            values.pop("tuning", None)
-            values["postprocessing"] = {}
-            write_text_atomic(self.sidecar, json.dumps(values, indent=2) + "\n")
+        write_untuned_sidecar(self.path, self.path.parent / MODEL_SIDECAR)  # model.json: written when training starts
         logger.info("training completed at epoch %d: saved %s", engine.state.epoch, self.path)
 
 

@@ -27,11 +27,12 @@ import SimpleITK as sitk
 from matplotlib.figure import Figure
 
 from brainseg_monai.datalist import IMAGE_SUFFIXES_2D
+from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, Predictor, find_spec, load_for_case, load_model
-from brainseg_monai.io import read_sitk, write_text_atomic
+from brainseg_monai.inference.predictor import Predictor, load_for_case
+from brainseg_monai.io import read_sitk
 from brainseg_monai.metrics import (
     DEFAULT_THRESHOLDS,
     RATIO_METRICS,
@@ -40,15 +41,12 @@ from brainseg_monai.metrics import (
     pooled_metrics,
     threshold_grid,
 )
-from brainseg_monai.training import as_bool, resolve_device
+from brainseg_monai.model import find_spec, load_model, store_tuning
 
 __all__ = [
     "POSTPROCESSING_CANDIDATES",
-    "TUNING_KEY",
     "aggregate_folds",
     "check_fold_model",
-    "load_tuning",
-    "model_sidecar_path",
     "plot_threshold_curve",
     "tune_model_threshold",
     "tune_threshold_out_of_fold",
@@ -56,8 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TUNING_KEY = "tuning"
-"""Key of the tuning block in ``model.json``."""
 POSTPROCESSING_CANDIDATES: tuple[dict[str, bool], ...] = (
     {"keep_largest": False, "stack_slices": False},
     {"keep_largest": True, "stack_slices": True},
@@ -68,29 +64,10 @@ stacked into one volume; removing far-off false positives may let a lower thresh
 wins ties, so the extra step is kept only when it raises the mean patient Dice."""
 _FOLD_METRICS = "metrics.json"
 _SHARED_SETTINGS = ("kind", "distance_unit", "spacing")  # what the folds' distances (and images) must agree on
-
-
-def model_sidecar_path(checkpoint: str | os.PathLike) -> Path:
-    """The ``model.json`` that `brainseg_monai.inference.predictor.find_spec` reads first for ``checkpoint``: the
-    JSON of the same name (``model.pt`` -> ``model.json``), else ``model.json`` beside it (which may not exist yet)."""
-    ckpt = Path(checkpoint)
-    if ckpt.suffix == ".json":
-        return ckpt
-    same_name = ckpt.with_suffix(".json")
-    return same_name if same_name.is_file() else ckpt.parent / MODEL_SIDECAR
-
-
-def load_tuning(checkpoint_or_sidecar: str | os.PathLike) -> dict[str, Any] | None:
-    """The tuning block of a model (checkpoint, its ``model.json``, or the folder holding them), or None."""
-    path = Path(checkpoint_or_sidecar)
-    sidecar = path / MODEL_SIDECAR if path.is_dir() else model_sidecar_path(path)
-    if not sidecar.is_file():
-        return None
-    try:
-        tuning = json.loads(sidecar.read_text(encoding="utf-8")).get(TUNING_KEY)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise InputError(sidecar, f"not a readable model.json ({e})") from None
-    return tuning if isinstance(tuning, dict) and tuning.get("threshold_curve") else None
+#: the entries of a tuning result that model.json's tuning block records
+_TUNING_RECORD = ("threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates",
+                  "previous_threshold", "previous_postprocessing", "previous_dice", "patients", "items", "folds", "tta",
+                  "metric")
 
 
 def tune_model_threshold(
@@ -206,7 +183,7 @@ def tune_threshold_out_of_fold(
         for patient, patient_items in by_patient.items():
             probs[patient], truths[patient], paths[patient] = _predict_patient(predictor, spec, patient_items)
             logger.info("patient %s: %d maps predicted by %s", patient, len(probs[patient]), checkpoint)
-    before = PostProcessing.from_dict(target_spec.postprocessing)  # its other steps (size filter, opening) stay
+    before = target_spec.postprocessor  # its other steps (size filter, opening) stay
     candidates = []
     for settings in POSTPROCESSING_CANDIDATES:
         curve = [(float(t), _mean_patient_dice(probs, truths, paths, replace(before, threshold=float(t), **settings)))
@@ -236,7 +213,8 @@ def tune_threshold_out_of_fold(
         "sidecar": None,
     }
     if target is not None:
-        result["sidecar"] = str(_store(target, target_spec.to_dict(), result))
+        result["sidecar"] = str(store_tuning(target, {"threshold": result["threshold"], **result["postprocessing"]},
+                                             {key: result[key] for key in _TUNING_RECORD}))
     logger.info("threshold %.2f with post-processing %s: mean patient Dice %.4f (threshold was %.2f)",
                 chosen["threshold"], chosen["settings"], chosen["dice"], previous)
     return result
@@ -447,24 +425,6 @@ def _read_truth(path: Path) -> np.ndarray:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, f"label has {image.GetNumberOfComponentsPerPixel()} components; expected one")
     return sitk.GetArrayFromImage(image).T > 0
-
-
-def _store(checkpoint: str | os.PathLike, spec_values: Mapping[str, Any], result: Mapping[str, Any]) -> Path:
-    """Write the threshold and the tuning block into the checkpoint's model.json, keeping every other key."""
-    sidecar = model_sidecar_path(checkpoint)
-    if sidecar.is_file():
-        try:
-            values = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(sidecar, f"not a readable model.json ({e})") from None
-    else:  # the settings came from config_resolved.json: write them beside the checkpoint with the threshold
-        values = dict(spec_values)
-    values["postprocessing"] = {**(values.get("postprocessing") or {}), "threshold": result["threshold"],
-                                **result["postprocessing"]}
-    values[TUNING_KEY] = {key: result[key] for key in (
-        "threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates", "previous_threshold",
-        "previous_postprocessing", "previous_dice", "patients", "items", "folds", "tta", "metric")}  # fmt: skip
-    return write_text_atomic(sidecar, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

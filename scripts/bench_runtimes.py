@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from brainseg_monai.inference.predictor import cpu_bf16_flags, inference_network, load_model
+from brainseg_monai.inference.predictor import cpu_bf16_flags, inference_network
+from brainseg_monai.model import load_model
 from brainseg_monai.networks import get_network
 
 Runner = Callable[[], torch.Tensor]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from brainseg_monai.inference.predictor import Predictor, load_model
+from brainseg_monai.inference.predictor import Predictor
+from brainseg_monai.model import load_model
 
 MODEL = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
 

@@ -12,7 +12,6 @@ of the model (the network sees the pixels as given). docs/benchmarks.md quotes t
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import SimpleITK as sitk
 
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.io import read_sitk
+from brainseg_monai.model import MODEL_SIDECAR, read_sidecar, write_sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = REPO.parent / "shared" / "data" / "dicom" / "HF1139_AXIAL_FLAIR"
@@ -54,9 +54,8 @@ def main() -> None:
     plain = args.work / "model_without_pixel_spacing"
     plain.mkdir()
     shutil.copy(REPO / "bundle" / "models" / "model.pt", plain / "model.pt")
-    spec = json.loads((REPO / "bundle" / "models" / "model.json").read_text())
-    spec["pixel_spacing"] = None
-    (plain / "model.json").write_text(json.dumps(spec))
+    settings = read_sidecar(REPO / "bundle" / "models" / MODEL_SIDECAR)
+    write_sidecar(plain / MODEL_SIDECAR, {**settings, "pixel_spacing": None})
     models = {"resampled to the model's 0.86 mm": REPO / "bundle" / "models" / "model.pt",
               "pixels as given": plain / "model.pt"}
     print(f"| input | pixels | {' | '.join(f'Dice vs original, {m}' for m in models)} |")

@@ -30,7 +30,7 @@ import brainseg_monai.inference.runner as runner
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import LOCK_NAME, Case, discover_cases, safe_case_id
-from brainseg_monai.inference.predictor import ModelSpec
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings, OutputLock, input_fingerprint, run_inference
 from brainseg_monai.synth import make_dataset
 from test_infer import (

@@ -28,7 +28,6 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.inference import predictor as predictor_module
 from brainseg_monai.inference.predictor import (
     GroupInstanceNorm,
-    ModelSpec,
     Predictor,
     inference_network,
     normalise_images,
@@ -36,6 +35,7 @@ from brainseg_monai.inference.predictor import (
 )
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.inference.writers import write_png_mask
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.networks import get_network
 from brainseg_monai.transforms import channel_statistics, normalise_with
 from conftest import REPO_ROOT

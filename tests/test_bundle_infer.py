@@ -28,8 +28,9 @@ from monai.transforms import Compose
 from brainseg_monai.bundle_infer import LoadSliceStackd, PostProcessd, PredictorInferer, case_items
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec, find_spec, load_model, noise_only_slices
+from brainseg_monai.inference.predictor import noise_only_slices
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.model import MODEL_SIDECAR, ModelSpec, find_spec, load_model
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
 from conftest import REPO_ROOT, shared_path

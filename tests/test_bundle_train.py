@@ -19,8 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from brainseg_monai.augment import BatchAugment
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.networks import get_network
-from brainseg_monai.inference.predictor import load_model
-from brainseg_monai.training import AutocastInferer, RunRefused, latest_checkpoint, with_memory_format
+from brainseg_monai.devices import with_memory_format
+from brainseg_monai.model import load_model
+from brainseg_monai.training import AutocastInferer, RunRefused, latest_checkpoint
 from conftest import REPO_ROOT, shared_path
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -24,8 +24,8 @@ from brainseg_monai.cli import main as cli_main
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.model import MODEL_SIDECAR, ModelSpec
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
 from conftest import REPO_ROOT, shared_path

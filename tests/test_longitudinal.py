@@ -20,7 +20,7 @@ import torch
 
 from brainseg_monai.cli import main as cli_main
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.predictor import ModelSpec
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings
 from brainseg_monai.io import read_sitk
 from brainseg_monai.longitudinal import compare_studies, sphere_diameter

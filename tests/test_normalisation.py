@@ -12,7 +12,8 @@ from monai.data import CacheDataset, get_track_meta
 from monai.transforms import Compose, NormalizeIntensity
 
 from brainseg_monai.datalist import build_datalist
-from brainseg_monai.inference.predictor import ModelSpec, load_for_case, normalise_slices
+from brainseg_monai.inference.predictor import load_for_case, normalise_slices
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import with_normalisation
 from brainseg_monai.transforms import (

@@ -87,7 +87,7 @@ def test_series_of_two_patients_in_one_folder_are_two_cases(tmp_path: Path) -> N
                 f.rename(flat / f"{patient}_{series_folder.name}_{k:03d}.dcm")
     from brainseg_monai.channel_roles import InputRoles
     from brainseg_monai.inference.cases import discover_cases
-    from brainseg_monai.inference.predictor import find_spec
+    from brainseg_monai.model import find_spec
 
     cases = discover_cases([flat], InputRoles.of(find_spec(MODEL)))
     assert len(cases) == 2 and all(c.error is None for c in cases), [(c.case_id, c.error) for c in cases]

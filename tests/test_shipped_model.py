@@ -18,8 +18,9 @@ import torch
 
 from brainseg_monai import __version__
 from brainseg_monai.evaluation import evaluate_predictions
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, load_for_case, load_model
+from brainseg_monai.inference.predictor import load_for_case
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.model import MODEL_SIDECAR, load_model
 from conftest import REPO_ROOT, shared_path
 
 BUNDLE = REPO_ROOT / "bundle"

@@ -12,8 +12,8 @@ from PIL import Image
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
-from brainseg_monai.inference.predictor import write_model_sidecar
 from brainseg_monai.io import read_sitk
+from brainseg_monai.model import write_model_sidecar
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import (
     RunRefused,

@@ -19,10 +19,10 @@ from brainseg_monai.datalist import training_split
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.evaluation import evaluate_predictions
-from brainseg_monai.inference.predictor import ModelSpec, find_spec
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.model import ModelSpec, find_spec, load_tuning, sidecar_path
 from brainseg_monai.synth import make_dataset
-from brainseg_monai.tuning import aggregate_folds, load_tuning, plot_threshold_curve, tune_model_threshold
+from brainseg_monai.tuning import aggregate_folds, plot_threshold_curve, tune_model_threshold
 from conftest import REPO_ROOT
 
 # Regions of every image, from the darkest intensity level to the brightest, and the probability the stub gives each.
@@ -94,7 +94,7 @@ def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (folder / "model.json").write_text(json.dumps({**spec.to_dict(), "trained_on": "phantoms"}, indent=2))
 
     def fake_load_model(checkpoint: Path, device: str = "auto") -> tuple[torch.nn.Module, ModelSpec]:
-        shift = json.loads(tuning.model_sidecar_path(checkpoint).read_text()).get("stub_shift", 0.0)
+        shift = json.loads(sidecar_path(checkpoint).read_text()).get("stub_shift", 0.0)
         return LevelNet(shift).eval(), find_spec(checkpoint)
 
     monkeypatch.setattr(tuning, "load_model", fake_load_model)

@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from skimage.data import chelsea  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
-from brainseg_monai.inference.predictor import MODEL_SIDECAR, ModelSpec  # noqa: E402
+from brainseg_monai.model import MODEL_SIDECAR, ModelSpec  # noqa: E402
 from brainseg_monai.metrics import image_metrics  # noqa: E402
 from brainseg_monai.networks import NETWORKS  # noqa: E402
 from brainseg_monai.synth import make_dataset  # noqa: E402

@@ -1,20 +1,19 @@
-"""A trained model and how it predicts: 2D images, volumes slice by slice (2D models) or by sliding window (3D).
+"""How a trained model predicts: 2D images, volumes slice by slice (2D models) or by sliding window (3D).
 
-The model's settings travel with its weights in a ``model.json`` beside ``model.pt`` (written when training starts),
-so a checkpoint is enough to rebuild the network, its pre-processing and its tuned post-processing.
+The model, its settings and its ``model.json`` are `brainseg_monai.model`'s; this module reads the inputs the way
+those settings say and runs the network on them.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,15 @@ from monai.transforms import (
 )
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from brainseg_monai.devices import with_memory_format
 from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
-from brainseg_monai.networks import get_network
-from brainseg_monai.training import as_bool, resolve_device, with_memory_format
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.transforms import channel_statistics, infer_transforms, normalise_with
 
 logger = logging.getLogger(__name__)
 
-MODEL_SIDECAR = "model.json"
 #: images z-scored in one stacked pass by normalise_images (64 LGG slices: 50 MB a copy, a few copies at a time)
 _NORMALISE_CHUNK = 64
 # Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
@@ -59,131 +57,6 @@ _WHOLE_SLICE_PIXELS = 1024 * 1024
 _SPACING_TOLERANCE = 0.1
 #: MONAI axis codes (RAS space) of an axial DICOM series as ITK reads it: x to the left, y to the back, z to the head
 _AXIAL_AXCODES = "LPS"
-
-
-@dataclass
-class ModelSpec:
-    """What is needed besides the weights to use a model: network, input layout and post-processing."""
-
-    network_name: str = "unet"
-    network_kwargs: dict = field(default_factory=dict)
-    spatial_dims: int = 2
-    in_channels: int = 3
-    roi_size: list[int] = field(default_factory=lambda: [128, 128])
-    pixdim: list[float] | None = None
-    #: "slice": each 2D image z-scored on its own; "case": with the statistics of all slices of its case
-    normalisation: str = "slice"
-    channels: list[str] = field(default_factory=lambda: ["t1", "flair", "t1c"])
-    #: the channel whose grid the others are resampled onto and whose series the mask and the SEG lie on
-    primary_channel: str | None = None
-    #: channel -> the channel that fills it in when the input lacks it (how the model was trained to see a missing
-    #: sequence); channels not named here are required
-    channel_fallbacks: dict = field(default_factory=dict)
-    #: in-plane pixel size (mm) a 2D model was trained at: inputs at another size are resampled to it and back
-    pixel_spacing: list[float] | None = None
-    postprocessing: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
-        """Build from a ``model.json`` or a training run's ``config_resolved.json`` (unknown keys are ignored)."""
-        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values and values[k] is not None}
-        return cls(**known)
-
-    def __post_init__(self) -> None:
-        """Check the settings and fill the defaults that depend on others (channel names, primary channel)."""
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3 but is {self.spatial_dims!r}.")
-        if len(self.channels) != self.in_channels:
-            self.channels = [f"channel{i}" for i in range(self.in_channels)] if self.in_channels != 3 else ["t1", "flair", "t1c"]
-        if self.primary_channel is None:
-            self.primary_channel = "flair" if "flair" in self.channels else self.channels[0]
-        unknown = sorted(({self.primary_channel} | set(self.channel_fallbacks) | set(self.channel_fallbacks.values()))
-                         - set(self.channels))
-        if unknown:
-            raise ValueError(f"primary_channel and channel_fallbacks must name channels of the model "
-                             f"({', '.join(self.channels)}) but name {unknown}.")
-        if any(self.channel_fallbacks.get(fill) for fill in self.channel_fallbacks.values()):
-            raise ValueError(f"channel_fallbacks must fill from channels that are required themselves: "
-                             f"{self.channel_fallbacks}.")
-        if self.pixel_spacing is not None and (self.spatial_dims != 2 or len(self.pixel_spacing) != 2
-                                               or min(self.pixel_spacing) <= 0):
-            raise ValueError(f"pixel_spacing is two positive in-plane sizes (mm) of a 2D model, not "
-                             f"{self.pixel_spacing!r}.")
-
-    @property
-    def required_channels(self) -> list[str]:
-        """The channels an input must have: those without a fallback."""
-        return [name for name in self.channels if name not in self.channel_fallbacks]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def write_model_sidecar(
-    ckpt_dir: str | os.PathLike,
-    run_config: Mapping[str, Any],
-    channels: Sequence[str] | None = None,
-    resume: bool | str | int = False,
-) -> Path:
-    """Write ``ckpt_dir/model.json`` from a training run's settings (called when training starts).
-
-    A resumed run keeps what was added to its ``model.json`` since it started (the tuned ``postprocessing``, the
-    ``tuning`` record). A fresh run writes the defaults: a threshold tuned for another model is not this model's.
-    """
-    values = dict(run_config)
-    if channels is not None:
-        values["channels"] = list(channels)
-    spec = ModelSpec.from_dict(values)
-    path = Path(ckpt_dir) / MODEL_SIDECAR
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if as_bool(resume, "resume") and path.is_file() else {}
-    if existing.get("postprocessing"):
-        spec.postprocessing = existing["postprocessing"]
-    values = {**existing, **spec.to_dict()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def find_spec(checkpoint: str | os.PathLike) -> ModelSpec:
-    """The settings of ``checkpoint``: its ``model.json``, else the run's ``config_resolved.json`` one level up.
-
-    Raises:
-        InputError: when neither file is there (the message says where it looked).
-    """
-    ckpt = Path(checkpoint)
-    candidates = [ckpt.with_suffix(".json"), ckpt.parent / MODEL_SIDECAR, ckpt.parent.parent / "config_resolved.json"]
-    for candidate in candidates:
-        if candidate.is_file() and candidate != ckpt:
-            return ModelSpec.from_dict(json.loads(candidate.read_text()))
-    raise InputError(ckpt, f"no model settings found beside the checkpoint (looked for {', '.join(map(str, candidates))})")
-
-
-def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the network of ``checkpoint`` (best ``model.pt`` or a ``last_checkpoint``) in eval mode on ``device``.
-
-    Raises:
-        InputError: when the checkpoint is missing, unreadable, or does not fit the network its settings describe.
-    """
-    ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise InputError(ckpt, "checkpoint not found (train a model first, or pass --checkpoint)")
-    spec = find_spec(ckpt)
-    dev = resolve_device(device)
-    network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
-    try:
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise InputError(ckpt, f"cannot read checkpoint: {err}") from err
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        raise InputError(ckpt, f"weights do not fit network '{spec.network_name}' ({spec.spatial_dims}D, "
-                               f"{spec.in_channels} channels): {str(err).splitlines()[0]}") from err
-    return network.to(dev).eval(), spec
 
 
 def noise_only_slices(volume: torch.Tensor | np.ndarray, fraction: float = 0.1) -> list[int]:

@@ -49,8 +49,9 @@ from brainseg_monai.inference.cases import (
     is_case_output,
 )
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import ModelSpec, Predictor, load_for_case, load_model
+from brainseg_monai.inference.predictor import Predictor, load_for_case
 from brainseg_monai.io import file_stem
+from brainseg_monai.model import ModelSpec, load_model
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
     SegNotWritten,

@@ -17,8 +17,8 @@ from typing import Any
 
 from brainseg_monai.channel_roles import single_channel_fills
 from brainseg_monai.inference.cases import Case
-from brainseg_monai.inference.predictor import ModelSpec
 from brainseg_monai.io import DicomSeries, find_dicom_series
+from brainseg_monai.model import ModelSpec
 from brainseg_monai.sequences import classify_series
 from brainseg_monai.webapp.uploads import sort_uploads
 

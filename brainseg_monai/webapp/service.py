@@ -24,9 +24,9 @@ from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import Case, discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing, slice_stacks
-from brainseg_monai.inference.predictor import ModelSpec, load_model
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.tta import TTA_MODES
+from brainseg_monai.model import ModelSpec, load_model
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.webapp.gate import check_dicom_modality, check_plausible_mr
 from brainseg_monai.webapp.roles import channel_overrides, describe_inputs, one_channel_choice
