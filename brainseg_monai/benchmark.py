@@ -34,12 +34,15 @@ from typing import Any
 
 import monai
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.data import TestTimeAugmentation
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, RandFlipd, RandRotate90d
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from skimage.transform import resize
 from torch.utils.flop_counter import FlopCounterMode
 
 from brainseg_monai.devices import resolve_device
@@ -87,6 +90,8 @@ class BenchmarkSizes:
         network_kwargs_3d: overrides of the default 3D ``unet``.
         volume_tta: TTA of both models in the volume part.
         matmul_size: side of the square fp32 matmul that measures the peak.
+        dicom_slices: slices of the DICOM study built from ``run_benchmark``'s ``dicom`` series (its central ones).
+        dicom_size: rows and columns of that study (the series resampled in-plane over the same field of view).
 
     Raises:
         ValueError: when a count or size is not a positive integer.
@@ -108,10 +113,12 @@ class BenchmarkSizes:
     network_kwargs_3d: dict = field(default_factory=dict)
     volume_tta: str = "none"
     matmul_size: int = 2048
+    dicom_slices: int = 22
+    dicom_size: int = 288
 
     def __post_init__(self) -> None:
         for name in ("image_size", "slices", "cases", "repeats", "scaling_cases", "scaling_repeats", "batch_size",
-                     "train_cases", "train_steps", "matmul_size"):
+                     "train_cases", "train_steps", "matmul_size", "dicom_slices", "dicom_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer but is {value!r}.")
@@ -378,6 +385,72 @@ def _timed_monai(tta: _MonaiTTA, cases: Sequence[Path], out: Path, device: torch
         seconds = time.perf_counter() - started
     shutil.rmtree(out, ignore_errors=True)
     return seconds, peak
+
+
+def _dicom_study(series: Path, dest: Path, slices: int, size: int) -> Path:
+    """A copy of the DICOM ``series`` as a study of its ``slices`` central slices, each resampled (linear) to
+    ``size`` x ``size`` pixels over the same field of view, with new UIDs and its headers kept; returns its folder."""
+    files = [p for p in sorted(series.iterdir()) if p.is_file()]
+    if not files:
+        raise InputError(series, "holds no DICOM files")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])
+    first = max(0, (len(files) - slices) // 2)
+    chosen = [files[i] for i in order[first:first + slices]]
+    if len(chosen) < slices:
+        raise InputError(series, f"has {len(files)} slices; the benchmark's DICOM study needs {slices}")
+    folder = dest / "study" / "series"
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for k, path in enumerate(chosen):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        old = np.asarray(ds.PixelSpacing, float)  # (between rows, between columns)
+        new = old * np.asarray(pixels.shape, float) / size
+        resized = resize(pixels.astype(np.float32), (size, size), order=1, preserve_range=True, anti_aliasing=False)
+        row_dir = np.asarray(ds.ImageOrientationPatient[:3], float)
+        col_dir = np.asarray(ds.ImageOrientationPatient[3:], float)
+        # the first pixel's centre moves by half the change of pixel size, so the field of view stays where it was
+        origin = np.asarray(ds.ImagePositionPatient, float) + row_dir * (new[1] - old[1]) / 2 + col_dir * (new[0] - old[0]) / 2
+        ds.PixelData = np.round(resized).astype(pixels.dtype).tobytes()
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing = [f"{v:.6f}" for v in new]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin]
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+    return folder.parent
+
+
+def _bench_dicom(sizes: BenchmarkSizes, device: torch.device, dicom: Path, work: Path, checkpoint: Path,
+                 precision: str) -> dict:
+    """``brainseg infer``'s path end to end (dihedral TTA, default settings) on a DICOM study built from ``dicom``:
+    at ``precision`` and, when that is a fast path, at ``fp32`` (the path before it), interleaved."""
+    study = _dicom_study(dicom, work / "dicom", sizes.dicom_slices, sizes.dicom_size)
+
+    def timed(at: str) -> Callable[[], tuple[float, PeakMemory]]:
+        settings = InferenceSettings(str(checkpoint), tta="dihedral", device=str(device),
+                                     batch_size=sizes.batch_size, progress=False, precision=at)
+        return lambda: _timed_infer([study], work / f"out_dicom_{at}", settings, device)
+
+    parts = {"dicom_tta_dihedral": timed(precision)}
+    if fast_path(precision, device) != fast_path("fp32", device):
+        parts["dicom_tta_dihedral_fp32"] = timed("fp32")
+    runs: dict[str, list[float]] = {name: [] for name in parts}
+    peaks: dict[str, PeakMemory] = {}
+    for repeat in range(sizes.repeats + 1):  # the first round warms up, as in the TTA part
+        for name, part in parts.items():
+            seconds, peak = part()
+            if repeat:
+                runs[name].append(seconds)
+                peaks[name] = max(peaks.get(name, peak), peak, key=lambda p: p.peak_mb)
+    n_slices = sizes.dicom_slices
+    return {
+        "parts": {name: {"seconds": _stats(runs[name]), "slices_per_s": _stats([n_slices / s for s in runs[name]]),
+                         **peaks[name].to_dict()} for name in parts},
+        "dicom_setup": {"series": str(dicom), "slices": n_slices, "size": [sizes.dicom_size] * 2},
+    }
 
 
 def _record_network_inputs(cases: Sequence[Path], out: Path, settings: InferenceSettings, network_type: type) -> list[tuple]:
@@ -804,6 +877,7 @@ def run_benchmark(
     workdir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     precision: str = "auto",
+    dicom: str | os.PathLike | None = None,
 ) -> dict:
     """Run every part, write the JSON to ``out`` and return it.
 
@@ -818,10 +892,12 @@ def run_benchmark(
         checkpoint: the model whose inference is timed (default: ``bundle/models/model.pt``, the shipped model).
         precision: ``fp32``, ``bf16`` or ``auto``, as ``brainseg infer --precision``; the forward is timed in
             float32 as well.
+        dicom: a DICOM series folder (e.g. ``../shared/data/dicom/HF1139_AXIAL_FLAIR``): ``brainseg infer`` is
+            timed on a study of ``sizes.dicom_slices`` of its slices resampled to ``sizes.dicom_size`` pixels square.
 
     Raises:
-        InputError: when ``data``, the checkpoint or the bundle's ``train.json`` is missing, or ``data`` has too few
-            patients.
+        InputError: when ``data``, ``dicom``, the checkpoint or the bundle's ``train.json`` is missing, ``data`` has
+            too few patients or ``dicom`` too few slices.
         ValueError: for a bad ``device``, or a ``precision`` the device cannot run.
     """
     dev = resolve_device(device)
@@ -833,6 +909,9 @@ def run_benchmark(
     data_dir = Path(data) if data is not None else None
     if data_dir is not None and not data_dir.is_dir():
         raise InputError(data_dir, "is not a folder of LGG patient folders")
+    dicom_dir = Path(dicom) if dicom is not None else None
+    if dicom_dir is not None and not dicom_dir.is_dir():
+        raise InputError(dicom_dir, "is not a DICOM series folder")
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="brainseg-bench-")) if temporary else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -843,6 +922,7 @@ def run_benchmark(
     try:
         for name, part in (
             ("tta", lambda: _bench_tta(sizes, dev, data_dir, work, model, precision)),
+            *([("dicom", lambda: _bench_dicom(sizes, dev, dicom_dir, work, model, precision))] if dicom_dir else []),
             ("training", lambda: _bench_training(sizes, dev, data_dir, work, Path(bundle))),
             ("scaling", lambda: _bench_scaling(sizes, dev, data_dir, work, model, precision)),
             ("volume", lambda: _bench_volume(sizes, dev, work, model, precision)),

@@ -236,7 +236,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=_bundle(args.bundle),
                            checkpoint=args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt"),
-                           precision=args.precision)
+                           precision=args.precision, dicom=args.dicom)
     print(format_table(result))
     print(f"written: {args.out}")
     return 0
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the model to time (default: the bundle's models/model.pt, the shipped model)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
                    help="how the timed model's fast path runs, as for infer (the fp32 reference is timed too)")
+    p.add_argument("--dicom", help="a DICOM series folder: also time brainseg infer on a 22-slice 288x288 study made "
+                                   "from it (e.g. ../shared/data/dicom/HF1139_AXIAL_FLAIR; default: not timed)")
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.set_defaults(func=_cmd_benchmark)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from monai.transforms import NormalizeIntensity
@@ -17,6 +18,7 @@ from brainseg_monai import cli
 from brainseg_monai.benchmark import (
     BenchmarkSizes,
     PeakMemory,
+    _bench_dicom,
     _bench_tta,
     _write_checkpoint,
     format_table,
@@ -38,7 +40,7 @@ from brainseg_monai.inference.writers import write_png_mask
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.networks import get_network
 from brainseg_monai.transforms import channel_statistics, normalise_with
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shared_path
 
 #: Probabilities of the optimised path (batch norm folded, channels-last, vectorised normalisation) against the plain one.
 PROB_TOLERANCE = 1e-5
@@ -354,3 +356,57 @@ def test_tiny_benchmark_writes_every_key(tmp_path: Path) -> None:
                 "train_data_overhead_pct", "monai_tta", "torchrun x2", "volume_3d_sliding_window", "model timed",
                 "forward_default_unet_bn"):
         assert key in table
+
+
+def test_cpu_forwards_are_cut_to_a_cache_sized_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a 2D model's stacked TTA views go through the network in chunks of at most
+    ``_CPU_FORWARD_PIXELS`` pixels, with the same probabilities as one whole batch."""
+    net, spec, images = _instance_norm_predictor_inputs()
+    whole = Predictor(net, spec, torch.device("cpu"), tta="dihedral").predict_batch(images)
+    monkeypatch.setattr(predictor_module, "_CPU_FORWARD_PIXELS", 5 * 32 * 32)
+    predictor = Predictor(net, spec, torch.device("cpu"), tta="dihedral")
+    seen: list[int] = []
+    handle = predictor.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        chunked = predictor.predict_batch(images)
+    finally:
+        handle.remove()
+    assert seen == [5, 5, 5, 5, 4], "3 images x 8 views in forwards of at most 5 images"
+    assert (chunked - whole).abs().max().item() < PROB_TOLERANCE
+
+
+def test_benchmark_dicom_study_keeps_the_field_of_view(tmp_path: Path) -> None:
+    """The benchmark's DICOM study: the central slices of the real series, resampled, on the same field of view."""
+    import SimpleITK as sitk
+
+    from brainseg_monai.benchmark import _dicom_study
+
+    series = shared_path("dicom", "HF1139_AXIAL_FLAIR")
+    study = _dicom_study(series, tmp_path, slices=5, size=288)
+    reader = sitk.ImageSeriesReader()
+    source = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(series)))
+    copy = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(study / "series")))
+    assert copy.GetSize() == (288, 288, 5)
+    assert copy.GetDirection() == pytest.approx(source.GetDirection())
+    for axis in (0, 1):  # the field of view's edges: first pixel centre minus half a pixel, and its far end
+        low = lambda image: image.GetOrigin()[axis] - image.GetSpacing()[axis] / 2  # noqa: E731
+        assert low(copy) == pytest.approx(low(source), abs=1e-3)
+        assert copy.GetSpacing()[axis] * 288 == pytest.approx(source.GetSpacing()[axis] * 256, abs=1e-3)
+    # the central 5 of 53 slices, in order, and their content resampled, not replaced
+    assert copy.GetOrigin()[2] == pytest.approx(source.GetOrigin()[2] + 24 * source.GetSpacing()[2], abs=1e-3)
+    middle = sitk.GetArrayFromImage(source)[26].astype(float)
+    resampled = sitk.GetArrayFromImage(copy)[2].astype(float)
+    assert resampled.mean() == pytest.approx(middle.mean(), rel=0.02)
+    assert pydicom.dcmread(next((study / "series").iterdir())).SeriesDescription == "AXIAL FLAIR"
+
+
+def test_benchmark_times_infer_on_the_dicom_study(tmp_path: Path) -> None:
+    sizes = BenchmarkSizes(repeats=1, batch_size=2, dicom_slices=3, dicom_size=64)
+    spec = ModelSpec(network_kwargs=TINY_INSTANCE_NET, roi_size=[32, 32], channel_fallbacks={"t1": "flair", "t1c": "flair"})
+    checkpoint = _write_checkpoint(tmp_path / "tiny", spec)
+    result = _bench_dicom(sizes, torch.device("cpu"), shared_path("dicom", "HF1139_AXIAL_FLAIR"), tmp_path / "work",
+                          checkpoint, "auto")
+    assert set(result["parts"]) == {"dicom_tta_dihedral", "dicom_tta_dihedral_fp32"}
+    for name, part in result["parts"].items():
+        _positive_finite(part["seconds"]["median"], name)
+    assert result["dicom_setup"]["slices"] == 3 and result["dicom_setup"]["size"] == [64, 64]

@@ -135,6 +135,25 @@ def test_tta_equals_hand_average_in_one_forward_call(mode, spatial_dims):
         assert (prob - plain).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("mode, spatial_dims, max_batch", [("none", 2, None), ("dihedral", 2, None), ("dihedral", 2, 5),
+                                                      ("flip", 3, None)])
+def test_spread_is_the_views_standard_deviation(mode, spatial_dims, max_batch):
+    """The spread equals the population standard deviation of the hand-computed views, chunked or not."""
+    net = AsymmetricNet(spatial_dims).eval()
+    images = _images((3, 2, 8, 8) if spatial_dims == 2 else (3, 2, 6, 6, 4))
+    mean, spread = TTAPredictor(mode, spatial_dims, max_batch=max_batch).mean_and_spread(net, images)
+    with torch.no_grad():
+        views = torch.stack([inverse(torch.sigmoid(net(forward(images)))) for forward, inverse in
+                             _hand_pairs(mode, spatial_dims)])
+    torch.testing.assert_close(mean, views.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(spread, views.std(0, correction=0), rtol=0, atol=2e-3)  # sqrt near 0 magnifies rounding
+    assert spread.min() >= 0 and spread.max() <= 0.5
+    if mode == "none":
+        assert torch.count_nonzero(spread) == 0
+    else:  # an asymmetric network disagrees with itself across views
+        assert spread.max() > 0.05
+
+
 def test_non_square_dihedral_groups_views_by_shape():
     net = AsymmetricNet(2).eval()
     images = _images((2, 2, 8, 6))

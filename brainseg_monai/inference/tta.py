@@ -5,7 +5,8 @@ through the pre-processing pipeline and runs the network once per draw, then inv
 Here the views are exact flips and quarter turns of the already pre-processed tensor (no interpolation, no randomness),
 all views of all images go through the network stacked in one batch, and un-transforming is another flip/rotation of
 the output. The result is deterministic and one forward call per batch; ``brainseg_monai.benchmark`` measures the
-difference in speed.
+difference in speed. The views' disagreement comes for free: :meth:`TTAPredictor.mean_and_spread` also returns the
+standard deviation of the views' probabilities at each pixel, the voxel map of ``brainseg_monai.uncertainty``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class TTAPredictor:
     Probabilities ``B1H[WD]`` (float32) of a 1-channel-logit network, averaged over the views of a TTA mode.
 
     Each view of each image is fed to ``network_fn``; the outputs are mapped back by the view's inverse, passed through
-    a sigmoid and averaged (averaging probabilities, not logits, so one confident view cannot dominate). All views of
+    a sigmoid and averaged (averaging probabilities, not logits, so one confident view cannot dominate);
+    :meth:`mean_and_spread` also gives their standard deviation over the views. All views of
     all images are stacked into one batch, so a call makes one forward pass; with ``max_batch`` the stacked batch is cut
     into chunks of at most ``max_batch`` images (``ceil(B * V / max_batch)`` forward passes) to bound memory, and only
     one chunk of transformed inputs exists at a time. Views that change the spatial shape (quarter turns of a non-square
@@ -139,7 +141,16 @@ class TTAPredictor:
         self.dtype = dtype
 
     def __call__(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """
+        """The mean of the views' probabilities, ``B1H[WD]``; arguments and errors as :meth:`mean_and_spread`."""
+        return self.mean_and_spread(network_fn, images)[0]
+
+    def mean_and_spread(self, network_fn: Callable[[torch.Tensor], torch.Tensor],
+                        images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the standard deviation (over the views, ``B1H[WD]`` each) of the views' probabilities.
+
+        The standard deviation is 0 where every view gives the same probability and at most 0.5; with one view
+        (``none``) it is 0 everywhere.
+
         Args:
             network_fn: maps ``NCH[WD]`` images to ``N1H[WD]`` logits.
             images: ``BCH[WD]`` pre-processed images.
@@ -160,12 +171,16 @@ class TTAPredictor:
         for view in self.views:
             groups.setdefault(view.spatial_shape(spatial), []).append(view)
         total = torch.zeros((images.shape[0], 1, *spatial), dtype=torch.float32, device=images.device)
+        total_sq = torch.zeros_like(total)
         autocast = (torch.autocast(images.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             for shape, views in groups.items():
-                self._add_group(network_fn, images, views, shape, total)
-        return total / len(self.views)
+                self._add_group(network_fn, images, views, shape, total, total_sq)
+        mean = total / len(self.views)
+        # E[p^2] - E[p]^2 can come out a rounding error below 0 where the views agree
+        spread = (total_sq / len(self.views) - mean * mean).clamp_(min=0).sqrt_()
+        return mean, spread
 
     def _add_group(
         self,
@@ -174,8 +189,10 @@ class TTAPredictor:
         views: list[View],
         shape: tuple[int, ...],
         total: torch.Tensor,
+        total_sq: torch.Tensor,
     ) -> None:
-        """Add the probabilities of ``views`` (all of the same view ``shape``) of every image to ``total``."""
+        """Add the probabilities of ``views`` (all of the same view ``shape``) of every image to ``total``, and their
+        squares to ``total_sq``."""
         n_images = images.shape[0]
         n_pairs = len(views) * n_images
         step = n_pairs if self.max_batch is None else self.max_batch
@@ -202,7 +219,9 @@ class TTAPredictor:
             probs = torch.sigmoid(logits.float())
             offset = 0
             for view, lo, hi in parts:
-                total[lo:hi] += view.inverse(probs[offset : offset + hi - lo])
+                prob = view.inverse(probs[offset : offset + hi - lo])
+                total[lo:hi] += prob
+                total_sq[lo:hi].addcmul_(prob, prob)
                 offset += hi - lo
 
 
