@@ -10,7 +10,7 @@ code ``brainseg infer`` runs, so that both write the same masks:
   (:class:`SliceStackReader`), so that its case statistics and the post-processing of its stacked slices are those
   of the case;
 - :class:`NormaliseSlicesd` z-scores each slice, or every slice with the case's statistics, with
-  :func:`~brainseg_monai.inference.predictor.normalise_images`;
+  :func:`~brainseg_monai.normalisation.normalise_images`;
 - :class:`PredictorInferer` predicts with :class:`~brainseg_monai.inference.predictor.Predictor` (padding, batched
   dihedral TTA, the forward's precision), slice by slice in chunks of ``batch_size`` as ``brainseg infer`` does;
 - :class:`PostProcessd` applies the model's stored
@@ -44,12 +44,12 @@ from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import Predictor, normalise_images
+from brainseg_monai.inference.predictor import Predictor
 from brainseg_monai.inference.runner import slice_output_names
 from brainseg_monai.inference.writers import write_png_mask, write_volume_mask
 from brainseg_monai.io import SimpleITKReader, file_stem
 from brainseg_monai.model import ModelSpec
-from brainseg_monai.transforms import channel_statistics, check_normalisation
+from brainseg_monai.normalisation import channel_statistics, check_normalisation, normalise_images
 
 __all__ = [
     "LoadSliceStackd", "NormaliseSlicesd", "PostProcessd", "PredictorInferer", "SaveMasksd", "SliceStackReader",
@@ -182,9 +182,9 @@ class NormaliseSlicesd(MapTransform):
     """z-score a 2D model's input as ``brainseg infer`` does: per channel over the non-zero pixels of each slice.
 
     A (C, x, y, z) stack is z-scored slice by slice along its last axis, a (C, x, y) image as one slice, by
-    :func:`~brainseg_monai.inference.predictor.normalise_images` on its slices, the call ``brainseg infer`` makes on
+    :func:`~brainseg_monai.normalisation.normalise_images` on its slices, the call ``brainseg infer`` makes on
     a case's slices; with ``normalisation="case"`` every slice takes the statistics of all slices of the item
-    (:func:`~brainseg_monai.transforms.channel_statistics`), those of the case when the item is a case. The image
+    (:func:`~brainseg_monai.normalisation.channel_statistics`), those of the case when the item is a case. The image
     keeps its metadata.
     """
 

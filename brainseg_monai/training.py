@@ -22,6 +22,7 @@ from ignite.handlers import Checkpoint
 from monai.data import DistributedSampler, DistributedWeightedRandomSampler
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.inferers import SimpleInferer
+from monai.transforms import Compose
 from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from brainseg_monai import datalist as datalist_lib
@@ -29,6 +30,7 @@ from brainseg_monai import synth, transforms
 from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, own_sidecar, write_untuned_sidecar
+from brainseg_monai.normalisation import case_statistics, check_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +167,19 @@ def with_normalisation(
     """``data`` from :func:`prepare_data`, its items carrying their patient's intensity statistics for "case".
 
     With "slice" it is returned as it is. With "case" every training and validation item gets its patient's
-    per-channel ``norm_mean``/``norm_std`` (:func:`brainseg_monai.transforms.case_statistics`), the statistics
-    inference computes over a patient's slices.
+    per-channel ``norm_mean``/``norm_std`` (:func:`brainseg_monai.normalisation.case_statistics`) of its images read
+    as training reads them, the statistics inference computes over a patient's slices.
     """
-    transforms.check_normalisation(normalisation)
+    check_normalisation(normalisation)
     train, valid, channels = data
     if normalisation == "slice":
         return train, valid, channels
-    return transforms.case_statistics(train, spatial_dims), transforms.case_statistics(valid, spatial_dims), channels
+    reader = Compose(transforms.load_transforms(spatial_dims, None, ("image",), normalisation=None))
+
+    def read(image: Any) -> torch.Tensor:
+        return reader({"image": image})["image"]
+
+    return case_statistics(train, read), case_statistics(valid, read), channels
 
 
 def _has_tumour(label_path: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 
-import torch
 from monai.data import ImageReader, get_track_meta, set_track_meta
 from monai.transforms import (
     AsDiscreted,
@@ -20,8 +19,6 @@ from monai.transforms import (
     FgBgToIndicesd,
     LoadImaged,
     MapTransform,
-    NormalizeIntensity,
-    NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
     Spacingd,
@@ -29,14 +26,15 @@ from monai.transforms import (
 )
 
 from brainseg_monai.io import SimpleITKReader
+from brainseg_monai.normalisation import ZScoreIntensityd
 
 # Tumour-free slices are two thirds of LGG; for them the crop centres on brain, as intended, and MONAI would warn for
 # every one of them, burying the training log.
 warnings.filterwarnings("ignore", message="Num foregrounds 0", module="monai")
 
 __all__ = [
-    "LoadImageSITKd", "NormaliseCased", "PlainRandCropByPosNegLabeld", "case_statistics", "channel_statistics",
-    "check_normalisation", "infer_transforms", "load_transforms", "normalise_with", "train_transforms", "val_transforms",
+    "LoadImageSITKd", "PlainRandCropByPosNegLabeld", "infer_transforms", "load_transforms", "train_transforms",
+    "val_transforms",
 ]
 
 
@@ -82,96 +80,6 @@ def _check_dims(spatial_dims: int, roi_size: Sequence[int] | None = None) -> Non
         raise ValueError(f"roi_size must have {spatial_dims} entries for spatial_dims={spatial_dims} but is {list(roi_size)}.")
 
 
-#: How intensities are z-scored: over each image's own brain pixels ("slice"), or over all images of the case (an LGG
-#: patient's slices, a volume's slices) with statistics in ``norm_mean``/``norm_std`` ("case").
-NORMALISATIONS = ("slice", "case")
-STATS_KEYS = ("norm_mean", "norm_std")
-
-
-def check_normalisation(normalisation: str) -> None:
-    """Raise ``ValueError`` unless ``normalisation`` is one of ``NORMALISATIONS``."""
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS} but is {normalisation!r}.")
-
-
-def channel_statistics(images: Sequence[torch.Tensor]) -> dict[str, list[float]]:
-    """Per-channel mean and (population) std of the non-zero pixels of all ``images`` (each ``(C, *spatial)``).
-
-    The statistics NormalizeIntensity(nonzero=True, channel_wise=True) takes from one image, pooled over a case.
-    A channel with no non-zero pixel gets mean 0 and std 1.
-    """
-    total = count = square = None
-    for image in images:
-        planes = torch.as_tensor(image).detach().double().flatten(1)
-        mask = planes != 0
-        values = torch.where(mask, planes, 0.0)
-        sums, squares, counts = values.sum(1), values.square().sum(1), mask.sum(1)
-        total = sums if total is None else total + sums
-        square = squares if square is None else square + squares
-        count = counts if count is None else count + counts
-    if total is None:
-        raise ValueError("channel_statistics needs at least one image.")
-    n = count.clamp_min(1).double()
-    mean = total / n
-    std = (square / n - mean.square()).clamp_min(0).sqrt()
-    std = torch.where(std == 0, 1.0, std)
-    return {STATS_KEYS[0]: mean.tolist(), STATS_KEYS[1]: std.tolist()}
-
-
-def normalise_with(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """z-score the non-zero pixels of ``image`` (``(C, *spatial)``) with per-channel ``mean``/``std``; zeros stay 0."""
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    m = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(shape)
-    s = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(shape)
-    return torch.where(image != 0, (image - m) / s, image)
-
-
-class NormaliseCased(MapTransform):
-    """z-score the image with its case's per-channel statistics (``norm_mean``/``norm_std`` in the data).
-
-    MONAI's ``NormalizeIntensityd`` takes fixed statistics or each image's own, not those of the case an image belongs
-    to. Without the statistics in the data (an image given alone) the image's own are used, which is the same as
-    ``NormalizeIntensityd(nonzero=True, channel_wise=True)``. The statistics keys are removed from the output.
-    """
-
-    def __init__(self, keys: Sequence[str] | str = "image") -> None:
-        super().__init__(keys)
-        self.own = NormalizeIntensity(nonzero=True, channel_wise=True)
-
-    def __call__(self, data: Mapping) -> dict:
-        """Normalised copy of ``data`` without the statistics keys."""
-        d = dict(data)
-        stats = {k: d.pop(k, None) for k in STATS_KEYS}
-        for key in self.key_iterator(d):
-            image = d[key]
-            mean, std = stats[STATS_KEYS[0]], stats[STATS_KEYS[1]]
-            if mean is None or std is None:  # an image alone
-                d[key] = self.own(image)
-                continue
-            if len(mean) != image.shape[0] or len(std) != image.shape[0]:
-                raise ValueError(f"case statistics have {len(mean)} channel(s) but the image has {image.shape[0]}.")
-            d[key] = normalise_with(image, mean, std)
-        return d
-
-
-def case_statistics(items: Sequence[Mapping], spatial_dims: int = 2) -> list[dict]:
-    """Copies of datalist ``items`` with their patient's per-channel ``norm_mean``/``norm_std`` (for "case").
-
-    Items are grouped by ``case`` if they carry one, else by ``patient`` (an item with neither is its own case);
-    each image is read once.
-    """
-    reader = Compose(load_transforms(spatial_dims, None, ("image",), normalisation=None))
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(str(item.get("case") or item.get("patient") or item["image"]), []).append(i)
-    out = [dict(item) for item in items]
-    for indices in groups.values():
-        stats = channel_statistics([reader({"image": items[i]["image"]})["image"] for i in indices])
-        for i in indices:
-            out[i].update(stats)
-    return out
-
-
 def load_transforms(
     spatial_dims: int = 2,
     pixdim: Sequence[float] | None = None,
@@ -190,11 +98,9 @@ def load_transforms(
         keys: the image key first, then optionally the label key.
         crop_foreground: for 3D, crop to the bounding box of non-zero image voxels (inverted by ``Invertd``).
         normalisation: "slice" (each image's own statistics), "case" (``norm_mean``/``norm_std`` of the data, see
-            :func:`case_statistics`), or None for raw intensities.
+            :func:`brainseg_monai.normalisation.case_statistics`), or None for raw intensities.
     """
     _check_dims(spatial_dims)
-    if normalisation is not None:
-        check_normalisation(normalisation)
     keys = list(keys)
     image_key, label_keys = keys[0], keys[1:]
     xforms: list[MapTransform] = [
@@ -212,10 +118,8 @@ def load_transforms(
             xforms.append(CropForegroundd(keys, source_key=image_key, margin=4, allow_smaller=True))
     if label_keys:
         xforms.append(AsDiscreted(label_keys, threshold=0.5))
-    if normalisation == "slice":
-        xforms.append(NormalizeIntensityd(image_key, nonzero=True, channel_wise=True))
-    elif normalisation == "case":
-        xforms.append(NormaliseCased(image_key))
+    if normalisation is not None:
+        xforms.append(ZScoreIntensityd(image_key, normalisation))
     return xforms
 
 

@@ -28,18 +28,11 @@ from brainseg_monai.benchmark import (
 )
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference import predictor as predictor_module
-from brainseg_monai.inference.predictor import (
-    GroupInstanceNorm,
-    Predictor,
-    inference_network,
-    normalise_images,
-    normalise_slices,
-)
+from brainseg_monai.inference.predictor import GroupInstanceNorm, Predictor, inference_network
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.inference.writers import write_png_mask
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.networks import get_network
-from brainseg_monai.transforms import channel_statistics, normalise_with
 from conftest import REPO_ROOT, shared_path
 
 #: Probabilities of the optimised path (batch norm folded, channels-last, vectorised normalisation) against the plain one.
@@ -231,36 +224,6 @@ def test_mask_agreement_is_dice_per_case_over_its_stacked_masks(tmp_path: Path) 
     write_png_mask(square, tmp_path / "b" / "p4" / "p4_0_pred.png")
     with pytest.raises(InputError, match="same cases and mask files.*p4"):
         mask_agreement(tmp_path / "a", tmp_path / "b")
-
-
-def test_normalise_slices_equals_monai_per_slice() -> None:
-    gen = torch.Generator().manual_seed(0)
-    volume = torch.rand(3, 40, 24, 6, generator=gen) * 900 * (torch.rand(1, 40, 24, 6, generator=gen) > 0.4)
-    volume[1, ..., 2] = 0  # an all-zero plane stays zero
-    volume[2, ..., 3] = (volume[2, ..., 3] != 0) * 7.0  # constant brain: std 0 is taken as 1
-    monai_norm = NormalizeIntensity(nonzero=True, channel_wise=True)
-    expected = torch.stack([torch.as_tensor(monai_norm(volume[..., z].clone())) for z in range(6)])
-    got = normalise_slices(volume)
-    assert got.shape == (6, 3, 40, 24)
-    assert (got - expected).abs().max().item() < PROB_TOLERANCE
-    assert not got[2, 1].any() and set(got[3, 2].unique().tolist()) <= {0.0}
-    assert abs(float(got[0, 0][volume[0, ..., 0] != 0].mean())) < 1e-4
-
-
-def test_normalise_images_equals_monai_per_image() -> None:
-    """Stacked normalisation of a case's slices (two sizes here) against MONAI's transform on each image alone."""
-    gen = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, *shape, generator=gen) * 500 * (torch.rand(1, *shape, generator=gen) > 0.3)
-              for shape in ((40, 24), (40, 24), (16, 16), (40, 24))]
-    images[1][2] = 0  # an all-zero channel stays zero
-    monai_norm = NormalizeIntensity(nonzero=True, channel_wise=True)
-    for got, image in zip(normalise_images(images), images):
-        assert got.shape == image.shape
-        assert (got - torch.as_tensor(monai_norm(image.clone()))).abs().max().item() < PROB_TOLERANCE
-    stats = channel_statistics(images)
-    for got, image in zip(normalise_images(images, stats), images):
-        expected = normalise_with(image, stats["norm_mean"], stats["norm_std"])
-        assert (got - expected).abs().max().item() < PROB_TOLERANCE
 
 
 def test_volume_by_slices_equals_the_per_slice_path() -> None:

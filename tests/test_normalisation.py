@@ -7,28 +7,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
-from monai.data import CacheDataset, get_track_meta
+from monai.data import CacheDataset, MetaTensor, get_track_meta
 from monai.transforms import Compose, NormalizeIntensity
 
 from brainseg_monai.datalist import build_datalist
-from brainseg_monai.inference.predictor import load_for_case, normalise_slices
+from brainseg_monai.inference.predictor import load_for_case
 from brainseg_monai.model import ModelSpec
+from brainseg_monai.normalisation import (
+    ZScoreIntensityd,
+    channel_statistics,
+    normalise_images,
+    normalise_slices,
+    zscore,
+)
 from brainseg_monai.synth import make_dataset
 from brainseg_monai.training import with_normalisation
-from brainseg_monai.transforms import (
-    NormaliseCased,
-    case_statistics,
-    channel_statistics,
-    load_transforms,
-    normalise_with,
-    train_transforms,
-)
+from brainseg_monai.transforms import load_transforms, train_transforms
 
 
 @pytest.fixture(scope="module")
 def lgg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("norm") / "data", "lgg", cases=2, seed=5, size=(48, 48, 5))
+
+
+#: the reference z-score: MONAI's, per image
+MONAI_ZSCORE = NormalizeIntensity(nonzero=True, channel_wise=True)
 
 
 def _pooled(images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -52,17 +57,58 @@ def test_channel_statistics_pool_the_nonzero_pixels_of_all_images() -> None:
     assert channel_statistics([torch.zeros(1, 4, 4)]) == {"norm_mean": [0.0], "norm_std": [1.0]}
 
 
-def test_an_image_without_case_statistics_is_normalised_on_its_own_as_monai_does() -> None:
-    image = torch.rand(3, 16, 16) * 100
+def test_zscore_equals_monai_per_image_in_2d_and_3d() -> None:
+    """MONAI's ``NormalizeIntensity`` on each image alone is the reference of the one z-score."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((40, 24), (12, 10, 8)):
+        images = torch.rand(4, 3, *shape, generator=gen) * 900 * (torch.rand(4, 1, *shape, generator=gen) > 0.4)
+        images[1, 1] = 0  # an all-zero channel stays zero
+        images[2, 2] = (images[2, 2] != 0) * 7.0  # constant brain: std 0 is taken as 1
+        expected = torch.stack([torch.as_tensor(MONAI_ZSCORE(image.clone())) for image in images])
+        got = zscore(images)
+        assert got.shape == images.shape
+        assert (got - expected).abs().max().item() < 1e-5
+        assert not got[1, 1].any() and set(got[2, 2].unique().tolist()) <= {0.0}
+
+
+def test_normalise_slices_equals_monai_per_slice() -> None:
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(3, 40, 24, 6, generator=gen) * 900 * (torch.rand(1, 40, 24, 6, generator=gen) > 0.4)
+    volume[1, ..., 2] = 0  # an all-zero plane stays zero
+    expected = torch.stack([torch.as_tensor(MONAI_ZSCORE(volume[..., z].clone())) for z in range(6)])
+    got = normalise_slices(volume)
+    assert got.shape == (6, 3, 40, 24)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert not got[2, 1].any()
+
+
+def test_normalise_images_equals_monai_per_image() -> None:
+    """Stacked normalisation of a case's slices (two sizes here) against MONAI's transform on each image alone."""
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, *shape, generator=gen) * 500 * (torch.rand(1, *shape, generator=gen) > 0.3)
+              for shape in ((40, 24), (40, 24), (16, 16), (40, 24))]
+    images[1][2] = 0  # an all-zero channel stays zero
+    for got, image in zip(normalise_images(images), images):
+        assert got.shape == image.shape
+        assert (got - torch.as_tensor(MONAI_ZSCORE(image.clone()))).abs().max().item() < 1e-5
+
+
+def test_the_transform_z_scores_an_image_alone_as_monai_does_and_keeps_its_metadata() -> None:
+    image = MetaTensor(torch.rand(3, 16, 16) * 100, meta={"filename_or_obj": "a.png"})
     image[:, :3] = 0
-    ours = NormaliseCased("image")({"image": image})["image"]
-    theirs = NormalizeIntensity(nonzero=True, channel_wise=True)(image)
-    assert torch.allclose(ours, torch.as_tensor(theirs), atol=1e-5)
+    for normalisation in ("slice", "case"):  # "case" without the case's statistics: the image is its own case
+        ours = ZScoreIntensityd("image", normalisation)({"image": image})["image"]
+        assert isinstance(ours, MetaTensor) and ours.meta["filename_or_obj"] == "a.png"
+        assert torch.allclose(ours.as_tensor(), torch.as_tensor(MONAI_ZSCORE(image.clone())), atol=1e-5)
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        ZScoreIntensityd("image", "volume")
+    with pytest.raises(ValueError, match="1 mean.*3 channel"):
+        ZScoreIntensityd("image", "case")({"image": image, "norm_mean": [0.0], "norm_std": [1.0]})
 
 
 def test_case_statistics_are_shared_by_a_patients_slices_and_z_score_them(lgg: Path) -> None:
     items = build_datalist("lgg", lgg, val=0.0)["training"]
-    with_stats = case_statistics(items)
+    with_stats = with_normalisation((items, [], []), "case")[0]
     by_patient: dict[str, list[dict]] = {}
     for item in with_stats:
         by_patient.setdefault(item["patient"], []).append(item)
@@ -71,7 +117,7 @@ def test_case_statistics_are_shared_by_a_patients_slices_and_z_score_them(lgg: P
     for patient_items in by_patient.values():
         assert len({tuple(i["norm_mean"]) for i in patient_items}) == 1
         stats = patient_items[0]
-        normalised = [normalise_with(reader({"image": i["image"]})["image"], stats["norm_mean"], stats["norm_std"]) for i in patient_items]
+        normalised = [zscore(reader({"image": i["image"]})["image"][None], stats)[0] for i in patient_items]
         mean, std = _pooled(normalised)
         assert np.allclose(mean, 0, atol=1e-4) and np.allclose(std, 1, atol=1e-4)
     assert "norm_mean" not in items[0]  # the input items are left as they were
@@ -92,7 +138,7 @@ def test_inference_uses_the_statistics_of_the_whole_patient(lgg: Path) -> None:
     case = load_for_case("slices", images, ModelSpec(normalisation="case"))["slices"]
     mean, std = _pooled([torch.as_tensor(s) for s in case])
     assert np.allclose(mean, 0, atol=1e-4) and np.allclose(std, 1, atol=1e-4)
-    stats = case_statistics([{"image": p, "patient": "p"} for p in images])[0]  # what training attaches
+    stats = with_normalisation(([{"image": p, "patient": "p"} for p in images], [], []), "case")[0][0]  # training's
     reader = Compose(load_transforms(2, keys=("image",), normalisation="case"))
     for path, slice_ in zip(images, case):
         trained_on = reader({"image": path, "norm_mean": stats["norm_mean"], "norm_std": stats["norm_std"]})["image"]
@@ -120,6 +166,23 @@ def test_a_volume_through_a_case_normalised_2d_model_uses_the_volume_statistics(
     assert np.allclose(mean, 0, atol=1e-5) and np.allclose(std, 1, atol=1e-5)
 
 
+def test_a_3d_model_reads_a_volume_with_its_normalisation(tmp_path: Path) -> None:
+    """The 3D path z-scores with the model's setting; a volume alone is its own case, so both equal MONAI's."""
+    array = np.zeros((10, 24, 20), dtype=np.float32)
+    array[2:8, 4:20, 3:17] = np.random.default_rng(0).uniform(1.0, 100.0, size=(6, 16, 14))
+    source = tmp_path / "volume.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(source))
+    raw = Compose(load_transforms(3, keys=("image",), normalisation=None))({"image": str(source)})["image"]
+    for normalisation in ("slice", "case"):
+        spec = ModelSpec(spatial_dims=3, in_channels=1, channels=["image"], roi_size=[16, 16, 16],
+                         normalisation=normalisation)
+        loaded = load_for_case("volume", [str(source)], spec)
+        steps = [t for t in loaded["preprocessing"].transforms if isinstance(t, ZScoreIntensityd)]
+        assert [t.normalisation for t in steps] == [normalisation]
+        expected = torch.as_tensor(MONAI_ZSCORE(raw.clone()))
+        assert torch.allclose(loaded["data"]["image"].as_tensor(), expected, atol=1e-5)
+
+
 def test_training_crops_are_plain_tensors_drawn_afresh_each_pass(lgg: Path) -> None:
     """The cached pipeline stops before the crop (still random), which returns plain tensors, tumour-centred."""
     items = build_datalist("lgg", lgg, val=0.0)["training"]
@@ -144,7 +207,7 @@ def test_a_pairs_cv_fold_group_is_split_together_but_each_image_is_its_own_case(
     assert {i["patient"] for i in items} == {f"cvfold{k}" for k in range(1, 6)}
     assert all(i["case"] == Path(i["image"]).stem for i in items)
     reader = Compose(load_transforms(2, keys=("image",), normalisation=None))
-    for item in case_statistics(items):
+    for item in with_normalisation((items, [], []), "case")[0]:
         own = channel_statistics([reader({"image": item["image"]})["image"]])
         assert np.allclose(item["norm_mean"], own["norm_mean"]) and np.allclose(item["norm_std"], own["norm_std"])
     with_pid = build_datalist("pairs", make_dataset(tmp_path / "pid", "pairs", cases=2, seed=4, size=(32, 32, 4)),

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,11 @@ from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import predict_with_tta
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
 from brainseg_monai.model import ModelSpec
-from brainseg_monai.transforms import channel_statistics, infer_transforms, normalise_with
+from brainseg_monai.normalisation import channel_statistics, normalise_images, normalise_slices, shape_chunks
+from brainseg_monai.transforms import infer_transforms
 
 logger = logging.getLogger(__name__)
 
-#: images z-scored in one stacked pass by normalise_images (64 LGG slices: 50 MB a copy, a few copies at a time)
-_NORMALISE_CHUNK = 64
 # Every network in the registry accepts sizes divisible by 32 (SwinUNETR needs 32, U-Nets with 5 levels 16).
 _DIVISOR = 32
 #: smallest in-plane side (pixels) the networks look at: the U-Nets halve it four times
@@ -76,55 +75,6 @@ def noise_only_slices(volume: torch.Tensor | np.ndarray, fraction: float = 0.1) 
     if overall <= 0:
         return list(range(values.shape[-1]))
     return [int(z) for z in np.flatnonzero(per_slice < fraction * overall)]
-
-
-def _zscore_planes(planes: torch.Tensor, stats: dict | None) -> torch.Tensor:
-    """z-score each channel of each (N, C, x, y) plane over its non-zero pixels, or with ``stats`` for all planes."""
-    if stats is not None:
-        return normalise_with(planes.transpose(0, 1), stats["norm_mean"], stats["norm_std"]).transpose(0, 1)
-    mask = planes != 0
-    count = mask.sum((2, 3), keepdim=True).clamp_min(1)
-    mean = torch.where(mask, planes, 0.0).sum((2, 3), keepdim=True) / count
-    std = (torch.where(mask, planes - mean, 0.0).square().sum((2, 3), keepdim=True) / count).sqrt()
-    std = torch.where(std == 0, 1.0, std)
-    return torch.where(mask, (planes - mean) / std, planes)
-
-
-def normalise_slices(volume: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
-    """(C, x, y, z) float volume -> (z, C, x, y) slices, each channel of each slice z-scored over its non-zero pixels.
-
-    With ``stats`` (``norm_mean``/``norm_std`` per channel, see :func:`channel_statistics`) every slice is z-scored
-    with those instead: the "case" normalisation.
-
-    The same as MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)`` on every slice (training's
-    normalisation of 2D slices; population std, 1 where it is 0, all-zero planes unchanged), done in one pass over the
-    volume: the transform per slice on a strided view cost 20-30 ms a slice (``brainseg benchmark``), this ~6 ms.
-    """
-    return _zscore_planes(volume.float().permute(3, 0, 1, 2).contiguous(), stats)
-
-
-def normalise_images(images: Sequence[torch.Tensor], stats: dict | None = None) -> list[torch.Tensor]:
-    """(C, x, y) raw images -> normalised as by :func:`normalise_slices`, equal-sized ones stacked into one pass.
-
-    Through ``Compose``, MONAI's ``NormalizeIntensity`` per image cost about 3 ms of a 256x256 LGG slice's 6 ms of
-    reading and pre-processing (``brainseg benchmark``); stacked, a case's slices take one vectorised pass.
-    """
-    out: list[torch.Tensor | None] = [None] * len(images)
-    for chunk in shape_chunks(images, _NORMALISE_CHUNK):  # bounded memory for folders of many large images
-        normalised = _zscore_planes(torch.stack([torch.as_tensor(images[i]).float() for i in chunk]), stats)
-        for i, image in zip(chunk, normalised):
-            out[i] = image
-    return out  # type: ignore[return-value]
-
-
-def shape_chunks(images: Sequence[torch.Tensor], size: int) -> Iterator[list[int]]:
-    """Indices of ``images`` in chunks of at most ``size`` images of one shape (each chunk stacks into a batch)."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(tuple(image.shape), []).append(i)
-    for indices in by_shape.values():
-        for start in range(0, len(indices), size):
-            yield indices[start:start + size]
 
 
 class GroupInstanceNorm(torch.nn.Module):
@@ -566,7 +516,7 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
     if volume.ndim == 3 and spec.spatial_dims == 3:
         raise InputError(images[0], "is a 2D image but the model is a 3D volume model")
     if spec.spatial_dims == 3:
-        preprocessing = _without_loading(infer_transforms(3, spec.pixdim))
+        preprocessing = _without_loading(infer_transforms(3, spec.pixdim, spec.normalisation))
         data = preprocessing({"image": volume})
         return {"kind": kind, "data": data, "preprocessing": preprocessing, "resampled": resampled}
     planar = volume.ndim == 3  # a 2D MHA/NRRD/NIfTI or a 2D image read as a volume case
