@@ -176,47 +176,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune_threshold(args: argparse.Namespace) -> int:
-    from brainseg_monai.datalist import training_split
-    from brainseg_monai.tuning import check_fold_model, plot_threshold_curve, tune_threshold_out_of_fold
+    from brainseg_monai.tuning import tune_held_out_folds
 
-    checkpoints, folds = args.checkpoint, args.fold or [None]
-    if len(checkpoints) > 1 and len(folds) != len(checkpoints):
-        raise ValueError(f"{len(checkpoints)} checkpoints need as many --fold values (the "
-                         f"fold each one never saw, in the same order); got {len(args.fold or [])}")
-    if len(checkpoints) == 1 and len(folds) > 1:
-        raise ValueError("several --fold values need one checkpoint per fold")
-    if len(set(folds)) < len(folds):
-        raise ValueError(f"--fold {' '.join(map(str, folds))} repeats a fold; give each "
-                         f"checkpoint the one fold it never saw")
-    if args.dry_run and args.store_in:
-        raise ValueError("--dry-run stores nothing; drop --store-in or --dry-run")
-    target = None if args.dry_run else (args.store_in or (checkpoints[0] if len(checkpoints) == 1 else None))
-    if not args.dry_run and target is None:
-        raise ValueError("with several fold checkpoints, say which model receives the "
-                         "threshold with --store-in MODEL (e.g. the model trained on all patients), or use --dry-run")
-    for ckpt, fold in zip(checkpoints, folds):  # each model must never have seen the patients it is tuned on
-        check_fold_model(ckpt, fold)
-    result = tune_threshold_out_of_fold(
-        [(ckpt, training_split(args.datalist, fold)[1]) for ckpt, fold in zip(checkpoints, folds)],
-        target=target, tta=args.tta, device=args.device, batch_size=args.batch_size, thresholds=args.thresholds,
+    result = tune_held_out_folds(
+        args.checkpoint, args.datalist, args.fold, store_in=args.store_in, dry_run=args.dry_run, tta=args.tta,
+        device=args.device, batch_size=args.batch_size, thresholds=args.thresholds,
     )
-    plot = plot_threshold_curve(result["threshold_curve"], result["threshold"],
-                                Path(target or checkpoints[0]).parent / "threshold_curve.png",
-                                previous=result["previous_threshold"])
     previous = "n/a" if result["previous_dice"] is None else f"{result['previous_dice']:.4f}"
     for candidate in result["postprocessing_candidates"]:
         chosen = " (chosen)" if candidate["settings"] == result["postprocessing"] else ""
         print(f"post-processing {json.dumps(candidate['settings'])}: best threshold {candidate['threshold']}, mean "
               f"patient Dice {candidate['dice']:.4f}{chosen}")
     print(f"best threshold {result['threshold']} (mean patient Dice {result['dice']:.4f} over {result['patients']} "
-          f"patients); before: {json.dumps(result['previous_postprocessing'])} ({previous}); curve: {plot}")
+          f"patients); before: {json.dumps(result['previous_postprocessing'])} ({previous}); "
+          f"curve: {result['curve_plot']}")
     print(f"stored in {result['sidecar']}" if result["sidecar"] else "dry run: nothing stored")
     return 0
 
 
 def _cmd_aggregate_folds(args: argparse.Namespace) -> int:
+    from brainseg_monai.evaluation import aggregate_folds
     from brainseg_monai.report import write_folds_report
-    from brainseg_monai.tuning import aggregate_folds
 
     files = write_folds_report(aggregate_folds(args.metrics), args.out)
     print(f"report: {files['html']}")

@@ -15,6 +15,9 @@ the sum of intersections over the sum of sizes, not the mean of slice Dices. Onl
 images of a ``pairs`` group (figshare's ``cvfold<k>``, which is no patient) are pooled instead, with HD95 and ASD
 undefined. A volume's per-image records are its slices along the third axis (the acquisition slices). The returned
 dict is JSON-ready: nan and inf are ``None``.
+
+`aggregate_folds` combines the ``metrics.json`` of K folds' evaluations: the mean and spread over folds, and the
+per-patient Dice pooled over every fold's patients.
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ from brainseg_monai.datalist import (
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import slice_stacks
 from brainseg_monai.io import file_stem, find_dicom_series, read_sitk, write_text_atomic
-from brainseg_monai.metrics import image_metrics, patient_metrics, pooled_metrics, summarise
+from brainseg_monai.metrics import RATIO_METRICS, describe, image_metrics, patient_metrics, pooled_metrics, summarise
 
 __all__ = [
+    "METRICS_FILE",
     "MISSING_POLICY",
     "PREDICTION_VALUES",
     "PRED_SUFFIX",
     "SPLITS",
     "VOLUME_MASK",
+    "aggregate_folds",
     "evaluate_predictions",
     "json_ready",
     "write_metrics_json",
@@ -65,6 +70,9 @@ MISSING_POLICY = ("refused unless allowed (allow_missing, --allow-missing); allo
                   "prediction (all background): 0 on an item with tumour, but perfect on a tumour-free one")
 """What happens to a truth item without a prediction; ``settings["missing_policy"]`` of every result."""
 SPLITS = ("training", "validation", "testing", "all")
+METRICS_FILE = "metrics.json"
+"""The scores ``brainseg evaluate`` writes into its report folder, which `aggregate_folds` reads."""
+_SHARED_SETTINGS = ("kind", "distance_unit", "spacing")  # what the folds' distances (and images) must agree on
 PREDICTION_VALUES = ((0, 1), (0, 255))
 """The value sets a prediction mask may hold: ``brainseg infer`` writes 0/1 volumes and 0/255 PNGs. Any other value
 (a label map's 2 or 4, a probability, {0, 3, 77}) would be counted as tumour without a word, so it is refused unless
@@ -265,6 +273,85 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return str(value)
     return value
+
+
+def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Mean and spread over K folds of their evaluation metrics, and the per-patient Dice pooled over all folds.
+
+    Each fold's number is its report's ``settings.fold`` (``brainseg evaluate --fold K``); a report without one
+    takes its place in the argument list. Distances are only averaged over reports measured alike.
+
+    Args:
+        fold_dirs_or_metrics: each fold's ``metrics.json`` (from ``brainseg evaluate``) or the folder holding it.
+
+    Returns:
+        ``{"folds": [{"fold", "path", "patients", "patient_dice_mean", "patient_dice_median", "global_dice"}]`` in
+        fold order, ``"metrics": {summary key: `metrics.describe` over folds}`` for every number of the summaries,
+        ``"pooled": {"patients", "patient_dice": describe over every fold's patients, "global_<ratio>" from the
+        confusion matrices of all patients summed}``, ``"per_patient": [{"fold", "patient", "dice"}]``,
+        and ``"settings": {"kind", "distance_unit", "spacing"}``, which every fold shares.
+
+    Raises:
+        ValueError: when fewer than two folds are given.
+        InputError: a missing or unreadable metrics.json, a patient scored in two folds (folds must be disjoint),
+            two reports of one fold number, or reports whose kind, distance unit or spacing differ.
+    """
+    if isinstance(fold_dirs_or_metrics, (str, os.PathLike)) or len(fold_dirs_or_metrics) < 2:
+        raise ValueError(
+            f"fold_dirs_or_metrics must list at least two folds' metrics.json, got {fold_dirs_or_metrics!r}"
+        )
+    folds = []
+    seen: dict[str, Path] = {}
+    numbered: dict[int, Path] = {}
+    for index, raw in enumerate(fold_dirs_or_metrics):
+        path = Path(raw)
+        path = path / METRICS_FILE if path.is_dir() else path
+        metrics = _read_metrics(path)
+        for record in metrics["per_patient"]:
+            patient = str(record["patient"])
+            if patient in seen:
+                raise InputError(path, f"patient {patient!r} is also scored in {seen[patient]}; folds must be disjoint")
+            seen[patient] = path
+        fold = metrics["settings"].get("fold")
+        fold = index if fold is None else fold
+        if isinstance(fold, bool) or not isinstance(fold, int):
+            raise InputError(path, f"settings.fold must be an integer or null but is {fold!r}")
+        if fold in numbered:
+            raise InputError(path, f"fold {fold} is also the fold of {numbered[fold]} (settings.fold, else the place "
+                                   f"in the list): give each fold's report once")
+        numbered[fold] = path
+        folds.append((fold, path, metrics))
+    shared = {key: folds[0][2]["settings"].get(key) for key in _SHARED_SETTINGS}
+    for _, path, metrics in folds[1:]:
+        differ = [key for key in _SHARED_SETTINGS if metrics["settings"].get(key) != shared[key]]
+        if differ:
+            shown = "; ".join(f"{key} {metrics['settings'].get(key)!r} there, {shared[key]!r} in {folds[0][1]}"
+                              for key in differ)
+            raise InputError(path, f"scored unlike the other folds ({shown}): evaluate every fold alike")
+    folds.sort(key=lambda f: f[0])
+
+    keys = [k for k, v in folds[0][2]["summary"].items() if _is_number(v)]
+    per_metric = {key: describe(_number(m["summary"].get(key)) for _, _, m in folds) for key in keys}
+    patients = [record for _, _, m in folds for record in m["per_patient"]]
+    pooled = pooled_metrics(patients)
+    return json_ready({
+        "folds": [
+            {"fold": fold, "path": str(path), "patients": m["summary"].get("patients"),
+             "patient_dice_mean": m["summary"].get("patient_dice_mean"),
+             "patient_dice_median": m["summary"].get("patient_dice_median"),
+             "global_dice": m["summary"].get("global_dice")}
+            for fold, path, m in folds
+        ],
+        "metrics": per_metric,
+        "pooled": {
+            "patients": len(patients),
+            "patient_dice": describe(_number(r.get("dice")) for r in patients),
+            **{f"global_{name}": pooled[name] for name in RATIO_METRICS if name != "f1"},
+        },
+        "per_patient": [{"fold": fold, "patient": r["patient"], "dice": r.get("dice")}
+                        for fold, _, m in folds for r in m["per_patient"]],
+        "settings": shared,
+    })  # fmt: skip
 
 
 # ---------------------------------------------------------------- truth
@@ -673,3 +760,26 @@ def _first(image: Any) -> str:
 def _natural_key(path: Path) -> list[Any]:
     """Sort key ordering digit runs as integers (``x_2`` before ``x_10``): LGG slice order."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "metrics.json not found (run brainseg evaluate on this fold first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"not a readable metrics.json ({e})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("summary"), dict) \
+            or not isinstance(metrics.get("per_patient"), list) or not isinstance(metrics.get("settings", {}), dict):
+        raise InputError(path, "not a metrics.json of brainseg evaluate: expected 'summary', 'per_patient' and "
+                               "'settings'")
+    metrics.setdefault("settings", {})
+    return metrics
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)

@@ -41,8 +41,8 @@ from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
 from brainseg_monai.inference.runner import InferenceSettings, run_inference, slice_output_names
 from brainseg_monai.io import ImageHeader, read_header, read_sitk, write_text_atomic
+from brainseg_monai.report import save_figure
 from brainseg_monai.sequences import ROLES, classify_series
-from brainseg_monai.tuning import save_figure
 
 __all__ = ["StudyScan", "compare_studies", "register_rigid", "sphere_diameter"]
 

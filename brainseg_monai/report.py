@@ -10,6 +10,7 @@ import html
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,15 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import json_ready, write_metrics_json
+from brainseg_monai.evaluation import METRICS_FILE, json_ready, write_metrics_json
 from brainseg_monai.inference.writers import write_overlay_png
 from brainseg_monai.io import read_sitk, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, load_tuning
-from brainseg_monai.tuning import plot_threshold_curve, save_figure
 
-__all__ = ["TRAINING_TAGS", "read_training_scalars", "write_folds_report", "write_report"]
+__all__ = [
+    "TRAINING_TAGS", "plot_threshold_curve", "read_training_scalars", "save_figure", "write_folds_report",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def write_report(
     result = json_ready(result)  # undefined values are None everywhere below, as in metrics.json
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {"metrics": write_metrics_json(result, out / "metrics.json")}
+    files: dict[str, Path] = {"metrics": write_metrics_json(result, out / METRICS_FILE)}
     summary, patients, images = result["summary"], result["per_patient"], result["per_image"]
     unit = result["settings"].get("distance_unit", "mm")
 
@@ -159,7 +162,7 @@ def read_training_scalars(train_dir: str | os.PathLike) -> dict[str, list[tuple[
 
 
 def write_folds_report(aggregate: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``folds.json``, ``folds.md``, ``folds.html`` and ``folds_dice.png`` for `tuning.aggregate_folds`."""
+    """Write ``folds.json``, ``folds.md``, ``folds.html`` and ``folds_dice.png`` for `evaluation.aggregate_folds`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {"metrics": write_metrics_json(aggregate, out / "folds.json")}
@@ -203,6 +206,43 @@ def write_folds_report(aggregate: Mapping[str, Any], out_dir: str | os.PathLike)
     files["markdown"] = write_text_atomic(out / "folds.md", _markdown("K-fold evaluation", sections))
     files["html"] = write_text_atomic(out / "folds.html", _html("K-fold evaluation", sections))
     return files
+
+
+def plot_threshold_curve(
+    curve: Sequence[Sequence[float]], best: float, path: str | os.PathLike, *, previous: float | None = None
+) -> Path:
+    """Write a PNG of mean per-patient Dice against threshold, the chosen one (and the previous one) marked."""
+    points = np.asarray(curve, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
+        raise ValueError(f"curve must be a non-empty list of (threshold, dice) pairs, got shape {points.shape}")
+    figure = Figure(figsize=(5.5, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(points[:, 0], points[:, 1], marker="o", markersize=3, color="tab:blue")
+    at_best = points[np.argmin(np.abs(points[:, 0] - best)), 1]
+    axes.axvline(best, color="tab:red", linestyle="--", label=f"chosen {best:.2f} (Dice {at_best:.3f})")
+    if previous is not None and not np.isclose(previous, best):
+        axes.axvline(previous, color="grey", linestyle=":", label=f"previous {previous:.2f}")
+    axes.set_xlabel("probability threshold")
+    axes.set_ylabel("mean per-patient Dice")
+    axes.set_xlim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower center", fontsize=8)
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically (no pyplot: no global state, no display needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=110, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------- sections

@@ -1,5 +1,5 @@
-"""Choices made on validation data after training: the probability threshold, whether to keep only the largest
-component, and the aggregate of K folds.
+"""Choices made on validation data after training: the probability threshold and whether to keep only the largest
+component.
 
 The tuned settings are stored in the checkpoint's ``model.json``: ``postprocessing`` (what ``brainseg infer`` applies
 by default) and a ``tuning`` block with the curve, the post-processing candidates and their scores, the data they came
@@ -8,7 +8,9 @@ from and the previous threshold. The tuning block lives outside ``postprocessing
 
 K-fold, the documented way: ``brainseg datalist --folds K`` writes ``dl.json``; train fold k with ``--fold k
 --datalist dl.json`` into its own folder; predict fold k's validation patients with that fold's model; evaluate them
-with ``brainseg evaluate PRED_k --truth dl.json --fold k``; then `aggregate_folds` over the K ``metrics.json``.
+with ``brainseg evaluate PRED_k --truth dl.json --fold k``; then `evaluation.aggregate_folds` over the K
+``metrics.json``. To tune one threshold for the recipe, `tune_held_out_folds` pairs each fold's model with the fold it
+never saw (``brainseg tune-threshold``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,30 +25,21 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from matplotlib.figure import Figure
 
-from brainseg_monai.datalist import IMAGE_SUFFIXES_2D
+from brainseg_monai.datalist import IMAGE_SUFFIXES_2D, training_split
 from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case
 from brainseg_monai.io import read_sitk
-from brainseg_monai.metrics import (
-    DEFAULT_THRESHOLDS,
-    RATIO_METRICS,
-    best_on_curve,
-    describe,
-    pooled_metrics,
-    threshold_grid,
-)
+from brainseg_monai.metrics import DEFAULT_THRESHOLDS, best_on_curve, threshold_grid
 from brainseg_monai.model import find_spec, load_model, store_tuning
+from brainseg_monai.report import plot_threshold_curve
 
 __all__ = [
     "POSTPROCESSING_CANDIDATES",
-    "aggregate_folds",
     "check_fold_model",
-    "plot_threshold_curve",
+    "tune_held_out_folds",
     "tune_model_threshold",
     "tune_threshold_out_of_fold",
 ]
@@ -62,8 +54,6 @@ POSTPROCESSING_CANDIDATES: tuple[dict[str, bool], ...] = (
 the cross-validation predictions: the threshold alone, or only the largest component of each case (a case's slices
 stacked into one volume; removing far-off false positives may let a lower threshold recover more tumour). The first
 wins ties, so the extra step is kept only when it raises the mean patient Dice."""
-_FOLD_METRICS = "metrics.json"
-_SHARED_SETTINGS = ("kind", "distance_unit", "spacing")  # what the folds' distances (and images) must agree on
 #: the entries of a tuning result that model.json's tuning block records
 _TUNING_RECORD = ("threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates",
                   "previous_threshold", "previous_postprocessing", "previous_dice", "patients", "items", "folds", "tta",
@@ -220,6 +210,72 @@ def tune_threshold_out_of_fold(
     return result
 
 
+def tune_held_out_folds(
+    checkpoints: Sequence[str | os.PathLike],
+    datalist: str | os.PathLike | Mapping[str, Any],
+    folds: Sequence[int] | None = None,
+    *,
+    store_in: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    tta: str = "none",
+    device: str = "auto",
+    batch_size: int = 16,
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """``brainseg tune-threshold``: tune on the patients each checkpoint never saw, store the result in one model and
+    plot its curve.
+
+    Each checkpoint is paired with the fold it held out (``folds``, in the same order), or without ``folds`` one
+    checkpoint with the datalist's validation split; each pairing is checked against the run's record
+    (:func:`check_fold_model`) before the predictions, which take minutes. The result goes into ``store_in``, else
+    into the one checkpoint; with several fold models, which model receives it must be said (``store_in``).
+
+    Args:
+        checkpoints: the model, or one model per fold.
+        datalist: the datalist (file or dict) whose validation items, or fold, each model is tuned on.
+        folds: the held-out fold of each checkpoint; None: the datalist's validation split.
+        store_in: the model whose ``model.json`` receives the result (default: the one checkpoint).
+        dry_run: store nothing.
+        tta, device, batch_size, thresholds: as for :func:`tune_model_threshold`.
+
+    Returns:
+        As :func:`tune_threshold_out_of_fold`, with ``curve_plot``: the PNG of the chosen curve, beside the model
+        that received the result (a dry run: beside the first checkpoint).
+
+    Raises:
+        ValueError: the fold count does not match the checkpoints, a fold repeats, ``dry_run`` with ``store_in``,
+            several fold models without ``store_in``; as for :func:`tune_threshold_out_of_fold`.
+        InputError: a checkpoint's run did not hold out its fold (:func:`check_fold_model`); as for
+            :func:`tune_threshold_out_of_fold`.
+    """
+    given = list(folds or [])
+    held_out = given or [None]
+    if len(checkpoints) > 1 and len(held_out) != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints need as many --fold values (the fold each one never saw, "
+                         f"in the same order); got {len(given)}")
+    if len(checkpoints) == 1 and len(held_out) > 1:
+        raise ValueError("several --fold values need one checkpoint per fold")
+    if len(set(held_out)) < len(held_out):
+        raise ValueError(f"--fold {' '.join(map(str, held_out))} repeats a fold; give each checkpoint the one fold it "
+                         f"never saw")
+    if dry_run and store_in:
+        raise ValueError("--dry-run stores nothing; drop --store-in or --dry-run")
+    target = None if dry_run else (store_in or (checkpoints[0] if len(checkpoints) == 1 else None))
+    if not dry_run and target is None:
+        raise ValueError("with several fold checkpoints, say which model receives the threshold with --store-in MODEL "
+                         "(e.g. the model trained on all patients), or use --dry-run")
+    for checkpoint, fold in zip(checkpoints, held_out):  # each model must never have seen the patients it is tuned on
+        check_fold_model(checkpoint, fold)
+    result = tune_threshold_out_of_fold(
+        [(checkpoint, training_split(datalist, fold)[1]) for checkpoint, fold in zip(checkpoints, held_out)],
+        target=target, tta=tta, device=device, batch_size=batch_size, thresholds=thresholds,
+    )
+    result["curve_plot"] = plot_threshold_curve(result["threshold_curve"], result["threshold"],
+                                                Path(target or checkpoints[0]).parent / "threshold_curve.png",
+                                                previous=result["previous_threshold"])
+    return result
+
+
 def check_fold_model(checkpoint: str | os.PathLike, fold: int | None) -> None:
     """Refuse a model whose training run did not hold out what it is to be tuned on, as the run's
     ``config_resolved.json`` records: fold ``fold``, or with ``fold=None`` the datalist's validation split. A
@@ -249,122 +305,6 @@ def check_fold_model(checkpoint: str | os.PathLike, fold: int | None) -> None:
         raise InputError(checkpoint, f"its run trained on the validation patients too (train_all, {record}): it saw "
                                      f"every patient and has no unseen ones to tune on; tune the fold models out "
                                      f"of fold and store the result in it with --store-in")
-
-
-def plot_threshold_curve(
-    curve: Sequence[Sequence[float]], best: float, path: str | os.PathLike, *, previous: float | None = None
-) -> Path:
-    """Write a PNG of mean per-patient Dice against threshold, the chosen one (and the previous one) marked."""
-    points = np.asarray(curve, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
-        raise ValueError(f"curve must be a non-empty list of (threshold, dice) pairs, got shape {points.shape}")
-    figure = Figure(figsize=(5.5, 3.6), layout="constrained")
-    axes = figure.add_subplot()
-    axes.plot(points[:, 0], points[:, 1], marker="o", markersize=3, color="tab:blue")
-    at_best = points[np.argmin(np.abs(points[:, 0] - best)), 1]
-    axes.axvline(best, color="tab:red", linestyle="--", label=f"chosen {best:.2f} (Dice {at_best:.3f})")
-    if previous is not None and not np.isclose(previous, best):
-        axes.axvline(previous, color="grey", linestyle=":", label=f"previous {previous:.2f}")
-    axes.set_xlabel("probability threshold")
-    axes.set_ylabel("mean per-patient Dice")
-    axes.set_xlim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower center", fontsize=8)
-    return save_figure(figure, path)
-
-
-def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as PNG atomically (no pyplot: no global state, no display needed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[str, Any]:
-    """Mean and spread over K folds of their evaluation metrics, and the per-patient Dice pooled over all folds.
-
-    Each fold's number is its report's ``settings.fold`` (``brainseg evaluate --fold K``); a report without one
-    takes its place in the argument list. Distances are only averaged over reports measured alike.
-
-    Args:
-        fold_dirs_or_metrics: each fold's ``metrics.json`` (from ``brainseg evaluate``) or the folder holding it.
-
-    Returns:
-        ``{"folds": [{"fold", "path", "patients", "patient_dice_mean", "patient_dice_median", "global_dice"}]`` in
-        fold order, ``"metrics": {summary key: `metrics.describe` over folds}`` for every number of the summaries,
-        ``"pooled": {"patients", "patient_dice": describe over every fold's patients, "global_<ratio>" from the
-        confusion matrices of all patients summed}``, ``"per_patient": [{"fold", "patient", "dice"}]``,
-        and ``"settings": {"kind", "distance_unit", "spacing"}``, which every fold shares.
-
-    Raises:
-        ValueError: when fewer than two folds are given.
-        InputError: a missing or unreadable metrics.json, a patient scored in two folds (folds must be disjoint),
-            two reports of one fold number, or reports whose kind, distance unit or spacing differ.
-    """
-    if isinstance(fold_dirs_or_metrics, (str, os.PathLike)) or len(fold_dirs_or_metrics) < 2:
-        raise ValueError(
-            f"fold_dirs_or_metrics must list at least two folds' metrics.json, got {fold_dirs_or_metrics!r}"
-        )
-    folds = []
-    seen: dict[str, Path] = {}
-    numbered: dict[int, Path] = {}
-    for index, raw in enumerate(fold_dirs_or_metrics):
-        path = Path(raw)
-        path = path / _FOLD_METRICS if path.is_dir() else path
-        metrics = _read_metrics(path)
-        for record in metrics["per_patient"]:
-            patient = str(record["patient"])
-            if patient in seen:
-                raise InputError(path, f"patient {patient!r} is also scored in {seen[patient]}; folds must be disjoint")
-            seen[patient] = path
-        fold = metrics["settings"].get("fold")
-        fold = index if fold is None else fold
-        if isinstance(fold, bool) or not isinstance(fold, int):
-            raise InputError(path, f"settings.fold must be an integer or null but is {fold!r}")
-        if fold in numbered:
-            raise InputError(path, f"fold {fold} is also the fold of {numbered[fold]} (settings.fold, else the place "
-                                   f"in the list): give each fold's report once")
-        numbered[fold] = path
-        folds.append((fold, path, metrics))
-    shared = {key: folds[0][2]["settings"].get(key) for key in _SHARED_SETTINGS}
-    for _, path, metrics in folds[1:]:
-        differ = [key for key in _SHARED_SETTINGS if metrics["settings"].get(key) != shared[key]]
-        if differ:
-            shown = "; ".join(f"{key} {metrics['settings'].get(key)!r} there, {shared[key]!r} in {folds[0][1]}"
-                              for key in differ)
-            raise InputError(path, f"scored unlike the other folds ({shown}): evaluate every fold alike")
-    folds.sort(key=lambda f: f[0])
-
-    keys = [k for k, v in folds[0][2]["summary"].items() if _is_number(v)]
-    per_metric = {key: describe(_number(m["summary"].get(key)) for _, _, m in folds) for key in keys}
-    patients = [record for _, _, m in folds for record in m["per_patient"]]
-    pooled = pooled_metrics(patients)
-    return json_ready({
-        "folds": [
-            {"fold": fold, "path": str(path), "patients": m["summary"].get("patients"),
-             "patient_dice_mean": m["summary"].get("patient_dice_mean"),
-             "patient_dice_median": m["summary"].get("patient_dice_median"),
-             "global_dice": m["summary"].get("global_dice")}
-            for fold, path, m in folds
-        ],
-        "metrics": per_metric,
-        "pooled": {
-            "patients": len(patients),
-            "patient_dice": describe(_number(r.get("dice")) for r in patients),
-            **{f"global_{name}": pooled[name] for name in RATIO_METRICS if name != "f1"},
-        },
-        "per_patient": [{"fold": fold, "patient": r["patient"], "dice": r.get("dice")}
-                        for fold, _, m in folds for r in m["per_patient"]],
-        "settings": shared,
-    })  # fmt: skip
 
 
 # ---------------------------------------------------------------- helpers
@@ -427,28 +367,5 @@ def _read_truth(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(image).T > 0
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "metrics.json not found (run brainseg evaluate on this fold first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"not a readable metrics.json ({e})") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("summary"), dict) \
-            or not isinstance(metrics.get("per_patient"), list) or not isinstance(metrics.get("settings", {}), dict):
-        raise InputError(path, "not a metrics.json of brainseg evaluate: expected 'summary', 'per_patient' and "
-                               "'settings'")
-    metrics.setdefault("settings", {})
-    return metrics
-
-
 def _held_out(fold: int | None) -> str:
     return "the datalist's validation split (no fold)" if fold is None else f"fold {fold}"
-
-
-def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def _number(value: Any) -> float:
-    return float("nan") if value is None else float(value)

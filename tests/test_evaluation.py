@@ -19,7 +19,7 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 from brainseg_monai.datalist import build_datalist, write_datalist
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import MISSING_POLICY, evaluate_predictions, write_metrics_json
+from brainseg_monai.evaluation import MISSING_POLICY, aggregate_folds, evaluate_predictions, write_metrics_json
 from brainseg_monai.inference.writers import write_png_mask
 from brainseg_monai.metrics import patient_metrics
 from brainseg_monai.synth import make_dataset
@@ -502,3 +502,65 @@ def test_command_line_takes_label_maps(lgg_root: Path, tmp_path: Path, capsys: p
     assert main([*args, "--out", str(tmp_path / "report"), "--label-maps"]) == 0
     stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert stored["settings"]["label_maps"] is True and stored["summary"]["patient_dice_mean"] == 1.0
+
+
+def _metrics(folder: Path, summary: dict, patients: dict[str, float | None], **settings: object) -> Path:
+    folder.mkdir(parents=True)
+    per_patient = [{"patient": p, "dice": d, "tp": 8, "fp": 2, "fn": 0 if d else 8, "tn": 90}
+                   for p, d in patients.items()]
+    path = folder / "metrics.json"
+    report = {"summary": summary, "per_patient": per_patient, "per_image": []}
+    path.write_text(json.dumps({**report, "settings": settings} if settings else report))
+    return path
+
+
+def test_aggregate_folds_mean_spread_and_pooled(tmp_path: Path) -> None:
+    first = _metrics(tmp_path / "f0", {"patients": 2, "patient_dice_mean": 0.8, "global_dice": 0.7, "detection": {}},
+                     {"a": 0.7, "b": 0.9})
+    _metrics(tmp_path / "f1", {"patients": 2, "patient_dice_mean": 0.6, "global_dice": None}, {"c": 0.6, "d": None})
+    result = aggregate_folds([first, tmp_path / "f1"])  # a metrics.json or the folder holding it
+    assert result["metrics"]["patient_dice_mean"]["mean"] == pytest.approx(0.7)
+    assert result["metrics"]["patient_dice_mean"]["std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert result["metrics"]["global_dice"]["mean"] == 0.7 and result["metrics"]["global_dice"]["undefined"] == 1
+    assert "detection" not in result["metrics"]
+    pooled = result["pooled"]
+    assert pooled["patients"] == 4
+    assert pooled["patient_dice"]["mean"] == pytest.approx(np.mean([0.7, 0.9, 0.6]))
+    assert pooled["patient_dice"]["undefined"] == 1
+    # confusions summed over all patients: tp 32, fp 8, fn 8 -> 64 / 80
+    assert pooled["global_dice"] == pytest.approx(2 * 32 / (2 * 32 + 8 + 8))
+    assert [f["fold"] for f in result["folds"]] == [0, 1] and result["folds"][1]["global_dice"] is None
+
+    _metrics(tmp_path / "f2", {"patients": 1}, {"a": 0.5})
+    with pytest.raises(InputError, match="'a' is also scored"):
+        aggregate_folds([first, tmp_path / "f2"])
+    with pytest.raises(InputError, match="metrics.json not found"):
+        aggregate_folds([first, tmp_path / "nowhere"])
+    with pytest.raises(ValueError, match="at least two folds"):
+        aggregate_folds([first])
+
+
+def test_aggregate_folds_numbers_folds_by_their_reports_and_refuses_unlike_ones(tmp_path: Path) -> None:
+    alike = {"kind": "slices", "distance_unit": "pixel", "spacing": None}
+    second = _metrics(tmp_path / "b", {"patients": 1, "patient_hd95_mean": 4.0}, {"c": 0.6}, fold=1, **alike)
+    first = _metrics(tmp_path / "a", {"patients": 1, "patient_hd95_mean": 2.0}, {"a": 0.8}, fold=0, **alike)
+    result = aggregate_folds([second, first])
+    assert [(f["fold"], f["path"]) for f in result["folds"]] == [(0, str(first)), (1, str(second))]
+    assert result["per_patient"] == [{"fold": 0, "patient": "a", "dice": 0.8}, {"fold": 1, "patient": "c", "dice": 0.6}]
+    assert result["settings"] == alike and result["metrics"]["patient_hd95_mean"]["mean"] == 3.0
+
+    again = _metrics(tmp_path / "c", {"patients": 1}, {"d": 0.5}, fold=1, **alike)
+    with pytest.raises(InputError, match=f"fold 1 is also the fold of {second}"):
+        aggregate_folds([first, second, again])
+    unnumbered = _metrics(tmp_path / "d", {"patients": 1}, {"e": 0.5}, **alike)  # no fold: its place in the list
+    with pytest.raises(InputError, match="fold 0 is also the fold of"):
+        aggregate_folds([unnumbered, first])
+    assert [f["fold"] for f in aggregate_folds([first, unnumbered])["folds"]] == [0, 1]
+    in_mm = _metrics(tmp_path / "e", {"patients": 1, "patient_hd95_mean": 1.0}, {"f": 0.5}, fold=2, kind="slices",
+                     distance_unit="mm", spacing=[0.5])
+    with pytest.raises(InputError, match=rf"^{in_mm}: scored unlike the other folds \(distance_unit 'mm' there, "
+                                         rf"'pixel' in {first}; spacing \[0.5\] there, None in {first}\)"):
+        aggregate_folds([first, in_mm])
+    volumes = _metrics(tmp_path / "f", {"patients": 1}, {"g": 0.5}, fold=2, **{**alike, "kind": "volumes"})
+    with pytest.raises(InputError, match="kind 'volumes' there, 'slices' in"):
+        aggregate_folds([first, second, volumes])

@@ -15,11 +15,16 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from brainseg_monai.datalist import build_datalist, write_datalist
-from brainseg_monai.evaluation import evaluate_predictions
+from brainseg_monai.evaluation import aggregate_folds, evaluate_predictions
 from brainseg_monai.inference.writers import write_png_mask
-from brainseg_monai.report import TRAINING_TAGS, read_training_scalars, write_folds_report, write_report
+from brainseg_monai.report import (
+    TRAINING_TAGS,
+    plot_threshold_curve,
+    read_training_scalars,
+    write_folds_report,
+    write_report,
+)
 from brainseg_monai.synth import make_dataset
-from brainseg_monai.tuning import aggregate_folds
 
 SECTIONS = ("Overview", "Summary", "Per-patient Dice distribution", "Dice versus tumour size",
             "Pooled confusion matrix", "Per patient", "Tumour-free images: false positives",
@@ -211,3 +216,13 @@ def test_folds_report(lgg_run: dict, tmp_path: Path) -> None:
     assert_valid_png(tmp_path / "folds" / "folds_dice.png")
     assert "patient_dice_mean" in files["markdown"].read_text(encoding="utf-8")
     assert "Distances (HD95, ASD) in pixel in every fold" in files["markdown"].read_text(encoding="utf-8")
+
+
+def test_threshold_curve_plot_marks_the_chosen_threshold(tmp_path: Path) -> None:
+    curve = [[0.1, 0.5], [0.3, 0.8], [0.5, 0.7]]
+    plot = plot_threshold_curve(curve, 0.3, tmp_path / "plots" / "curve.png", previous=0.5)
+    assert plot == tmp_path / "plots" / "curve.png" and [p.name for p in plot.parent.iterdir()] == ["curve.png"]
+    with Image.open(plot) as png:
+        assert png.format == "PNG" and png.size[0] > 300
+    with pytest.raises(ValueError, match="curve must be"):
+        plot_threshold_curve([], 0.5, tmp_path / "x.png")

@@ -1,9 +1,10 @@
 """Threshold tuning with a stub network whose probabilities are known, so the best threshold and the whole curve are
-known; K-fold aggregation on hand-made metrics.json files."""
+known; the pairing of fold models with the folds they never saw."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from brainseg_monai.evaluation import evaluate_predictions
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.model import ModelSpec, find_spec, load_tuning, sidecar_path
 from brainseg_monai.synth import make_dataset
-from brainseg_monai.tuning import aggregate_folds, plot_threshold_curve, tune_model_threshold
+from brainseg_monai.tuning import tune_held_out_folds, tune_model_threshold
 from conftest import REPO_ROOT
 
 # Regions of every image, from the darkest intensity level to the brightest, and the probability the stub gives each.
@@ -149,10 +150,6 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
     assert post.threshold == 0.3 and post.min_size == 3
     assert load_tuning(model_dir)["threshold"] == 0.3 and load_tuning(model_dir / "model.pt")["dice"] == 1.0
 
-    plot = plot_threshold_curve(result["threshold_curve"], result["threshold"], tmp_path / "curve.png", previous=0.5)
-    with Image.open(plot) as png:
-        assert png.format == "PNG" and png.size[0] > 300
-
 
 def test_largest_component_is_chosen_with_its_own_threshold_when_it_raises_patient_dice(
     model_dir: Path, tmp_path: Path
@@ -263,7 +260,13 @@ def test_tune_threshold_command_line_pairs_checkpoints_with_their_folds(
         [(models[0], [it for it in items if it["patient"] != "P3"]), (models[1], [it for it in items if it["patient"] == "P3"])],
         device="cpu")
     np.testing.assert_allclose(tuned["threshold_curve"], direct["threshold_curve"], atol=1e-12)
-    assert "over 3 patients" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "over 3 patients" in out and f"curve: {model_dir / 'threshold_curve.png'}" in out
+    dry = tune_held_out_folds([models[1], models[0]], tmp_path / "dl.json", [1, 0], dry_run=True, device="cpu")
+    assert dry["sidecar"] is None and dry["curve_plot"] == models[1].parent / "threshold_curve.png"
+    np.testing.assert_allclose(dry["threshold_curve"], direct["threshold_curve"], atol=1e-12)
+    with Image.open(dry["curve_plot"]) as png:
+        assert png.format == "PNG"
 
     assert main([*args, "--checkpoint", str(models[1]), str(models[0]), "--fold", "0", "1", "--dry-run"]) == 2
     assert "held out fold 1" in capsys.readouterr().err
@@ -308,21 +311,27 @@ def test_tune_threshold_command_line_checks_a_single_checkpoint_too(
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "checkpoints, options, message",
     [
-        (["--checkpoint", "a.pt", "b.pt", "--fold", "0"], "2 checkpoints need as many --fold values"),
-        (["--checkpoint", "a.pt", "--fold", "0", "1"], "several --fold values need one checkpoint per fold"),
-        (["--checkpoint", "a.pt", "b.pt", "--fold", "0", "1"], "--store-in MODEL"),
-        (["--checkpoint", "a.pt", "b.pt", "--fold", "0", "0", "--dry-run"], "repeats a fold"),
-        (["--checkpoint", "a.pt", "--store-in", "c.pt", "--dry-run"], "drop --store-in or --dry-run"),
+        (["a.pt", "b.pt"], {"folds": [0]}, "2 checkpoints need as many --fold values"),
+        (["a.pt", "b.pt"], {}, "2 checkpoints need as many --fold values"),
+        (["a.pt"], {"folds": [0, 1]}, "several --fold values need one checkpoint per fold"),
+        (["a.pt", "b.pt"], {"folds": [0, 1]}, "--store-in MODEL"),
+        (["a.pt", "b.pt"], {"folds": [0, 0], "dry_run": True}, "repeats a fold"),
+        (["a.pt"], {"store_in": "c.pt", "dry_run": True}, "drop --store-in or --dry-run"),
     ],
 )
-def test_tune_threshold_command_line_checks_folds_and_target(args: list[str], message: str,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_fold_models_and_the_target_are_checked_before_anything_is_read(checkpoints: list[str], options: dict,
+                                                                       message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tune_held_out_folds(checkpoints, "dl.json", **options)
+
+
+def test_the_command_line_says_what_is_wrong_with_its_folds(capsys: pytest.CaptureFixture) -> None:
     from brainseg_monai.cli import main
 
-    assert main(["tune-threshold", "--datalist", "dl.json", *args]) == 2
-    assert message in capsys.readouterr().err
+    assert main(["tune-threshold", "--datalist", "dl.json", "--checkpoint", "a.pt", "b.pt", "--fold", "0"]) == 2
+    assert "2 checkpoints need as many --fold values" in capsys.readouterr().err
 
 
 def test_tuning_volumes_with_a_2d_model(model_dir: Path, tmp_path: Path) -> None:
@@ -352,70 +361,6 @@ def test_tuning_argument_errors(model_dir: Path, tmp_path: Path) -> None:
         tune_model_threshold(model_dir / "model.pt", [])
     with pytest.raises(ValueError, match=r"items\[0\] lacks label"):
         tune_model_threshold(model_dir / "model.pt", [{"image": "a.png", "patient": "p"}])
-    with pytest.raises(ValueError, match="curve must be"):
-        plot_threshold_curve([], 0.5, tmp_path / "x.png")
-
-
-def _metrics(folder: Path, summary: dict, patients: dict[str, float | None], **settings: object) -> Path:
-    folder.mkdir(parents=True)
-    per_patient = [{"patient": p, "dice": d, "tp": 8, "fp": 2, "fn": 0 if d else 8, "tn": 90}
-                   for p, d in patients.items()]
-    path = folder / "metrics.json"
-    report = {"summary": summary, "per_patient": per_patient, "per_image": []}
-    path.write_text(json.dumps({**report, "settings": settings} if settings else report))
-    return path
-
-
-def test_aggregate_folds_mean_spread_and_pooled(tmp_path: Path) -> None:
-    first = _metrics(tmp_path / "f0", {"patients": 2, "patient_dice_mean": 0.8, "global_dice": 0.7, "detection": {}},
-                     {"a": 0.7, "b": 0.9})
-    _metrics(tmp_path / "f1", {"patients": 2, "patient_dice_mean": 0.6, "global_dice": None}, {"c": 0.6, "d": None})
-    result = aggregate_folds([first, tmp_path / "f1"])  # a metrics.json or the folder holding it
-    assert result["metrics"]["patient_dice_mean"]["mean"] == pytest.approx(0.7)
-    assert result["metrics"]["patient_dice_mean"]["std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
-    assert result["metrics"]["global_dice"]["mean"] == 0.7 and result["metrics"]["global_dice"]["undefined"] == 1
-    assert "detection" not in result["metrics"]
-    pooled = result["pooled"]
-    assert pooled["patients"] == 4
-    assert pooled["patient_dice"]["mean"] == pytest.approx(np.mean([0.7, 0.9, 0.6]))
-    assert pooled["patient_dice"]["undefined"] == 1
-    # confusions summed over all patients: tp 32, fp 8, fn 8 -> 64 / 80
-    assert pooled["global_dice"] == pytest.approx(2 * 32 / (2 * 32 + 8 + 8))
-    assert [f["fold"] for f in result["folds"]] == [0, 1] and result["folds"][1]["global_dice"] is None
-
-    _metrics(tmp_path / "f2", {"patients": 1}, {"a": 0.5})
-    with pytest.raises(InputError, match="'a' is also scored"):
-        aggregate_folds([first, tmp_path / "f2"])
-    with pytest.raises(InputError, match="metrics.json not found"):
-        aggregate_folds([first, tmp_path / "nowhere"])
-    with pytest.raises(ValueError, match="at least two folds"):
-        aggregate_folds([first])
-
-
-def test_aggregate_folds_numbers_folds_by_their_reports_and_refuses_unlike_ones(tmp_path: Path) -> None:
-    alike = {"kind": "slices", "distance_unit": "pixel", "spacing": None}
-    second = _metrics(tmp_path / "b", {"patients": 1, "patient_hd95_mean": 4.0}, {"c": 0.6}, fold=1, **alike)
-    first = _metrics(tmp_path / "a", {"patients": 1, "patient_hd95_mean": 2.0}, {"a": 0.8}, fold=0, **alike)
-    result = aggregate_folds([second, first])
-    assert [(f["fold"], f["path"]) for f in result["folds"]] == [(0, str(first)), (1, str(second))]
-    assert result["per_patient"] == [{"fold": 0, "patient": "a", "dice": 0.8}, {"fold": 1, "patient": "c", "dice": 0.6}]
-    assert result["settings"] == alike and result["metrics"]["patient_hd95_mean"]["mean"] == 3.0
-
-    again = _metrics(tmp_path / "c", {"patients": 1}, {"d": 0.5}, fold=1, **alike)
-    with pytest.raises(InputError, match=f"fold 1 is also the fold of {second}"):
-        aggregate_folds([first, second, again])
-    unnumbered = _metrics(tmp_path / "d", {"patients": 1}, {"e": 0.5}, **alike)  # no fold: its place in the list
-    with pytest.raises(InputError, match="fold 0 is also the fold of"):
-        aggregate_folds([unnumbered, first])
-    assert [f["fold"] for f in aggregate_folds([first, unnumbered])["folds"]] == [0, 1]
-    in_mm = _metrics(tmp_path / "e", {"patients": 1, "patient_hd95_mean": 1.0}, {"f": 0.5}, fold=2, kind="slices",
-                     distance_unit="mm", spacing=[0.5])
-    with pytest.raises(InputError, match=rf"^{in_mm}: scored unlike the other folds \(distance_unit 'mm' there, "
-                                         rf"'pixel' in {first}; spacing \[0.5\] there, None in {first}\)"):
-        aggregate_folds([first, in_mm])
-    volumes = _metrics(tmp_path / "f", {"patients": 1}, {"g": 0.5}, fold=2, **{**alike, "kind": "volumes"})
-    with pytest.raises(InputError, match="kind 'volumes' there, 'slices' in"):
-        aggregate_folds([first, second, volumes])
 
 
 @pytest.mark.slow
