@@ -244,12 +244,12 @@ class PredictorInferer(Inferer):
                              f"(B, C, x, y) images or (B, C, x, y, z) stacks of slices; 3D: (B, C, x, y, z) volumes).")
         predictor = Predictor(network, self.spec, inputs.device, self.tta, self.batch_size, precision=self.precision)
         if self.spec.spatial_dims == 3:
-            return MetaTensor(predictor.predict_batch(torch.as_tensor(inputs))[:, None].to(inputs.device))
+            return MetaTensor(predictor.predict_batch(torch.as_tensor(inputs))[:, :1].to(inputs.device))
         probs = []
         for image in inputs:
             source = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
             planes = list(torch.as_tensor(image).unbind(-1)) if spatial == 3 else [torch.as_tensor(image)]
-            prob = np.stack(predictor.predict_slices(planes, [source] * len(planes)), axis=-1)
+            prob = np.stack([maps[0] for maps in predictor.predict_slices(planes, [source] * len(planes))], axis=-1)
             probs.append(torch.as_tensor(prob if spatial == 3 else prob[..., 0]))
         return MetaTensor(torch.stack(probs)[:, None].to(inputs.device))
 

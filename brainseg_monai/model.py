@@ -22,6 +22,7 @@ from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.io import write_text_atomic
 from brainseg_monai.networks import get_network
+from brainseg_monai.normalisation import check_normalisation
 
 __all__ = [
     "MODEL_SIDECAR",
@@ -73,6 +74,9 @@ class ModelSpec:
     #: `PostProcessing` settings as stored: only the keys set (by tuning), the others take their defaults; the
     #: typed settings are :attr:`postprocessor`
     postprocessing: dict = field(default_factory=dict)
+    #: `brainseg_monai.uncertainty`'s settings: ``review_above``, the case score above which a case is flagged for
+    #: review, with how it was chosen (``chosen_on``)
+    uncertainty: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
@@ -84,6 +88,7 @@ class ModelSpec:
         """Check the settings and fill the defaults that depend on others (channel names, primary channel)."""
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3 but is {self.spatial_dims!r}.")
+        check_normalisation(self.normalisation)
         if len(self.channels) != self.in_channels:
             self.channels = [f"channel{i}" for i in range(self.in_channels)] if self.in_channels != 3 else ["t1", "flair", "t1c"]
         if self.primary_channel is None:
@@ -100,6 +105,9 @@ class ModelSpec:
                                                or min(self.pixel_spacing) <= 0):
             raise ValueError(f"pixel_spacing is two positive in-plane sizes (mm) of a 2D model, not "
                              f"{self.pixel_spacing!r}.")
+        above = self.uncertainty.get("review_above")
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or not 0 <= above <= 0.5):
+            raise ValueError(f"uncertainty's review_above is a score in [0, 0.5], not {above!r}.")
         try:
             PostProcessing.from_dict(self.postprocessing)
         except ValueError as err:

@@ -319,16 +319,11 @@ def _predict_patient(
     scored: list[tuple[Mapping[str, Any], np.ndarray, str]] = []  # (item, probabilities, its (first) image path)
     if slices:
         images = [str(it["image"]) for it in slices]
-        probs = predictor.predict_slices(load_for_case("slices", images, spec)["slices"], images)
+        probs = predictor.predict_case(load_for_case("slices", images, spec)).prob
         scored.extend(zip(slices, probs, images))
     for item in (it for it in items if not _is_2d(it["image"])):
         images = [str(p) for p in item["image"]] if isinstance(item["image"], (list, tuple)) else [str(item["image"])]
-        loaded = load_for_case("volume", images, spec)
-        if "data" in loaded:
-            scored.append((item, predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"]), images[0]))
-        else:
-            prob = predictor.predict_volume_by_slices(loaded["volume"], images[0], resample=not loaded["planar"])
-            scored.append((item, prob, images[0]))
+        scored.append((item, predictor.predict_case(load_for_case("volume", images, spec)).prob, images[0]))
     truths = []
     for item, prob, _ in scored:
         truth = _read_truth(Path(item["label"]))

@@ -92,14 +92,14 @@ def test_predictor_matches_plain_tta_through_sliding_window() -> None:
     net = _with_trained_batch_norm(get_network("unet", 2, 3, 1, **TINY_NET))
     predictor = Predictor(net, spec, torch.device("cpu"), tta="dihedral", batch_size=4)
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    got = predictor.predict_batch(images)
+    got = predictor.predict_batch(images)[:, 0]
     plain = Predictor(net, spec, torch.device("cpu"), tta="dihedral", batch_size=4)
     plain.network = net  # what predict_batch ran before the optimisation
-    expected = plain.predict_batch(images)
+    expected = plain.predict_batch(images)[:, 0]
     assert got.shape == (3, 64, 64)
     assert (got - expected).abs().max().item() < PROB_TOLERANCE
     direct = predict_with_tta(net, images[:, :, :32, :32], "dihedral", 2)[:, 0]
-    small = predictor.predict_batch(images[:, :, :32, :32])  # no window: the network itself
+    small = predictor.predict_batch(images[:, :, :32, :32])[:, 0]  # no window: the network itself
     assert (small - direct).abs().max().item() < PROB_TOLERANCE
 
 
@@ -121,10 +121,10 @@ def test_precision_fp32_is_the_reference_bit_for_bit() -> None:
     assert predictor.fast_path.autocast is None and not predictor.fast_path.group_instance_norm
     with torch.inference_mode():
         expected = predict_with_tta(inference_network(net, "cpu"), images, "dihedral", 2)[:, 0]
-    assert torch.equal(predictor.predict_batch(images), expected)
+    assert torch.equal(predictor.predict_batch(images)[:, 0], expected)
     bn_net = _with_trained_batch_norm(get_network("unet", 2, 3, 1, **TINY_NET))
     bn_spec = ModelSpec(network_kwargs=TINY_NET, roi_size=[32, 32])
-    fp32, auto = (Predictor(bn_net, bn_spec, torch.device("cpu"), precision=p).predict_batch(images)
+    fp32, auto = (Predictor(bn_net, bn_spec, torch.device("cpu"), precision=p).predict_batch(images)[:, 0]
                   for p in ("fp32", "auto"))
     assert torch.equal(fp32, auto), "auto changes nothing on CPU for a model without instance norm"
 
@@ -137,7 +137,7 @@ def test_precision_auto_on_cpu_runs_instance_norm_as_group_norm() -> None:
     assert sum(isinstance(m, GroupInstanceNorm) for m in auto.network.modules()) == sum(
         isinstance(m, torch.nn.InstanceNorm2d) for m in net.modules()) > 0
     fp32 = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32")
-    got, expected = auto.predict_batch(images), fp32.predict_batch(images)
+    got, expected = auto.predict_batch(images)[:, 0], fp32.predict_batch(images)[:, 0]
     assert (got - expected).abs().max().item() < PROB_TOLERANCE
     assert (expected - 0.5).abs().max().item() > 0.05, "the check needs a network whose output is not flat"
 
@@ -161,8 +161,8 @@ def test_precision_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyP
     bf16 = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="bf16")
     assert bf16.fast_path.autocast == torch.bfloat16 and not bf16.fast_path.group_instance_norm
     assert Predictor(net, spec, torch.device("cpu")).fast_path.autocast is None, "nor where the CPU has it"
-    got = bf16.predict_batch(images)
-    expected = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32").predict_batch(images)
+    got = bf16.predict_batch(images)[:, 0]
+    expected = Predictor(net, spec, torch.device("cpu"), tta="dihedral", precision="fp32").predict_batch(images)[:, 0]
     assert got.dtype == torch.float32 and not torch.equal(got, expected)
     assert (got - expected).abs().max().item() < 0.05
 
@@ -233,7 +233,7 @@ def test_volume_by_slices_equals_the_per_slice_path() -> None:
     volume[:, 6:26, 6:26, 1:5] += rng.uniform(200, 600, size=(3, 20, 20, 4)).astype(np.float32)
     spec = ModelSpec(network_kwargs=TINY_NET, roi_size=[32, 32])
     net = _with_trained_batch_norm(get_network("unet", 2, 3, 1, **TINY_NET))
-    got = Predictor(net, spec, torch.device("cpu"), tta="flip").predict_volume_by_slices(torch.as_tensor(volume), "v")
+    got = Predictor(net, spec, torch.device("cpu"), tta="flip").predict_volume_by_slices(torch.as_tensor(volume), "v")[0]
     monai_norm = NormalizeIntensity(nonzero=True, channel_wise=True)
     expected = np.zeros_like(got)
     for z in (1, 2, 3, 4):  # slices 0 and 5 hold noise only and get 0
@@ -325,13 +325,13 @@ def test_cpu_forwards_are_cut_to_a_cache_sized_batch(monkeypatch: pytest.MonkeyP
     """On the CPU a 2D model's stacked TTA views go through the network in chunks of at most
     ``_CPU_FORWARD_PIXELS`` pixels, with the same probabilities as one whole batch."""
     net, spec, images = _instance_norm_predictor_inputs()
-    whole = Predictor(net, spec, torch.device("cpu"), tta="dihedral").predict_batch(images)
+    whole = Predictor(net, spec, torch.device("cpu"), tta="dihedral").predict_batch(images)[:, 0]
     monkeypatch.setattr(predictor_module, "_CPU_FORWARD_PIXELS", 5 * 32 * 32)
     predictor = Predictor(net, spec, torch.device("cpu"), tta="dihedral")
     seen: list[int] = []
     handle = predictor.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
-        chunked = predictor.predict_batch(images)
+        chunked = predictor.predict_batch(images)[:, 0]
     finally:
         handle.remove()
     assert seen == [5, 5, 5, 5, 4], "3 images x 8 views in forwards of at most 5 images"

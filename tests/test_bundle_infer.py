@@ -46,7 +46,8 @@ PATIENT = "TCGA_CS_4944_20010208"
 #: the datalist's training patient when evaluate.json scores PATIENT (a datalist needs one)
 OTHER_PATIENT = "TCGA_HT_7884_19980913"
 #: outputs of brainseg infer that are not masks (the bundle writes masks only)
-_NOT_MASKS = {"case.json", "overlay.png", "summary.csv"}
+#: what brainseg infer writes besides the masks (the bundle writes masks only)
+_NOT_MASKS = {"case.json", "overlay.png", "summary.csv", "uncertainty.png", "uncertainty.nii.gz"}
 
 
 def _random_model(folder: Path, threshold: float = 0.6) -> Path:
@@ -73,7 +74,7 @@ def _infer_with_bundle(inputs: Path, out: Path, checkpoint: Path = SHIPPED, **ov
 
 def _masks(folder: Path) -> dict[str, sitk.Image]:
     return {str(p.relative_to(folder)): sitk.ReadImage(str(p)) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in _NOT_MASKS}
+            if p.is_file() and p.name not in _NOT_MASKS and not p.name.endswith("_unc.png")}
 
 
 def _assert_same_masks(bundle_out: Path, infer_out: Path) -> int:

@@ -296,7 +296,7 @@ def test_noise_only_slices_are_found_and_not_segmented() -> None:
     spec = ModelSpec(network_name="unet", in_channels=3, roi_size=[32, 32],
                      network_kwargs={"channels": [8, 16], "strides": [2], "num_res_units": 1})
     net = get_network("unet", 2, 3, 1, **spec.network_kwargs).eval()
-    probs = Predictor(net, spec, torch.device("cpu"), tta="none").predict_volume_by_slices(torch.as_tensor(volume), "v")
+    probs = Predictor(net, spec, torch.device("cpu"), tta="none").predict_volume_by_slices(torch.as_tensor(volume), "v")[0]
     assert probs.shape == (32, 32, 5)
     assert (probs[..., 1:4] > 0).all(), "a sigmoid is never exactly 0 on a predicted slice"
     assert not probs[..., 0].any() and not probs[..., 4].any()

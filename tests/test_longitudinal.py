@@ -8,6 +8,7 @@ so no trained model is needed.
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -122,6 +123,8 @@ def test_synthetic_pair_recovers_the_known_transform_and_growth(tmp_path: Path) 
     assert on_disk == result
     assert (tmp_path / "R" / "compare.png").stat().st_size > 0
     assert "mm/year" in (tmp_path / "R" / "compare.md").read_text()
+    if os.environ.get("BRAINSEG_COMPARE_PICTURE"):  # the README's picture is this pair's
+        shutil.copyfile(tmp_path / "R" / "compare.png", os.environ["BRAINSEG_COMPARE_PICTURE"])
 
 
 def test_sphere_diameter_is_the_diameter_of_a_ball_of_that_volume() -> None:

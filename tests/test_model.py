@@ -128,3 +128,8 @@ def test_load_model_rebuilds_the_network_its_sidecar_describes(tmp_path: Path) -
     write_sidecar(tmp_path / MODEL_SIDECAR, {**spec.to_dict(), "network_kwargs": wider})
     with pytest.raises(InputError, match="weights do not fit network 'unet'"):
         load_model(tmp_path / "model.pt", "cpu")
+
+
+def test_an_unknown_normalisation_is_refused_when_the_spec_is_built() -> None:
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        ModelSpec(normalisation="volume")

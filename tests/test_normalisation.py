@@ -135,7 +135,7 @@ def test_training_items_get_statistics_only_for_case_normalisation(lgg: Path) ->
 def test_inference_uses_the_statistics_of_the_whole_patient(lgg: Path) -> None:
     patient = sorted(p for p in lgg.iterdir() if p.is_dir())[0]
     images = sorted(str(p) for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif"))
-    case = load_for_case("slices", images, ModelSpec(normalisation="case"))["slices"]
+    case = load_for_case("slices", images, ModelSpec(normalisation="case")).slices
     mean, std = _pooled([torch.as_tensor(s) for s in case])
     assert np.allclose(mean, 0, atol=1e-4) and np.allclose(std, 1, atol=1e-4)
     stats = with_normalisation(([{"image": p, "patient": "p"} for p in images], [], []), "case")[0][0]  # training's
@@ -143,15 +143,15 @@ def test_inference_uses_the_statistics_of_the_whole_patient(lgg: Path) -> None:
     for path, slice_ in zip(images, case):
         trained_on = reader({"image": path, "norm_mean": stats["norm_mean"], "norm_std": stats["norm_std"]})["image"]
         assert torch.allclose(torch.as_tensor(trained_on), torch.as_tensor(slice_), atol=1e-5)
-    alone = load_for_case("slices", images[:1], ModelSpec(normalisation="case"))["slices"][0]
-    per_slice = load_for_case("slices", images[:1], ModelSpec(normalisation="slice"))["slices"][0]
+    alone = load_for_case("slices", images[:1], ModelSpec(normalisation="case")).slices[0]
+    per_slice = load_for_case("slices", images[:1], ModelSpec(normalisation="slice")).slices[0]
     assert torch.allclose(torch.as_tensor(alone), torch.as_tensor(per_slice), atol=1e-5)  # a slice alone: its own
 
 
 def test_inference_of_slice_models_normalises_as_training(lgg: Path) -> None:
     patient = sorted(p for p in lgg.iterdir() if p.is_dir())[0]
     images = sorted(str(p) for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif"))
-    slices = load_for_case("slices", images, ModelSpec(normalisation="slice"))["slices"]
+    slices = load_for_case("slices", images, ModelSpec(normalisation="slice")).slices
     reader = Compose(load_transforms(2, keys=("image",), normalisation="slice"))
     for path, slice_ in zip(images, slices):
         assert torch.allclose(torch.as_tensor(reader({"image": path})["image"]), slice_, atol=1e-5)
@@ -177,10 +177,10 @@ def test_a_3d_model_reads_a_volume_with_its_normalisation(tmp_path: Path) -> Non
         spec = ModelSpec(spatial_dims=3, in_channels=1, channels=["image"], roi_size=[16, 16, 16],
                          normalisation=normalisation)
         loaded = load_for_case("volume", [str(source)], spec)
-        steps = [t for t in loaded["preprocessing"].transforms if isinstance(t, ZScoreIntensityd)]
+        steps = [t for t in loaded.preprocessing.transforms if isinstance(t, ZScoreIntensityd)]
         assert [t.normalisation for t in steps] == [normalisation]
         expected = torch.as_tensor(MONAI_ZSCORE(raw.clone()))
-        assert torch.allclose(loaded["data"]["image"].as_tensor(), expected, atol=1e-5)
+        assert torch.allclose(loaded.data["image"].as_tensor(), expected, atol=1e-5)
 
 
 def test_training_crops_are_plain_tensors_drawn_afresh_each_pass(lgg: Path) -> None:

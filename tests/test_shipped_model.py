@@ -94,7 +94,7 @@ def test_torchscript_export_gives_the_same_masks(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     network, spec = load_model(MODEL, "cpu")
     scripted = torch.jit.load(str(exported), map_location="cpu").eval()
-    batch = torch.stack([torch.as_tensor(s) for s in load_for_case("slices", slices, spec)["slices"]])  # as infer reads
+    batch = torch.stack([torch.as_tensor(s) for s in load_for_case("slices", slices, spec).slices])  # as infer reads
     with torch.no_grad():
         ours, theirs = torch.sigmoid(network(batch)), torch.sigmoid(scripted(batch))
     threshold = spec.postprocessing["threshold"]

@@ -151,7 +151,10 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     assert result["settings"] == {"tta": "dihedral", "threshold": 0.5, "postprocessing": "none"}
     assert len(result["slices"]) == 1 and result["slices"][0]["tumour_pixels"] == 120 and result["slices"][0]["truth"]
     files = downloads(result)
-    assert set(files) == {"case7_pred.png", "overlay.png"}
+    assert set(files) == {"case7_pred.png", "case7_unc.png", "overlay.png", "uncertainty.png"}
+    # the views' disagreement: a layer to show over the slice, its file, and the case's score
+    assert result["slices"][0]["unc"].startswith("data:image/png;base64,")
+    assert 0.0 <= result["stats"]["uncertainty"] <= 0.5
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(files["case7_pred.png"]))), mask)
     red = np.asarray(Image.open(io.BytesIO(decode(result["slices"][0]["pred"]))))[..., 0]
     np.testing.assert_array_equal(red, mask)  # shown rows x columns as uploaded
@@ -168,7 +171,8 @@ def test_several_slices_list_their_masks_in_slice_order_once_each(client: TestCl
     assert result["settings"]["tta"] == "flip"  # the faster choice stays selectable
     assert result["stats"]["tumour_voxels"] == 4 * 120 and "area_mm2" not in result["stats"]
     assert [d["name"] for d in result["downloads"]] == [
-        "p_1_pred.png", "p_2_pred.png", "p_2.tif_pred.png", "p_10_pred.png", "overlay.png"]  # the runner's names
+        "p_1_pred.png", "p_2_pred.png", "p_2.tif_pred.png", "p_10_pred.png",  # the runner's names
+        "p_1_unc.png", "p_2_unc.png", "p_2.tif_unc.png", "p_10_unc.png", "overlay.png", "uncertainty.png"]
 
 
 def test_threshold_change_reaches_the_runner(client: TestClient) -> None:
@@ -484,13 +488,14 @@ def test_a_patients_downloads_come_as_one_zip_too(client: TestClient) -> None:
     names = [f"TCGA_XY_{n}.png" for n in (1, 2, 3)]
     result = post(client, [(name, png_bytes(rgb)) for name in names], tta="none").json()
     files = downloads(result)
-    assert list(files) == ["TCGA_XY_1_pred.png", "TCGA_XY_2_pred.png", "TCGA_XY_3_pred.png", "overlay.png"]
+    assert list(files) == ["TCGA_XY_1_pred.png", "TCGA_XY_2_pred.png", "TCGA_XY_3_pred.png", "TCGA_XY_1_unc.png",
+                           "TCGA_XY_2_unc.png", "TCGA_XY_3_unc.png", "overlay.png", "uncertainty.png"]
     archive = result["archive"]
     assert archive["name"] == f"{result['case']}.zip" and archive["url"].startswith("data:application/zip;base64,")
     with zipfile.ZipFile(io.BytesIO(decode(archive["url"]))) as bundle:
         assert {name: bundle.read(name) for name in bundle.namelist()} == files
     single = post(client, [("one.png", png_bytes(rgb))], tta="none").json()
-    assert len(single["downloads"]) == 2 and single["archive"]["name"] == "one.zip"
+    assert len(single["downloads"]) == 4 and single["archive"]["name"] == "one.zip"
 
 
 def test_post_processing_is_named_as_applied_to_a_single_slice_or_a_stack(

@@ -38,7 +38,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from brainseg_monai.devices import with_memory_format
 from brainseg_monai.errors import InputError, input_error_in
-from brainseg_monai.inference.tta import predict_with_tta
+from brainseg_monai.inference.tta import TTAPredictor
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.normalisation import channel_statistics, normalise_images, normalise_slices, shape_chunks
@@ -250,38 +250,51 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) normalised images -> (B, *spatial) tumour probabilities, TTA views in one stacked batch."""
+        """(B, C, *spatial) normalised images -> (B, 2, *spatial): the tumour probability (the mean of the TTA views)
+        and the views' standard deviation, all views of the batch stacked into its forwards."""
         spatial = images.shape[2:]
         pad = DivisiblePad(k=_DIVISOR, mode="constant")
         padded = torch.stack([pad(im) for im in images]) if any(s % _DIVISOR for s in spatial) else images
-        probs = predict_with_tta(self._network_fn(padded.shape[2:]), padded.to(self.device), self.tta,
-                                 self.spec.spatial_dims, self._forward_images(padded.shape[2:]),
-                                 dtype=self.fast_path.autocast)
-        probs = probs[:, 0].float().cpu()
-        if probs.shape[1:] != spatial:
-            starts = [(p - s) // 2 for p, s in zip(probs.shape[1:], spatial)]
-            index = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(starts, spatial))
-            probs = probs[index]
-        return probs
+        tta = TTAPredictor(self.tta, self.spec.spatial_dims, self._forward_images(padded.shape[2:]),
+                           self.fast_path.autocast)
+        maps = torch.cat(tta.mean_and_spread(self._network_fn(padded.shape[2:]), padded.to(self.device)), dim=1)
+        maps = maps.float().cpu()
+        if maps.shape[2:] != spatial:
+            starts = [(p - s) // 2 for p, s in zip(maps.shape[2:], spatial)]
+            maps = maps[(slice(None), slice(None), *(slice(b, b + s) for b, s in zip(starts, spatial)))]
+        return maps
 
     def _check_channels(self, image: torch.Tensor, source: str) -> None:
         if image.shape[0] != self.spec.in_channels:
             raise InputError(source, f"has {image.shape[0]} channel(s) but the model takes {self.spec.in_channels} "
                                      f"({', '.join(self.spec.channels)})")
 
+    def predict_case(self, loaded: LoadedCase) -> CasePrediction:
+        """The probabilities and the TTA views' spread of a case :func:`load_for_case` read, on its input grid."""
+        if loaded.slices is not None:
+            maps = self.predict_slices(loaded.slices, loaded.images)
+            return CasePrediction([m[0] for m in maps], [m[1] for m in maps])
+        if loaded.data is not None:
+            volume = self.predict_volume_3d(loaded.data, loaded.preprocessing)
+        else:
+            volume = self.predict_volume_by_slices(loaded.volume, loaded.source, resample=not loaded.planar)
+        return CasePrediction(volume[0], volume[1])
+
     def predict_slices(self, images: Sequence[torch.Tensor], sources: Sequence[str]) -> list[np.ndarray]:
-        """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns (x, y) probabilities."""
+        """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns a (2, x, y) array per
+        image: the probability and the TTA views' standard deviation."""
         for image, source in zip(images, sources):
             self._check_channels(image, source)
         out: list[np.ndarray | None] = [None] * len(images)
         for chunk in shape_chunks(images, self.batch_size):
-            probs = self.predict_batch(torch.stack([images[i] for i in chunk]))
-            for i, prob in zip(chunk, probs):
-                out[i] = prob.numpy()
+            maps = self.predict_batch(torch.stack([images[i] for i in chunk]))
+            for i, pair in zip(chunk, maps):
+                out[i] = pair.numpy()
         return out  # type: ignore[return-value]
 
     def predict_volume_by_slices(self, volume: torch.Tensor, source: str, resample: bool = True) -> np.ndarray:
         """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched.
+        Returns (2, x, y, z): the probability and the TTA views' standard deviation.
 
         A volume read with its affine (a MetaTensor) is first turned so that its last axis runs foot to head, with
         the in-plane layout of an axial DICOM slice and of a 2D image (MONAI ``Orientation`` to LPS, which leaves
@@ -298,12 +311,11 @@ class Predictor:
         axial = orientation(volume)
         spacing = self._model_spacing(axial) if resample else None
         grid = spacing(axial) if spacing is not None else axial
-        probs = self._predict_axial_slices(grid.as_tensor(), source)
-        turned = MetaTensor(torch.as_tensor(probs)[None], affine=grid.affine,
-                            applied_operations=list(grid.applied_operations))
+        maps = self._predict_axial_slices(grid.as_tensor(), source)
+        turned = MetaTensor(torch.as_tensor(maps), affine=grid.affine, applied_operations=list(grid.applied_operations))
         if spacing is not None:
             turned = spacing.inverse(turned)
-        return np.ascontiguousarray(orientation.inverse(turned)[0].numpy())
+        return np.ascontiguousarray(orientation.inverse(turned).numpy())
 
     def _model_spacing(self, axial: MetaTensor) -> Spacing | None:
         """The in-plane resampling to the model's pixel size, or None when the volume is already at it."""
@@ -317,36 +329,37 @@ class Predictor:
         return Spacing(pixdim=(float(target[0]), float(target[1]), 0.0), mode="bilinear", padding_mode="zeros")
 
     def _predict_axial_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
-        """2D model over the last axis of a (C, x, y, z) volume.
+        """2D model over the last axis of a (C, x, y, z) volume: (2, x, y, z) probability and spread.
 
         Slices outside the head hold only noise; z-scoring them per slice (as training does) would blow that noise
         up into texture the network was never shown, so they get probability 0 (see :func:`noise_only_slices`).
         """
-        probs = np.zeros(tuple(volume.shape[1:]), dtype=np.float32)
+        maps = np.zeros((2, *volume.shape[1:]), dtype=np.float32)
         noise = set(noise_only_slices(volume))
         keep = [z for z in range(volume.shape[-1]) if z not in noise]
         kept = volume[..., keep]
         stats = channel_statistics([kept]) if self.spec.normalisation == "case" and keep else None
         slices = list(normalise_slices(kept, stats))
-        for z, prob in zip(keep, self.predict_slices(slices, [source] * len(slices))):
-            probs[..., z] = prob
-        return probs
+        for z, pair in zip(keep, self.predict_slices(slices, [source] * len(slices))):
+            maps[..., z] = pair
+        return maps
 
     def predict_volume_3d(self, data: dict, preprocessing: Any) -> np.ndarray:
-        """3D model: ``data`` from :func:`infer_transforms`; the probability is inverted back to the source grid."""
+        """3D model: ``data`` from :func:`infer_transforms`; the (2, x, y, z) probability and spread are inverted back
+        to the source grid."""
         image = data["image"]
         self._check_channels(image, str(image.meta.get("filename_or_obj", "")))
-        prob = self.predict_batch(image[None])[0]
+        maps = self.predict_batch(image[None])[0]
         data = dict(data)
         # a MetaTensor: Invertd skips a plain tensor (with only a warning) and would leave the mask on the cropped,
         # reoriented grid
-        data["pred"] = MetaTensor(prob[None])
+        data["pred"] = MetaTensor(maps)
         inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)
-        out = np.asarray(inverted["pred"][0].detach().cpu().numpy(), dtype=np.float32)
+        out = np.asarray(inverted["pred"].detach().cpu().numpy(), dtype=np.float32)
         source_shape = tuple(int(s) for s in image.meta["spatial_shape"])
-        if out.shape != source_shape:
+        if out.shape[1:] != source_shape:
             raise RuntimeError(f"the probability of {image.meta.get('filename_or_obj', 'the volume')} was inverted to "
-                               f"{out.shape}, not the source grid {source_shape}: a preprocessing step is not invertible")
+                               f"{out.shape[1:]}, not the source grid {source_shape}: a preprocessing step is not invertible")
         return out
 
 
@@ -465,8 +478,47 @@ def _as_single_slice_volume(image: MetaTensor) -> MetaTensor:
     return volume
 
 
+@dataclass
+class LoadedCase:
+    """A case read for the model by :func:`load_for_case`, in the one layout that its kind and the model call for:
+    ``slices`` (a folder of 2D images), ``volume`` (a 2D model over a volume) or ``data`` (a 3D model)."""
+
+    kind: str
+    #: the input files (slices) or channel paths, and the one path that names the case in messages
+    images: list[str]
+    source: str
+    #: a slice folder: each image's normalised (C, x, y) tensor
+    slices: list[torch.Tensor] | None = None
+    #: a 2D model over a volume: the raw (C, x, y, z) volume; ``planar`` when it is a 2D image given a unit z axis
+    volume: MetaTensor | None = None
+    planar: bool = False
+    #: a 3D model: the pre-processed dict and the transforms that made it (inverted onto the source grid after)
+    data: dict | None = None
+    preprocessing: Compose | None = None
+    #: the channels resampled onto the primary channel's grid
+    resampled: list[str] = field(default_factory=list)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The (C, x, y[, z]) input the mask lies on, for overlays (a slice folder has one per slice instead)."""
+        if self.volume is not None:
+            return np.asarray(self.volume)
+        if self.data is None:
+            raise ValueError("a slice folder has one image per slice: use slices")
+        return np.asarray(self.data["image"])
+
+
+@dataclass
+class CasePrediction:
+    """A case's tumour probabilities and the TTA views' standard deviation at each pixel on its input grid: one
+    (x, y) array per slice of a slice folder, else one (x, y, z) volume."""
+
+    prob: np.ndarray | list[np.ndarray]
+    spread: np.ndarray | list[np.ndarray]
+
+
 def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = (),
-                  primary: int = 0, fills: Mapping[str, str] | None = None) -> dict:
+                  primary: int = 0, fills: Mapping[str, str] | None = None) -> LoadedCase:
     """Read a case's inputs the way the predictor needs them (runs in a background thread, overlapping compute).
 
     Args:
@@ -476,10 +528,6 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Seq
         series: for DICOM, the series of each channel: exactly that series of its folder is read.
         primary: index of the primary channel among ``images``: the grid the others are resampled onto.
         fills: for a one-channel input, the channels it fills (model channel -> the role it plays).
-
-    Returns a dict with ``kind`` and either ``slices`` (normalised (C, x, y) tensors) or ``volume`` (raw
-    (C, x, y, z) MetaTensor; ``planar`` when it is a 2D image given a unit-thick z axis) or ``data``
-    (3D-transformed dict) with its ``preprocessing``, and ``resampled`` (channels moved onto the primary's grid).
 
     Raises:
         InputError: naming the file and the reason, also for errors raised inside MONAI's transforms.
@@ -495,7 +543,7 @@ def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Seq
 
 
 def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries], primary: int,
-                   fills: Mapping[str, str]) -> dict:
+                   fills: Mapping[str, str]) -> LoadedCase:
     if not images:
         raise ValueError("images must name at least one file or series folder but is empty.")
     if series and len(series) != len(images):
@@ -508,7 +556,7 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
             _check_visible(image, path)
         # the case's statistics over all its slices (a slice alone: its own)
         stats = channel_statistics(raw) if spec.normalisation == "case" else None
-        return {"kind": kind, "slices": normalise_images(raw, stats), "resampled": []}
+        return LoadedCase(kind, list(images), os.path.commonpath(list(images)), slices=normalise_images(raw, stats))
     source = os.path.commonpath(list(images))
     volume, resampled = _read_channels(images, series, spec, source, primary)
     volume = _fill_channels(volume, spec, fills, images[0])
@@ -518,8 +566,8 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
     if spec.spatial_dims == 3:
         preprocessing = _without_loading(infer_transforms(3, spec.pixdim, spec.normalisation))
         data = preprocessing({"image": volume})
-        return {"kind": kind, "data": data, "preprocessing": preprocessing, "resampled": resampled}
+        return LoadedCase(kind, list(images), source, data=data, preprocessing=preprocessing, resampled=resampled)
     planar = volume.ndim == 3  # a 2D MHA/NRRD/NIfTI or a 2D image read as a volume case
     if planar:
         volume = _as_single_slice_volume(volume)
-    return {"kind": kind, "volume": volume, "planar": planar, "resampled": resampled}
+    return LoadedCase(kind, list(images), source, volume=volume, planar=planar, resampled=resampled)

@@ -49,15 +49,19 @@ from brainseg_monai.inference.cases import (
     is_case_output,
 )
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.inference.predictor import Predictor, load_for_case
+from brainseg_monai.inference.predictor import LoadedCase, Predictor, load_for_case
 from brainseg_monai.io import file_stem
 from brainseg_monai.model import ModelSpec, load_model
+from brainseg_monai.uncertainty import case_score, needs_review
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
     SegNotWritten,
     write_dicom_seg,
     write_overlay_png,
     write_png_mask,
+    write_spread_png,
+    write_spread_volume,
+    write_uncertainty_png,
     write_volume_mask,
 )
 
@@ -65,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = [
     "case", "source", "status", "error", "warnings", "kind", "images", "tumour_voxels", "tumour_ml",
-    "slices_with_tumour", "coverage_pct", "seconds",
+    "slices_with_tumour", "coverage_pct", "uncertainty", "review", "seconds",
 ]
 #: the columns that say a ``summary.csv`` is ours: any other file of that name is the user's and is never replaced
 _OWN_SUMMARY_COLUMNS = {"case", "source", "status", "error"}
@@ -78,7 +82,8 @@ _FIELD_CHARS = 500
 _TEMP_CASE = re.compile(r"^\.(?P<case>.+)\.(?P<kind>[a-z0-9_]{8}|old)$")
 _TEMP_SUMMARY = re.compile(r"^\.\.?summary(\.rank\d+)?\.csv(\.tmp)?$")
 #: what a case folder holds (each possibly in a writer's hidden temporary name): nothing else is ever removed
-_OUTPUT_NAMES = (CASE_MARKER, "mask.nii.gz", "seg.dcm", "overlay.png", "_pred.png")
+_OUTPUT_NAMES = (CASE_MARKER, "mask.nii.gz", "seg.dcm", "overlay.png", "_pred.png", "uncertainty.nii.gz",
+                 "uncertainty.png", "_unc.png")
 
 
 @dataclass
@@ -161,8 +166,9 @@ def _spacing(affine: Any) -> list[float]:
     return np.linalg.norm(matrix[:rank, :rank], axis=0).tolist()
 
 
-def slice_output_names(paths: Sequence[str]) -> list[str]:
-    """``<stem>_pred.png`` per slice, or ``<file name>_pred.png`` for a later slice sharing an earlier one's stem.
+def slice_output_names(paths: Sequence[str], suffix: str = "_pred.png") -> list[str]:
+    """``<stem>_pred.png`` per slice, or ``<file name>_pred.png`` for a later slice sharing an earlier one's stem
+    (``suffix`` instead of ``_pred.png`` for the other outputs of a slice, such as its ``_unc.png``).
 
     ``a.tif`` after ``a.png`` would otherwise overwrite its mask; the first keeps the usual name, which
     ``brainseg evaluate`` and the web app look for.
@@ -172,8 +178,8 @@ def slice_output_names(paths: Sequence[str]) -> list[str]:
     """
     names: list[str] = []
     for path in paths:
-        name = f"{file_stem(path)}_pred.png"
-        names.append(f"{Path(path).name}_pred.png" if name in names else name)
+        name = f"{file_stem(path)}{suffix}"
+        names.append(f"{Path(path).name}{suffix}" if name in names else name)
     clash = next((n for n, count in Counter(names).items() if count > 1), None)
     if clash is not None:
         both = [p for p, n in zip(paths, names) if n == clash]
@@ -212,40 +218,50 @@ class _CaseWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProcessing, writer: _CaseWriter) -> dict:
-    """Predict one loaded case and write its outputs into ``writer``; returns the summary values."""
-    if loaded["kind"] == "slices":
-        names = slice_output_names(case.images)
-        probs = predictor.predict_slices(loaded["slices"], case.images)
-        masks = post.apply_to_slices(probs, case.images)
-        for path, name, mask in zip(case.images, names, masks):
+def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any]) -> dict:
+    """The summary's ``uncertainty`` (the case score) and ``review`` (yes/no; empty when the model has no threshold)."""
+    score = case_score(prob, spread, masks, post.threshold)
+    flagged = needs_review(score, review)
+    return {"uncertainty": round(score, 5), "review": "" if flagged is None else ("yes" if flagged else "no")}
+
+
+def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: PostProcessing,
+                  writer: _CaseWriter) -> dict:
+    """Predict one loaded case and write its outputs into ``writer``: the mask, the views' spread beside it
+    (``<stem>_unc.png`` per slice, ``uncertainty.nii.gz`` for a volume), ``overlay.png`` and ``uncertainty.png``;
+    returns the summary values."""
+    prediction = predictor.predict_case(loaded)
+    review = predictor.spec.uncertainty
+    if loaded.slices is not None:
+        masks = post.apply_to_slices(prediction.prob, case.images)
+        for path, name, unc, mask, spread in zip(case.images, slice_output_names(case.images),
+                                                 slice_output_names(case.images, "_unc.png"), masks, prediction.spread):
             write_png_mask(mask, writer.path(name), reference=path)
+            write_spread_png(spread, writer.path(unc), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
-        write_overlay_png(np.asarray(loaded["slices"][best]), masks[best], writer.path("overlay.png"))
+        shown = np.asarray(loaded.slices[best])
+        write_overlay_png(shown, masks[best], writer.path("overlay.png"))
+        write_uncertainty_png(shown, prediction.spread[best], masks[best], writer.path("uncertainty.png"))
         voxels = int(sum(int(m.sum()) for m in masks))
         total = int(sum(m.size for m in masks))
         return {
             "tumour_voxels": voxels,
             "slices_with_tumour": int(sum(bool(m.any()) for m in masks)),
             "coverage_pct": round(100.0 * voxels / total, 4),
+            **_certainty(prediction.prob, prediction.spread, masks, post, review),
         }
-    if "data" in loaded:
-        image = loaded["data"]["image"]
-        prob = predictor.predict_volume_3d(loaded["data"], loaded["preprocessing"])
-        affine = np.asarray(image.meta["original_affine"])
-        raw = None
-    else:
-        raw = loaded["volume"]
-        prob = predictor.predict_volume_by_slices(raw, case.source, resample=not loaded["planar"])
-        affine = np.asarray(raw.meta["affine"])
+    prob, spread = prediction.prob, prediction.spread
+    affine = np.asarray(loaded.data["image"].meta["original_affine"] if loaded.data is not None
+                        else loaded.volume.meta["affine"])
     mask = post(prob)
     reference = case.images[case.primary] if case.primary < len(case.images) else case.images[0]
     write_volume_mask(mask, affine, writer.path("mask.nii.gz"), reference=reference)
-    overlay_image = np.asarray(raw) if raw is not None else np.asarray(image)
-    if overlay_image.shape[1:] == mask.shape:
-        write_overlay_png(overlay_image, mask, writer.path("overlay.png"))
-    else:
-        write_overlay_png(prob[None], mask, writer.path("overlay.png"))
+    write_spread_volume(spread, affine, writer.path("uncertainty.nii.gz"), reference=reference)
+    shown = loaded.image
+    if shown.shape[1:] != mask.shape:  # a 3D model's input was cropped or resampled: show its probability instead
+        shown = prob[None]
+    write_overlay_png(shown, mask, writer.path("overlay.png"))
+    write_uncertainty_png(shown, spread, mask, writer.path("uncertainty.png"))
     warnings: list[str] = []
     if case.kind == "dicom" and case.series:
         try:  # the mask is the result; a SEG the source's attributes do not allow is a warning, not a lost case
@@ -253,8 +269,8 @@ def _predict_case(case: Case, loaded: dict, predictor: Predictor, post: PostProc
         except SegNotWritten as err:
             warnings.append(f"SEG not written: {err}")
     # a 2D image has no slice thickness, so no volume in ml
-    stats = _volume_stats(mask, None if loaded.get("planar") else _spacing(affine))
-    return {**stats, "warnings": "; ".join(warnings)}
+    stats = _volume_stats(mask, None if loaded.planar else _spacing(affine))
+    return {**stats, **_certainty(prob, spread, mask, post, review), "warnings": "; ".join(warnings)}
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
@@ -775,7 +791,7 @@ class _Prepared:
     """A case read for prediction (``loaded``), or found finished by ``--resume`` (``finished``: its summary row)."""
 
     fingerprint: dict
-    loaded: dict | None = None
+    loaded: LoadedCase | None = None
     finished: dict | None = None
     #: why a case finished before is redone (``redone: input changed``)
     note: str = ""
@@ -886,14 +902,14 @@ def _no_room(error: BaseException | None) -> str:
     return ""
 
 
-def _case_details(case: Case, loaded: Mapping[str, Any]) -> dict:
+def _case_details(case: Case, loaded: LoadedCase) -> dict:
     """What ``case.json`` says beyond the summary row: how the inputs filled the model's channels and why, which
     channels were resampled onto the primary channel's grid, and which channels a one-channel input filled."""
     details: dict[str, Any] = {}
     if case.roles:
         details["channels"] = case.roles
-    if loaded.get("resampled"):
-        details["resampled_onto_primary_grid"] = list(loaded["resampled"])
+    if loaded.resampled:
+        details["resampled_onto_primary_grid"] = list(loaded.resampled)
     if case.fills:
         details["filled_from_one_channel"] = dict(case.fills)
     return details

@@ -47,6 +47,9 @@ __all__ = [
     "write_dicom_seg",
     "write_overlay_png",
     "write_png_mask",
+    "write_spread_png",
+    "write_spread_volume",
+    "write_uncertainty_png",
     "write_volume_mask",
 ]
 
@@ -56,7 +59,10 @@ SEG_SERIES_NUMBER = 1000
 """SeriesNumber of the DICOM SEG series (fixed, so re-running a case gives the same bytes)."""
 
 _RED = np.array([255.0, 0.0, 0.0])
+#: the largest standard deviation of probabilities in [0, 1]: half the views at 0, half at 1
+_MAX_SPREAD = 0.5
 _GREEN = np.array([0, 255, 0], dtype=np.uint8)
+_YELLOW = np.array([255.0, 255.0, 0.0])
 _FLAIR_CHANNEL = 1  # (t1, flair, t1c): FLAIR shows the whole tumour best
 # (date, time) pairs of the source tried in turn for the SEG's ContentDate/ContentTime.
 _SOURCE_DATES = (
@@ -159,6 +165,77 @@ def write_png_mask(mask2d: Any, path: PathLike, *, reference: PathLike | None = 
     path = _output_path(path, ".png")
     # A PNG keeps only the pixel grid, so the identity affine loses nothing.
     return write_image(_binary_mask(mask2d, 2, "mask2d") * np.uint8(255), np.eye(3), path, reference=reference)
+
+
+def _spread_values(spread: Any, spatial_dims: int) -> np.ndarray:
+    values = convert_to_numpy(spread).astype(np.float32)
+    if values.ndim == spatial_dims + 1 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != spatial_dims or not np.isfinite(values).all() or values.min() < 0 or values.max() > _MAX_SPREAD:
+        raise ValueError(f"spread must be a {spatial_dims}D map of standard deviations in [0, {_MAX_SPREAD}] but has "
+                         f"shape {values.shape}" + (f" and range [{values.min()}, {values.max()}]" if values.size else ""))
+    return values
+
+
+def write_spread_volume(spread: Any, affine: Any, path: PathLike, *, reference: PathLike | None = None) -> Path:
+    """Write the TTA views' per-voxel standard deviation (float32 NIfTI, in [0, 0.5]) on the mask's grid.
+
+    Raises:
+        ValueError: when `spread` is not a 3D map of values in [0, 0.5] or `path` is not NIfTI.
+        InputError: when `path` is `reference` or a folder.
+    """
+    if not Path(path).name.lower().endswith((".nii.gz", ".nii")):
+        raise ValueError(f"path must end with '.nii.gz' or '.nii' but is {str(path)!r}.")
+    return write_image(_spread_values(spread, 3), affine, path, reference=reference)
+
+
+def write_spread_png(spread2d: Any, path: PathLike, *, reference: PathLike | None = None) -> Path:
+    """Write a 2D image's per-pixel TTA standard deviation as a grey PNG on its pixel grid: 0 (the views agree) to
+    255 (the largest possible disagreement, 0.5), linear, so ``value / 510`` gives it back to within 0.001.
+
+    Raises:
+        ValueError: when `spread2d` is not a 2D map of values in [0, 0.5] or `path` is not a PNG.
+        InputError: when `path` is `reference` or a folder.
+    """
+    path = _output_path(path, ".png")
+    grey = np.rint(_spread_values(spread2d, 2) / _MAX_SPREAD * 255.0).astype(np.uint8)
+    return write_image(grey, np.eye(3), path, reference=reference)
+
+
+def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *, channel: int | None = None) -> Path:
+    """Write an RGB PNG of where the model is unsure: the views' standard deviation from transparent to yellow over
+    one grey image channel, the mask outlined in red, at the slice `write_overlay_png` shows.
+
+    Args:
+        image: (C, x, y[, z]) channel-first array or tensor in reader axis order.
+        spread: (x, y[, z]) standard deviations in [0, 0.5] on the image grid.
+        mask: (x, y[, z]) {0, 1} predicted mask on the image grid.
+        path: output file ending in ``.png``; its folder is created.
+        channel: image channel shown in grey, as for `write_overlay_png`.
+
+    Raises:
+        ValueError: for shapes that do not match, a non-binary mask or values outside [0, 0.5].
+        InputError: when `path` is a folder.
+    """
+    path = _output_path(path, ".png")
+    pixels = convert_to_numpy(image)
+    if pixels.ndim not in (3, 4):
+        raise ValueError(f"image must be channel-first (C, x, y[, z]) but has shape {pixels.shape}.")
+    spatial_dims = pixels.ndim - 1
+    predicted, values = _binary_mask(mask, spatial_dims), _spread_values(spread, spatial_dims)
+    if predicted.shape != pixels.shape[1:] or values.shape != pixels.shape[1:]:
+        raise ValueError(f"mask {predicted.shape} and spread {values.shape} must have the image's spatial shape "
+                         f"{pixels.shape[1:]}.")
+    channel = (_FLAIR_CHANNEL if pixels.shape[0] == 3 else 0) if channel is None else channel
+    plane = pixels[channel]
+    if spatial_dims == 3:
+        k = _most_tumour_slice(predicted)
+        plane, predicted, values = plane[..., k], predicted[..., k], values[..., k]
+    rgb = np.repeat(_grey(plane)[..., None], 3, axis=-1)
+    weight = (values / _MAX_SPREAD)[..., None]  # 0: grey as it is; 1: pure yellow
+    rgb = np.rint((1.0 - weight) * rgb + weight * _YELLOW).astype(np.uint8)
+    rgb[find_boundaries(predicted.astype(bool), mode="inner")] = _RED.astype(np.uint8)
+    return write_image(np.moveaxis(rgb, -1, 0), np.eye(3), path)
 
 
 def overlay_slice(mask: Any) -> int | None:

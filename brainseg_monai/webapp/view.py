@@ -1,7 +1,7 @@
 """What the result page shows for one case: per-slice image and mask layers as PNG data URLs, statistics, metrics.
 
-The layers are composited in the browser (grey image, red prediction at the chosen opacity, green truth outline), so
-changing the opacity or the slice needs no request. Statistics are those ``brainseg infer`` wrote in its summary
+The layers are composited in the browser (grey image, red prediction at the chosen opacity, green truth outline, and
+on request the TTA views' disagreement in yellow), so changing the opacity or the slice needs no request. Statistics are those ``brainseg infer`` wrote in its summary
 row; Dice and IoU come from `brainseg_monai.metrics`. Planes are shown with rows = y and columns = x, as the
 overlay PNG of the writers shows them.
 """
@@ -30,6 +30,8 @@ __all__ = ["case_view", "read_channels_first"]
 _MIME = {".png": "image/png", ".nii.gz": "application/gzip", ".dcm": "application/dicom"}
 _RED = (255, 0, 0, 255)
 _GREEN = (0, 255, 0, 255)
+#: the largest standard deviation of the views' probabilities (``<stem>_unc.png`` stores it as 255)
+_MAX_SPREAD = 0.5
 
 
 def read_channels_first(paths: Sequence[str | Path], series_uid: str | None = None) -> Any:
@@ -72,8 +74,10 @@ def _window(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high) if high > low else float(low) + 1.0
 
 
-def _layers(plane: np.ndarray, window: tuple[float, float], pred: np.ndarray, truth: np.ndarray | None) -> dict:
-    """Data URLs of one (x, y) plane: grey image, red prediction (opaque, faded in the page) and green truth outline."""
+def _layers(plane: np.ndarray, window: tuple[float, float], pred: np.ndarray, truth: np.ndarray | None,
+            spread: np.ndarray | None) -> dict:
+    """Data URLs of one (x, y) plane: grey image, red prediction (opaque, faded in the page), green truth outline and
+    the views' standard deviation as yellow whose opacity grows with it (none where the views agree)."""
     low, high = window
     grey = (np.clip((plane.astype(np.float64) - low) / (high - low), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     red = np.zeros(pred.shape + (4,), dtype=np.uint8)
@@ -83,8 +87,23 @@ def _layers(plane: np.ndarray, window: tuple[float, float], pred: np.ndarray, tr
         green = np.zeros(truth.shape + (4,), dtype=np.uint8)
         green[find_boundaries(truth, mode="inner")] = _GREEN
         layers["truth"] = _data_url(green.transpose(1, 0, 2))
+    if spread is not None:
+        yellow = np.zeros(spread.shape + (4,), dtype=np.uint8)
+        yellow[..., :2] = 255
+        yellow[..., 3] = np.rint(np.clip(spread / _MAX_SPREAD, 0.0, 1.0) * 255.0).astype(np.uint8)
+        layers["unc"] = _data_url(yellow.transpose(1, 0, 2))
     layers["tumour_pixels"] = int(pred.sum())
     return layers
+
+
+def _spread(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The views' standard deviation ``brainseg infer`` wrote (a ``_unc.png`` or ``uncertainty.nii.gz``), or None."""
+    if not path.is_file():
+        return None
+    values = np.asarray(read_channels_first([path]))[0].astype(np.float32)
+    if path.name.endswith(".png"):
+        values = values / 255.0 * _MAX_SPREAD
+    return values if values.shape == shape else None
 
 
 def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
@@ -98,8 +117,12 @@ def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
 
 
 def _stats(row: Mapping[str, Any]) -> dict:
-    keys = ("tumour_voxels", "tumour_ml", "slices_with_tumour", "coverage_pct")
-    return {k: float(row[k]) if "." in str(row[k]) else int(row[k]) for k in keys if str(row.get(k, "")) != ""}
+    keys = ("tumour_voxels", "tumour_ml", "slices_with_tumour", "coverage_pct", "uncertainty")
+    stats: dict[str, Any] = {k: float(row[k]) if "." in str(row[k]) else int(row[k]) for k in keys
+                             if str(row.get(k, "")) != ""}
+    if row.get("review"):
+        stats["review"] = row["review"]
+    return stats
 
 
 def _metrics(values: Mapping[str, Any]) -> dict:
@@ -137,11 +160,13 @@ def case_view(
         # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
         preds, refs, layers = [], [], []
         names = slice_output_names([str(source) for source in sources])
-        for image, source, name, truth_path in zip(images, sources, names, truths):
+        spreads = slice_output_names([str(source) for source in sources], "_unc.png")
+        for image, source, name, unc, truth_path in zip(images, sources, names, spreads, truths):
             plane = np.asarray(image[channel])
             pred = _binary(case_dir / name, plane.shape, Path(source).name)
             truth = None if truth_path is None else _binary(truth_path, plane.shape, Path(source).name)
-            layers.append({"name": Path(source).name, **_layers(plane, _window(plane), pred, truth)})
+            spread = _spread(case_dir / unc, plane.shape)
+            layers.append({"name": Path(source).name, **_layers(plane, _window(plane), pred, truth, spread)})
             if truth is not None:
                 preds.append(pred)
                 refs.append(truth)
@@ -149,23 +174,25 @@ def case_view(
         if refs and len({r.shape for r in refs}) == 1:
             values = image_metrics(preds[0], refs[0]) if len(refs) == 1 else patient_metrics(preds, refs)
             metrics = {**_metrics(values), "slices_with_truth": len(refs)}
-        downloads = [case_dir / name for name in names]  # in the slider's order
+        downloads = [case_dir / name for name in names] + [case_dir / name for name in spreads]  # slider's order
     else:
         volume = np.asarray(images[0][channel])
         pred = _binary(case_dir / "mask.nii.gz", volume.shape, Path(sources[0]).name)
         truth = None if truths[0] is None else _binary(truths[0], volume.shape, Path(sources[0]).name)
         window = _window(volume)
+        spread = _spread(case_dir / "uncertainty.nii.gz", volume.shape)
         layers = [
             {"name": f"z = {z}", **_layers(volume[..., z], window, pred[..., z],
-                                           None if truth is None else truth[..., z])}
+                                           None if truth is None else truth[..., z],
+                                           None if spread is None else spread[..., z])}
             for z in range(volume.shape[-1])
         ]
         metrics = None
         if truth is not None:
             metrics = _metrics(image_metrics(pred, truth, _spacing(images[0], 3)))
-        downloads = [case_dir / "mask.nii.gz", case_dir / "seg.dcm"]
+        downloads = [case_dir / "mask.nii.gz", case_dir / "seg.dcm", case_dir / "uncertainty.nii.gz"]
     counts = [layer["tumour_pixels"] for layer in layers]
-    downloads = [p for p in downloads + [case_dir / "overlay.png"] if p.is_file()]
+    downloads = [p for p in downloads + [case_dir / "overlay.png", case_dir / "uncertainty.png"] if p.is_file()]
     return {
         "case": row["case"],
         "kind": "slices" if kind == "slices" else "volume",
