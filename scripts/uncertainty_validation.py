@@ -49,7 +49,7 @@ def main() -> None:
                edgecolors="#d62728", label=f"Dice < {args.failure_below:g} ({len(failed)})")
     ax.axvline(result["review_above"], color="#555", linestyle="--", linewidth=1,
                label=f"review above {result['review_above']:.3f} (top {args.top_fraction:.0%})")
-    ax.set_xlabel("case uncertainty (mean TTA standard deviation over the mask and its ring)")
+    ax.set_xlabel("case uncertainty (mean TTA std over the mask and its ring)")
     ax.set_ylabel("per-patient Dice")
     ax.set_title(f"Spearman rho {result['spearman_rho']:.2f}; {result['failures_in_top']} of {result['failures']} "
                  f"failures in the top {args.top_fraction:.0%}", fontsize=10)
