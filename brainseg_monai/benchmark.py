@@ -35,7 +35,6 @@ from typing import Any
 import monai
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.data import TestTimeAugmentation
@@ -49,10 +48,11 @@ from brainseg_monai.devices import resolve_device
 from brainseg_monai.errors import InputError
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.inference.cases import discover_cases
+from brainseg_monai.inference.outputs import OVERLAY, SLICE_MASK_SUFFIX, VOLUME_MASK, slice_output_names
 from brainseg_monai.inference.predictor import Predictor, fast_path, inference_network
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.writers import write_overlay_png, write_png_mask
-from brainseg_monai.io import read_sitk
+from brainseg_monai.io import read_mask, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, ModelSpec, load_model, write_sidecar
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
@@ -369,10 +369,10 @@ class _MonaiTTA:
                     probs.append(np.asarray(self.tta(data, num_examples=TTA_VIEWS).mean(0)[0].cpu()))
                 images.append(data["image"])
             masks = self.post.apply_to_slices(probs, case.images)
-            for path, mask in zip(case.images, masks):
-                write_png_mask(mask, folder / f"{Path(path).stem}_pred.png", reference=path)
+            for path, name, mask in zip(case.images, slice_output_names(case.images), masks):
+                write_png_mask(mask, folder / name, reference=path)
             best = int(np.argmax([m.sum() for m in masks]))
-            write_overlay_png(np.asarray(images[best]), masks[best], folder / "overlay.png")
+            write_overlay_png(np.asarray(images[best]), masks[best], folder / OVERLAY)
 
 
 def _timed_monai(tta: _MonaiTTA, cases: Sequence[Path], out: Path, device: torch.device) -> tuple[float, PeakMemory]:
@@ -822,7 +822,7 @@ def _bench_volume(sizes: BenchmarkSizes, device: torch.device, work: Path, check
 # ---------------------------------------------------------------------------------------------- mask agreement
 
 #: the mask files ``brainseg infer`` writes into a case folder: one PNG per 2D image, one volume per volume case
-_MASK_PATTERNS = ("*_pred.png", "mask.nii.gz")
+_MASK_PATTERNS = (f"*{SLICE_MASK_SUFFIX}", VOLUME_MASK)
 
 
 def mask_agreement(reference: str | os.PathLike, other: str | os.PathLike) -> dict:
@@ -853,8 +853,8 @@ def mask_agreement(reference: str | os.PathLike, other: str | os.PathLike) -> di
                                  f"{', '.join(missing[:5])})")
     cases = {}
     for case, files in ours.items():
-        a = np.concatenate([sitk.GetArrayFromImage(read_sitk(f)).ravel() > 0 for f in files])
-        b = np.concatenate([sitk.GetArrayFromImage(read_sitk(f)).ravel() > 0 for f in theirs[case]])
+        a = np.concatenate([read_mask(f)[0].ravel() for f in files])
+        b = np.concatenate([read_mask(f)[0].ravel() for f in theirs[case]])
         both, total = int(np.count_nonzero(a & b)), int(np.count_nonzero(a)) + int(np.count_nonzero(b))
         cases[case] = {"dice": 2.0 * both / total if total else 1.0, "pixels": [int(a.sum()), int(b.sum())],
                        "pixels_differing": int(np.count_nonzero(a ^ b))}
@@ -940,11 +940,7 @@ def run_benchmark(
     result["seconds_total"] = time.perf_counter() - started
     ordered = {key: result[key] for key in HEADLINE if key in result}
     ordered.update({key: value for key, value in result.items() if key not in ordered})
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(ordered, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(out, json.dumps(ordered, indent=2, default=float) + "\n")
     return ordered
 
 

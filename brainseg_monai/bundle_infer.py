@@ -45,9 +45,9 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.inference.cases import discover_cases
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor
-from brainseg_monai.inference.runner import slice_output_names
+from brainseg_monai.inference.outputs import VOLUME_MASK, slice_output_names
 from brainseg_monai.inference.writers import write_png_mask, write_volume_mask
-from brainseg_monai.io import SimpleITKReader, file_stem
+from brainseg_monai.io import SimpleITKReader, file_stem, planar_to_volume_affine
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.normalisation import channel_statistics, check_normalisation, normalise_images
 
@@ -150,9 +150,7 @@ class SliceStackReader(SimpleITKReader):
                              f"(brainseg infer predicts them)")
         arrays, meta = zip(*(super(SliceStackReader, self).get_data(image) for image in images))
         header = dict(meta[0])
-        plane = np.asarray(header["affine"], dtype=np.float64)
-        affine = np.eye(4)
-        affine[:2, :2], affine[:2, 3] = plane[:2, :2], plane[:2, 2]
+        affine = planar_to_volume_affine(header["affine"])
         stacked = np.stack(arrays, axis=2)
         header.update(affine=affine, original_affine=affine.copy(), spatial_shape=np.asarray(stacked.shape[:3]))
         return stacked, header
@@ -314,6 +312,6 @@ class SaveMasksd(MapTransform):
                 for path, name, plane in zip(files, slice_output_names(files), planes):
                     write_png_mask(plane, folder / name, reference=path)
             else:
-                write_volume_mask(mask, meta["original_affine"], folder / "mask.nii.gz",
+                write_volume_mask(mask, meta["original_affine"], folder / VOLUME_MASK,
                                   reference=meta["filename_or_obj"])
         return d

@@ -21,7 +21,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from brainseg_monai.errors import InputError, shown_pattern
-from brainseg_monai.io import find_dicom_series, read_header, read_sitk, write_text_atomic
+from brainseg_monai.io import (
+    IMAGE_2D_SUFFIXES,
+    NIFTI_SUFFIXES,
+    find_dicom_series,
+    natural_key,
+    read_header,
+    read_sitk,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +40,6 @@ NIFTI_CHANNEL_SUFFIXES = ("t1", "flair", "t1c", "t2")
 DEFAULT_LABEL_PATTERN = "*_seg.nii*"
 # name -> regex searched (case-insensitively) in SeriesDescription; T1 without POST/GD/+C is pre-contrast.
 DEFAULT_DICOM_CHANNELS = {"t1": r"T1(?!.*(POST|GD|\+C))", "flair": r"FLAIR", "t1c": r"T1.*(POST|GD|\+C)"}
-IMAGE_SUFFIXES_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 _LGG_SLICE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 _LGG_LAYOUT = ("ROOT/<patient>/<patient>_<n>.tif with <patient>_<n>_mask.tif beside each slice (or ROOT a single "
@@ -292,15 +298,15 @@ def _scan_pairs(root: Path, channels: Any, check: bool) -> tuple[list[Item], lis
     masks = _files_by_stem(mask_dir)
     if not images and not masks:
         raise InputError(root, f"no pairs found: expected {_PAIRS_LAYOUT}")
-    orphans = sorted(set(masks) - set(images), key=_natural_key)
+    orphans = sorted(set(masks) - set(images), key=natural_key)
     if orphans:
         raise InputError(masks[orphans[0]], f"mask without an image: expected images/{orphans[0]}.<ext>")
-    unmasked = sorted(set(images) - set(masks), key=_natural_key)
+    unmasked = sorted(set(images) - set(masks), key=natural_key)
     if unmasked:
         raise InputError(images[unmasked[0]], f"image without a mask: expected masks/{unmasked[0]}.<ext>")
-    patients, grouped = _pairs_patients(root / "cases.csv", sorted(images, key=_natural_key))
+    patients, grouped = _pairs_patients(root / "cases.csv", sorted(images, key=natural_key))
     items = []
-    for stem in sorted(images, key=_natural_key):
+    for stem in sorted(images, key=natural_key):
         item: Item = {"image": str(images[stem]), "label": str(masks[stem]), "patient": patients[stem]}
         if stem in grouped:  # its "patient" is a group of patients: the image is z-scored as its own case
             item["case"] = stem
@@ -411,7 +417,7 @@ def _scan_dicom(
         studies.setdefault(root / relative[0] if relative else root, []).append(s)
 
     items: list[Item] = []
-    for study in sorted(studies, key=lambda p: _natural_key(p.name)):
+    for study in sorted(studies, key=lambda p: natural_key(p.name)):
         study_series = sorted(studies[study], key=lambda s: (str(s.folder), s.description or "", s.series_uid))
         try:
             label = _study_label(study, label_pattern)
@@ -643,13 +649,13 @@ def _read_xy(path: Path) -> np.ndarray:
 
 def _subfolders(root: Path) -> list[Path]:
     folders = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return sorted(folders, key=lambda p: _natural_key(p.name))
+    return sorted(folders, key=lambda p: natural_key(p.name))
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES_2D:
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_2D_SUFFIXES:
             continue
         if path.stem in found:
             raise InputError(path, f"two files named {path.stem!r}: {found[path.stem].name} and {path.name}")
@@ -663,8 +669,3 @@ def _is_nifti(path: Path) -> bool:
 
 def _glob_match(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
-
-
-def _natural_key(text: str) -> list[Any]:
-    """Sort key that orders digit runs as integers ("2" before "10")."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]

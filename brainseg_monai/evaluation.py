@@ -35,7 +35,6 @@ import SimpleITK as sitk
 
 from brainseg_monai.datalist import (
     DEFAULT_LABEL_PATTERN,
-    IMAGE_SUFFIXES_2D,
     SOURCES,
     build_datalist,
     is_lgg_patient_folder,
@@ -44,16 +43,23 @@ from brainseg_monai.datalist import (
 )
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import slice_stacks
-from brainseg_monai.io import file_stem, find_dicom_series, read_sitk, write_text_atomic
+from brainseg_monai.inference.outputs import SLICE_MASK_SUFFIX, VOLUME_MASK
+from brainseg_monai.io import (
+    IMAGE_2D_SUFFIXES,
+    NIFTI_SUFFIXES,
+    file_stem,
+    find_dicom_series,
+    natural_key,
+    read_mask,
+    write_text_atomic,
+)
 from brainseg_monai.metrics import RATIO_METRICS, describe, image_metrics, patient_metrics, pooled_metrics, summarise
 
 __all__ = [
     "METRICS_FILE",
     "MISSING_POLICY",
     "PREDICTION_VALUES",
-    "PRED_SUFFIX",
     "SPLITS",
-    "VOLUME_MASK",
     "aggregate_folds",
     "evaluate_predictions",
     "json_ready",
@@ -62,10 +68,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRED_SUFFIX = "_pred.png"
-"""What ``brainseg infer`` appends to a 2D input's stem."""
-VOLUME_MASK = "mask.nii.gz"
-"""The mask ``brainseg infer`` writes for a volume or DICOM case."""
 MISSING_POLICY = ("refused unless allowed (allow_missing, --allow-missing); allowed, each is scored as an empty "
                   "prediction (all background): 0 on an item with tumour, but perfect on a tumour-free one")
 """What happens to a truth item without a prediction; ``settings["missing_policy"]`` of every result."""
@@ -411,7 +413,7 @@ def _detect_source(root: Path) -> str:
     if any(re.search(r"_mask\.tiff?$", n) for n in names):
         return "lgg"
     label = DEFAULT_LABEL_PATTERN.lower()
-    if any(n.endswith((".nii", ".nii.gz")) and not Path(n).match(label) for n in names):
+    if any(n.endswith(NIFTI_SUFFIXES) and not Path(n).match(label) for n in names):
         return "nifti"
     if any(Path(n).match(label) for n in names):
         return "dicom"
@@ -423,7 +425,8 @@ def _dicom_truth_items(root: Path) -> list[dict[str, Any]]:
     study has one series or channel patterns are given, while scoring needs the label alone (and the series, for
     the overlay and the case ids of 1-channel models)."""
     items = []
-    for study in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key):
+    studies = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for study in sorted(studies, key=lambda p: natural_key(p.name)):
         labels = sorted(p for p in study.iterdir() if p.is_file() and p.match(DEFAULT_LABEL_PATTERN))
         if len(labels) > 1:
             raise InputError(study, f"several label files: {', '.join(p.name for p in labels)}")
@@ -442,7 +445,7 @@ def _kind(items: Sequence[Mapping[str, Any]], source: str | None, truth: Path) -
         return "slices"
     if source in ("nifti", "dicom"):
         return "volumes"
-    kinds = {"slices" if str(it["label"]).lower().endswith(IMAGE_SUFFIXES_2D) else "volumes" for it in items}
+    kinds = {"slices" if str(it["label"]).lower().endswith(IMAGE_2D_SUFFIXES) else "volumes" for it in items}
     if len(kinds) > 1:
         raise InputError(truth, "mixes 2D labels (PNG/TIF/JPG) with volume labels; evaluate them separately")
     return kinds.pop()
@@ -487,8 +490,8 @@ class _SliceScorer(_Scorer):
             self.patient_spacing = list(spacing) if len(spacing) == 3 else None
         self.index: dict[str, list[Path]] = {}
         for case in self._case_dirs():
-            for path in case.glob(f"*{PRED_SUFFIX}"):
-                self.index.setdefault(path.name[: -len(PRED_SUFFIX)], []).append(path)
+            for path in case.glob(f"*{SLICE_MASK_SUFFIX}"):
+                self.index.setdefault(path.name[: -len(SLICE_MASK_SUFFIX)], []).append(path)
 
     def distances(self) -> str:
         """What HD95 and ASD are measured in, in words."""
@@ -506,14 +509,14 @@ class _SliceScorer(_Scorer):
     def find(self, item: Mapping[str, Any]) -> Path | None:
         """The prediction of ``item``, or None (recorded as missing)."""
         stem = file_stem(_first(item["image"]))
-        own = self.pred_root / str(item["patient"]) / f"{stem}{PRED_SUFFIX}"
+        own = self.pred_root / str(item["patient"]) / f"{stem}{SLICE_MASK_SUFFIX}"
         if own.is_file():
             return own
         found = self.index.get(stem, [])
         if len(found) > 1:
             listing = ", ".join(sorted(str(p.relative_to(self.pred_root)) for p in found))
-            raise InputError(self.pred_root, f"{stem}{PRED_SUFFIX} of {_first(item['image'])} is in several case "
-                                             f"folders ({listing}) and none is its patient {item['patient']!r}")
+            raise InputError(self.pred_root, f"{stem}{SLICE_MASK_SUFFIX} of {_first(item['image'])} is in several "
+                                             f"case folders ({listing}) and none is its patient {item['patient']!r}")
         if not found:
             self._record_missing(item, str(own))
             return None
@@ -524,7 +527,7 @@ class _SliceScorer(_Scorer):
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         images = [_first(item["image"]) for item, _ in found]
         numbered = _numbered_slices(patient, images)
-        order = numbered or sorted(range(len(found)), key=lambda i: _natural_key(Path(images[i])))
+        order = numbered or sorted(range(len(found)), key=lambda i: natural_key(Path(images[i]).name))
         truths, preds, records = [], [], []
         for item, pred_path in (found[i] for i in order):
             label = Path(item["label"])
@@ -683,15 +686,12 @@ def _read_mask(path: Path, role: str, dims: int, any_values: bool = True) -> tup
     Truth masks may be label maps (BraTS: 1, 2, 4), so any non-zero value is tumour there; a prediction is checked
     to hold `PREDICTION_VALUES` unless ``any_values``.
     """
-    image = read_sitk(path)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"{role} mask has {image.GetNumberOfComponentsPerPixel()} components; expected one")
+    mask, image = read_mask(path, f"{role} mask")
     if image.GetDimension() != dims:
         raise InputError(path, f"{role} mask is {image.GetDimension()}D (size {image.GetSize()}); expected {dims}D")
-    values = sitk.GetArrayViewFromImage(image)
     if not any_values:
-        _check_binary(values, path, role)
-    return values.T > 0, image
+        _check_binary(sitk.GetArrayViewFromImage(image), path, role)
+    return mask, image
 
 
 def _check_binary(values: np.ndarray, path: Path, role: str) -> None:
@@ -755,11 +755,6 @@ def _shown_channel(image: Any) -> str:
 
 def _first(image: Any) -> str:
     return _as_list(image)[0]
-
-
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key ordering digit runs as integers (``x_2`` before ``x_10``): LGG slice order."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

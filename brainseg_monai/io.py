@@ -14,10 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import SimpleITK as sitk
 from PIL import Image as PILImage
 from monai.config import PathLike
 from monai.data.image_reader import ImageReader, _copy_compatible_dict, _stack_images
-from monai.data.utils import orientation_ras_lps
+from monai.data.utils import affine_to_spacing, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from monai.utils.type_conversion import convert_to_numpy
 
@@ -37,37 +36,55 @@ from brainseg_monai.errors import InputError
 from brainseg_monai.quiet import itk_warnings_off, quiet_third_party
 
 __all__ = [
+    "ATOMIC_TEMPORARY",
+    "DICOM_FILE_SUFFIXES",
+    "IMAGE_2D_SUFFIXES",
     "MAX_PIXELS_2D",
     "MAX_VOXELS_3D",
+    "NIFTI_SUFFIXES",
     "READ_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "WRITE_SUFFIXES",
     "SAFE_DICOM_TAGS",
     "DicomSeries",
     "ImageHeader",
     "SimpleITKReader",
     "check_image_values",
+    "file_stem",
     "find_dicom_series",
+    "natural_key",
+    "planar_to_volume_affine",
     "read_header",
+    "read_mask",
     "read_sitk",
     "select_series",
     "to_sitk",
+    "voxel_spacing",
+    "write_atomic",
     "write_image",
+    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 
-READ_SUFFIXES = (
-    ".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr",
-    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp",
-    ".dcm", ".dicom", ".ima",
-)  # fmt: skip
-"""Suffixes read as single files; a DICOM file may also carry any other suffix (recognised by its DICM preamble)."""
+IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+"""2D image files: slices, each predicted on its own."""
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + (".mha", ".mhd", ".nrrd")
+"""Volume files a case is made of (a detached ``.nhdr`` header is read, but never taken as a case by itself)."""
+DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
+"""DICOM files by name; a DICOM file may also carry any other suffix (recognised by its DICM preamble)."""
+
+READ_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr") + IMAGE_2D_SUFFIXES + DICOM_FILE_SUFFIXES
+"""Suffixes read as single files."""
 
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".png", ".tif", ".tiff")
 """Suffixes `write_image` writes (single-file formats only, so the write can be atomic)."""
 
 _PLAIN_2D_SUFFIXES = (".png", ".tif", ".tiff")
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+ATOMIC_TEMPORARY = r"\.\d+-[0-9a-f]{8}"
+"""What `write_atomic` puts between ``.<name>`` and the suffix of a temporary (a regex): PID and a random tag."""
 
 SAFE_DICOM_TAGS = {
     "Modality": "0008|0060",
@@ -160,6 +177,12 @@ def file_stem(path: PathLike) -> str:
     return name[: -len(known)] if known in READ_SUFFIXES else Path(name).stem
 
 
+def natural_key(text: str) -> list[Any]:
+    """Sort key ordering digit runs as integers and the rest without case (``x_2`` before ``x_10``): the order of
+    slices, cases and folders everywhere (LGG slice order)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
 def _suffix(path: PathLike) -> str:
     """The known suffix of `path` (``.nii.gz`` counts as one), or its last suffix when unknown."""
     name = Path(path).name.lower()
@@ -170,7 +193,7 @@ def _suffix(path: PathLike) -> str:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    return _suffix(path) in _DICOM_SUFFIXES or pydicom.misc.is_dicom(path)
+    return _suffix(path) in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path)
 
 
 def _sitk_reason(error: RuntimeError) -> str:
@@ -185,7 +208,7 @@ def _sitk_reason(error: RuntimeError) -> str:
 
 def _check_complete(path: Path, suffix: str) -> None:
     """Refuse truncated NIfTI files, which ITK reads without error (zero-filled); streams, never holds the voxels."""
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in NIFTI_SUFFIXES:
         found = path.stat().st_size if suffix == ".nii" else _gzip_length(path)
         data = _nifti_data(path)
         expected = int(data.offset) + int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
@@ -205,7 +228,7 @@ def _check_pixels(path: Path, suffix: str) -> None:
     """Refuse what ITK would decode without error but wrongly: truncated JPEG and BMP files (grey-filled) and float
     NIfTI holding NaN or infinite values (ITK's NIfTI reader turns them into 0, so `check_image_values` would never
     see them; MHA and NRRD keep them). Decodes the pixels, so it runs after the size check."""
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in NIFTI_SUFFIXES:
         data = _nifti_data(path)
         if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
             check_image_values(np.asanyarray(data), path)
@@ -361,7 +384,7 @@ def is_dicom_image_file(path: PathLike) -> bool:
     are not images.
     """
     path = Path(path)
-    if not path.is_file() or not (_suffix(path) in _DICOM_SUFFIXES or pydicom.misc.is_dicom(path)):
+    if not path.is_file() or not (_suffix(path) in DICOM_FILE_SUFFIXES or pydicom.misc.is_dicom(path)):
         return False
     header = _dicom_header(path)
     return header is None or _is_image_header(header)
@@ -891,6 +914,19 @@ def read_sitk(
     return image
 
 
+def read_mask(path: PathLike, what: str = "mask") -> tuple[np.ndarray, sitk.Image]:
+    """A one-component mask file as a boolean array in reader axis order (x, y[, z]), any non-zero value tumour (a
+    label map such as BraTS's 1, 2, 4 included), and the image read (its grid and stored values).
+
+    Raises:
+        InputError: when it cannot be read or holds more than one component (``<what> has 3 components; ...``).
+    """
+    image = read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"{what} has {image.GetNumberOfComponentsPerPixel()} components; expected one")
+    return sitk.GetArrayViewFromImage(image).T > 0, image
+
+
 def check_image_values(array: Any, path: PathLike | None = None) -> None:
     """Refuse arrays holding NaN or infinite values; accept constant arrays.
 
@@ -1060,6 +1096,20 @@ class SimpleITKReader(ImageReader):
         return np.moveaxis(array.T, 0, -1)
 
 
+def voxel_spacing(affine: Any) -> np.ndarray:
+    """Voxel spacing (mm) from the spatial block of a (d+1)x(d+1) affine, never its translation column."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    return affine_to_spacing(matrix, r=matrix.shape[0] - 1, suppress_zeros=False)
+
+
+def planar_to_volume_affine(affine: Any) -> np.ndarray:
+    """The 4x4 affine of a 2D image (3x3 affine) taken as a volume of one slice: its in-plane geometry, unit z."""
+    plane = np.asarray(affine, dtype=np.float64)
+    volume = np.eye(4)
+    volume[:2, :2], volume[:2, 3] = plane[:2, :2], plane[:2, 2]
+    return volume
+
+
 def _geometry(affine: np.ndarray, ndim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spacing, LPS origin and direction of an `ndim`-D grid from a RAS affine (inverse of `_affine_of`)."""
     lps = orientation_ras_lps(np.asarray(affine, dtype=np.float64))
@@ -1158,12 +1208,25 @@ def write_image(array: Any, affine: Any, path: PathLike, *, reference: PathLike 
                 f"{suffix} holds 2D uint8/uint16 images with 1 or 3 channels, but the array has shape "
                 f"{convert_to_numpy(array).shape} and dtype {convert_to_numpy(array).dtype}."
             )
+    # SimpleITK picks the format by the temporary's suffix
+    compress = suffix in (".mha", ".nrrd")
+    return write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), useCompression=compress),
+                        suffix=suffix)
+
+
+def write_atomic(path: PathLike, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
+    """Call ``write(temporary)`` on a hidden temporary name in ``path``'s folder (created), then move it into place.
+
+    A reader never sees half a file, and a failed or interrupted write leaves the previous file and no temporary.
+    The temporary is ``.<name>.<pid>-<8 hex><suffix>`` (`ATOMIC_TEMPORARY`), made by ``write`` itself rather than by
+    ``mkstemp``, whose 0600 mode would end up on the output: the file gets the permissions of any new file. Writers
+    that pick the format by the name's end (SimpleITK) take the output's ``suffix``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique hidden name ending in the same suffix (SimpleITK picks the format by suffix); not mkstemp, whose
-    # 0600 mode would end up on the output
     temporary = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
     try:
-        sitk.WriteImage(image, str(temporary), useCompression=suffix in (".mha", ".nrrd"))
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -1171,19 +1234,5 @@ def write_image(array: Any, affine: Any, path: PathLike, *, reference: PathLike 
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (readable by all).
-
-    A reader never sees half a file, and an interrupted write leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would otherwise end up on the output
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` (UTF-8) to ``path`` through `write_atomic`."""
+    return write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -38,9 +38,11 @@ from matplotlib.patches import Patch
 from brainseg_monai.channel_roles import InputRoles, role_from_name
 from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import json_ready
-from brainseg_monai.inference.cases import CASE_MARKER, Case, discover_cases
-from brainseg_monai.inference.runner import InferenceSettings, run_inference, slice_output_names
-from brainseg_monai.io import ImageHeader, read_header, read_sitk, write_text_atomic
+from brainseg_monai.inference.cases import MASK_STEM_SUFFIXES, Case, discover_cases
+from brainseg_monai.inference.outputs import CASE_MARKER, VOLUME_MASK, slice_output_names
+from brainseg_monai.inference.runner import InferenceSettings, run_inference
+from brainseg_monai.inference.writers import grey_window, overlay_slice
+from brainseg_monai.io import IMAGE_2D_SUFFIXES, ImageHeader, read_header, read_sitk, write_text_atomic
 from brainseg_monai.report import save_figure
 from brainseg_monai.sequences import ROLES, classify_series
 
@@ -53,8 +55,7 @@ _ONE_IMAGE = InputRoles(("flair",), "flair")
 #: of a 3-channel 2D slice (LGG: pre-contrast, FLAIR, post-contrast), the FLAIR channel, as the overlays show it
 _FLAIR_OF_RGB = 1
 #: the mask slice names looked for beside each 2D slice ``<stem>``: brainseg infer's, then the LGG and common truths
-_MASK_SUFFIXES = ("_pred", "_mask", "_seg", "_label", "")
-_SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_MASK_SUFFIXES = MASK_STEM_SUFFIXES + ("",)  # "": a mask folder beside the image folder, named as the images
 #: Mattes mutual information samples about this many voxels per resolution level: enough for its 50-bin histogram
 #: (0.1 mm on a real FLAIR series), and the time of one registration stays in seconds
 _SAMPLES_PER_LEVEL = 20_000
@@ -208,6 +209,9 @@ def _same_grid(a: tuple[tuple, ...], b: tuple[tuple, ...]) -> bool:
 def _read_mask(path: Path, image: sitk.Image) -> sitk.Image:
     """The binary mask (non-zero is tumour) in ``path``, put on ``image``'s grid.
 
+    Not `brainseg_monai.io.read_mask`: registration needs the mask as a SimpleITK image on ``image``'s grid, and a
+    3-channel mask slice is read as its image slices are (:func:`_scalar`).
+
     Raises:
         InputError: when it does not lie on that grid.
     """
@@ -256,7 +260,7 @@ def _slice_masks(slices: Sequence[str], folder: Path) -> list[Path]:
         raise InputError(folder, "is not a folder: the masks of a folder of slices are a folder of mask slices")
     by_stem: dict[str, Path] = {}
     for entry in sorted(folder.iterdir()):
-        if entry.suffix.lower() in _SLICE_SUFFIXES:
+        if entry.suffix.lower() in IMAGE_2D_SUFFIXES:
             by_stem.setdefault(entry.stem, entry)
     found = []
     for path in map(Path, slices):
@@ -386,8 +390,8 @@ def _segmented_scan(source: Path, work: Path, settings: InferenceSettings) -> St
         image, described = read_sitk(path), str(path)
     image = sitk.Cast(_scalar(image), sitk.sitkFloat32)
     _check_volume(image, row["source"])
-    return StudyScan(str(source), row["kind"], image, _read_mask(folder / "mask.nii.gz", image), described,
-                     str(folder / "mask.nii.gz"))
+    return StudyScan(str(source), row["kind"], image, _read_mask(folder / VOLUME_MASK, image), described,
+                     str(folder / VOLUME_MASK))
 
 
 def _levels(image: sitk.Image) -> list[int]:
@@ -485,19 +489,11 @@ def _measures(before: StudyScan, after: StudyScan, on_before: np.ndarray, days: 
     return {"dates": dates, "change": change}
 
 
-def _most_tumour_slice(*masks: np.ndarray) -> int:
-    """The slice (z index) with the most voxels of the masks' union, else the middle one."""
-    per_slice = np.count_nonzero(np.logical_or.reduce(masks), axis=(1, 2))
-    return int(np.argmax(per_slice)) if per_slice.any() else len(per_slice) // 2
-
-
 def _picture(before: StudyScan, first: np.ndarray, second: np.ndarray, path: Path) -> dict:
     """``compare.png``: BEFORE's slice with most tumour in grey, the tumour gained, lost and unchanged in colour."""
-    k = _most_tumour_slice(first, second)
-    plane = sitk.GetArrayViewFromImage(before.image)[k].astype(np.float64)  # rows y, columns x: as the overlays
-    low, high = np.percentile(plane, [1.0, 99.0])
-    grey = np.clip((plane - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(plane)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    k = overlay_slice((first | second).T)  # the overlays' slice of the union: (z, y, x) arrays -> (x, y, z)
+    plane = sitk.GetArrayViewFromImage(before.image)[k]  # rows y, columns x: as the overlays
+    rgb = np.repeat(grey_window(plane)[..., None], 3, axis=-1)
     parts = {"gained": (second[k] & ~first[k], _GAINED), "lost": (first[k] & ~second[k], _LOST),
              "unchanged": (first[k] & second[k], _UNCHANGED)}
     for inside, colour in parts.values():

@@ -10,7 +10,6 @@ import html
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import SCALARS, Even
 from brainseg_monai.errors import InputError
 from brainseg_monai.evaluation import METRICS_FILE, json_ready, write_metrics_json
 from brainseg_monai.inference.writers import write_overlay_png
-from brainseg_monai.io import read_sitk, write_text_atomic
+from brainseg_monai.io import read_mask, read_sitk, write_atomic, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, load_tuning
 
 __all__ = [
@@ -232,17 +231,7 @@ def plot_threshold_curve(
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG atomically (no pyplot: no global state, no display needed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"), suffix=".png")
 
 
 # ---------------------------------------------------------------- sections
@@ -589,10 +578,10 @@ def _html(title: str, sections: Sequence[_Section]) -> str:
 def _write_case_overlay(record: Mapping[str, Any], path: Path) -> Path:
     """Overlay of one per-image record: its image (a volume at ``record["slice"]``), truth and prediction."""
     image = _channel_first(read_sitk(record["image"]))
-    truth = sitk.GetArrayFromImage(read_sitk(record["label"])).T > 0
+    truth, _ = read_mask(record["label"])
     prediction = None
     if record.get("prediction") is not None:
-        prediction = sitk.GetArrayFromImage(read_sitk(record["prediction"])).T > 0
+        prediction, _ = read_mask(record["prediction"])
     if "slice" in record:
         z = int(record["slice"])
         image, truth = image[..., z], truth[..., z]

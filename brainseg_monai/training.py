@@ -28,7 +28,8 @@ from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSamp
 from brainseg_monai import datalist as datalist_lib
 from brainseg_monai import synth, transforms
 from brainseg_monai.devices import as_bool, resolve_device
-from brainseg_monai.io import read_sitk, write_text_atomic
+from brainseg_monai.inference.writers import grey_window
+from brainseg_monai.io import read_sitk, write_atomic, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, own_sidecar, write_untuned_sidecar
 from brainseg_monai.normalisation import case_statistics, check_normalisation
 
@@ -485,11 +486,9 @@ class FinalModelSaver:
                 logger.info("removed %s of an earlier run: this run writes its own when it completes", path)
 
     def __call__(self, engine: Engine) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         network = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the network
-        torch.save({"model": network.state_dict(), "epoch": int(engine.state.epoch)}, tmp)
-        os.replace(tmp, self.path)
+        state = {"model": network.state_dict(), "epoch": int(engine.state.epoch)}
+        write_atomic(self.path, lambda temporary: torch.save(state, temporary))
         write_untuned_sidecar(self.path, self.path.parent / MODEL_SIDECAR)  # model.json: written when training starts
         logger.info("training completed at epoch %d: saved %s", engine.state.epoch, self.path)
 
@@ -604,9 +603,9 @@ def learning_rate_writer(optimizer: torch.optim.Optimizer, tag: str = "learning_
 
 
 def _overlay_rgb(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """(3, H, W) float in [0, 1]: grey image, truth in green, prediction in red (overlap yellow)."""
-    lo, hi = np.percentile(image, (1, 99)) if image.size else (0.0, 1.0)
-    grey = np.clip((image - lo) / (hi - lo + 1e-8), 0, 1)
+    """(3, H, W) float in [0, 1]: grey image (dimmed, as `grey_window` shows it), truth in green, prediction in red
+    (overlap yellow)."""
+    grey = grey_window(image)
     rgb = np.stack([grey, grey, grey]) * 0.7
     if truth is not None:
         rgb[1] = np.where(truth > 0, 1.0, rgb[1])

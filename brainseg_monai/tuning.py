@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
-from brainseg_monai.datalist import IMAGE_SUFFIXES_2D, training_split
+from brainseg_monai.datalist import training_split
 from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import Predictor, load_for_case
-from brainseg_monai.io import read_sitk
+from brainseg_monai.io import IMAGE_2D_SUFFIXES, read_mask
 from brainseg_monai.metrics import DEFAULT_THRESHOLDS, best_on_curve, threshold_grid
 from brainseg_monai.model import find_spec, load_model, store_tuning
 from brainseg_monai.report import plot_threshold_curve
@@ -326,7 +325,7 @@ def _predict_patient(
         scored.append((item, predictor.predict_case(load_for_case("volume", images, spec)).prob, images[0]))
     truths = []
     for item, prob, _ in scored:
-        truth = _read_truth(Path(item["label"]))
+        truth, _ = read_mask(item["label"], "label")
         if truth.shape != prob.shape:
             raise InputError(item["label"], f"label size {truth.shape} differs from the size {prob.shape} of its "
                                             f"image {item['image']}")
@@ -352,14 +351,7 @@ def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mappin
 
 
 def _is_2d(image: Any) -> bool:
-    return isinstance(image, (str, os.PathLike)) and str(image).lower().endswith(IMAGE_SUFFIXES_2D)
-
-
-def _read_truth(path: Path) -> np.ndarray:
-    image = read_sitk(path)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"label has {image.GetNumberOfComponentsPerPixel()} components; expected one")
-    return sitk.GetArrayFromImage(image).T > 0
+    return isinstance(image, (str, os.PathLike)) and str(image).lower().endswith(IMAGE_2D_SUFFIXES)
 
 
 def _held_out(fold: int | None) -> str:

@@ -29,7 +29,8 @@ import pytest
 import brainseg_monai.inference.runner as runner
 from brainseg_monai.channel_roles import InputRoles
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.cases import LOCK_NAME, Case, discover_cases, safe_case_id
+from brainseg_monai.inference.cases import Case, discover_cases, safe_case_id
+from brainseg_monai.inference.outputs import LOCK_NAME
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings, OutputLock, input_fingerprint, run_inference
 from brainseg_monai.synth import make_dataset
@@ -551,7 +552,7 @@ def test_leftovers_of_a_killed_run_are_cleared_and_nothing_else(tmp_path: Path, 
     half.mkdir()
     (half / "mask.nii.gz").write_bytes(b"partial")
     (half / ".overlay.png.123-abcdef12.png").write_bytes(b"")
-    (out / ".summary.csv.tmp").write_bytes(b"")
+    (out / ".summary.csv.123-abcdef12.tmp").write_bytes(b"")
     os.replace(out / "img", out / ".img.old")
     # the user's: never touched
     (out / ".notes").mkdir()

@@ -5,7 +5,6 @@ A case is the unit of the batch job: it succeeds or fails on its own and owns th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,24 +16,28 @@ import pydicom
 
 from brainseg_monai.channel_roles import InputRoles, plan_dicom_channels, role_from_name, single_channel_fills
 from brainseg_monai.errors import InputError, shown_pattern
-from brainseg_monai.io import DicomSeries, file_stem, find_dicom_series, is_dicom_image_file, series_header
+from brainseg_monai.inference.outputs import LOCK_NAME, SUMMARY_NAME, is_case_output
+from brainseg_monai.io import (
+    DICOM_FILE_SUFFIXES,
+    IMAGE_2D_SUFFIXES,
+    VOLUME_SUFFIXES,
+    DicomSeries,
+    file_stem,
+    find_dicom_series,
+    is_dicom_image_file,
+    natural_key,
+    series_header,
+)
 from brainseg_monai.sequences import classify_series
 
 logger = logging.getLogger(__name__)
 
-IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
-DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
-CASE_MARKER = "case.json"
-"""Written last into every finished case folder of ``brainseg infer``: the case's summary row."""
-SUMMARY_NAME = "summary.csv"
-"""The batch's summary in the output folder, one row per case."""
-LOCK_NAME = ".brainseg-infer.lock"
-"""Held in the output folder by the run writing to it; names the holder's PID and host."""
 _RESERVED_IDS = {SUMMARY_NAME, LOCK_NAME}
 #: a case id's most bytes: with the runner's ``.<id>.<random>`` temporary folders well below a file name's 255
 _MAX_ID_BYTES = 200
-_MASK_NAME = re.compile(r"(_mask|_seg|_label|_pred)$", re.IGNORECASE)
+MASK_STEM_SUFFIXES = ("_pred", "_mask", "_seg", "_label")
+"""A file whose stem ends so is a mask (``brainseg infer``'s own, or truth), never an input image."""
+_MASK_NAME = re.compile(f"({'|'.join(MASK_STEM_SUFFIXES)})$", re.IGNORECASE)
 _UNREADABLE = "holds DICOM files but no readable series (all truncated or corrupt?): "
 
 
@@ -112,19 +115,6 @@ def read_problem(path: Path) -> str | None:
         return cannot_read(err)
 
 
-def is_case_output(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a finished case of ``brainseg infer`` (its marker holds a summary row)."""
-    try:
-        row = json.loads((Path(folder) / CASE_MARKER).read_text())
-    except (OSError, ValueError):  # none, unreadable, or in a folder that cannot be entered
-        return False
-    return isinstance(row, dict) and {"case", "source", "status"} <= set(row)
-
-
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
-
-
 def _is_2d_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_2D_SUFFIXES
 
@@ -150,12 +140,12 @@ def _slices_in(files: list[Path]) -> list[Path]:
     """2D images among a folder's files in natural order; masks (``*_mask``, ``*_seg``, ``*_pred``) are truth, never
     inputs."""
     found = [p for p in files if _is_2d_image(p) and not _MASK_NAME.search(file_stem(p))]
-    return sorted(found, key=lambda p: _natural_key(p.name))
+    return sorted(found, key=lambda p: natural_key(p.name))
 
 
 def _volumes_in(files: list[Path]) -> list[Path]:
     found = [p for p in files if _is_volume(p) and not _MASK_NAME.search(file_stem(p))]
-    return sorted(found, key=lambda p: _natural_key(p.name))
+    return sorted(found, key=lambda p: natural_key(p.name))
 
 
 def safe_case_id(name: str) -> str:
@@ -261,7 +251,7 @@ def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[
     once.first_visit(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         folder = Path(dirpath)
-        dirnames[:] = [d for d in sorted(dirnames, key=_natural_key) if not skip(folder / d)
+        dirnames[:] = [d for d in sorted(dirnames, key=natural_key) if not skip(folder / d)
                        and once.first_visit(folder / d)]
         candidates = [folder / name for name in filenames if _may_be_dicom(folder / name)]
         problem = next(((path, reason) for path in candidates if (reason := read_problem(path))), None)
@@ -271,7 +261,7 @@ def _dicom_in_tree(root: Path, skip: _Skipped) -> tuple[list[DicomSeries], list[
             folders.append((folder, candidates))
     series: list[DicomSeries] = []
     unreadable = []
-    for folder, candidates in sorted(folders, key=lambda item: _natural_key(str(item[0]))):
+    for folder, candidates in sorted(folders, key=lambda item: natural_key(str(item[0]))):
         found = find_dicom_series(folder)
         series.extend(found)
         if not found and any(is_dicom_image_file(path) for path in candidates):
@@ -328,7 +318,7 @@ def _dicom_cases(
     for folder, _ in by_study:
         studies_per_folder[folder] = studies_per_folder.get(folder, 0) + 1
     cases = []
-    for (study_folder, key), members in sorted(by_study.items(), key=lambda kv: (_natural_key(str(kv[0][0])), kv[0][1])):
+    for (study_folder, key), members in sorted(by_study.items(), key=lambda kv: (natural_key(str(kv[0][0])), kv[0][1])):
         name = _rel_id(root, study_folder)
         if studies_per_folder[study_folder] > 1:  # the folder's name alone would not say which patient and study
             name = f"{name}_{_label(key[0]) or 'patient'}_{_label(key[1])[-8:] or 'study'}"
@@ -350,7 +340,7 @@ def _dicom_cases(
     for study_folder, folders in broken_studies.items():
         error = _UNREADABLE + ", ".join(str(f.relative_to(study_folder)) if f != study_folder else "." for f in folders)
         cases.append(Case(_unique(_rel_id(root, study_folder), taken), str(study_folder), "dicom", [], error=error))
-    return sorted(cases, key=lambda c: _natural_key(c.source))
+    return sorted(cases, key=lambda c: natural_key(c.source))
 
 
 def _one_channel_dicom_cases(root: Path, series: list[DicomSeries], unreadable: list[Path], roles: InputRoles,
@@ -370,7 +360,7 @@ def _one_channel_dicom_cases(root: Path, series: list[DicomSeries], unreadable: 
         cases = [Case(_unique(_rel_id(root, root), taken), str(root), "dicom", [],
                       error=f"no series matches channel pattern {shown_pattern(regex)} (series: {listing})")]
     cases += _unreadable_cases(root, unreadable, taken)
-    return sorted(cases, key=lambda c: _natural_key(c.source))
+    return sorted(cases, key=lambda c: natural_key(c.source))
 
 
 def discover_cases(
@@ -504,7 +494,7 @@ def _fail_denied(root: Path, cases: list[Case], denied: Mapping[Path, str], take
             case.error = denied[hits[0]]
     cases = cases + [Case(_unique(_rel_id(root, folder), taken), str(folder), "dicom", [], error=reason)
                      for folder, reason in denied.items() if folder not in covered]
-    return sorted(cases, key=lambda c: _natural_key(c.source))
+    return sorted(cases, key=lambda c: natural_key(c.source))
 
 
 def _discover_folder(folder: Path, roles: InputRoles, taken: set[str], skip: _Skipped, dicom_tree: bool,
@@ -529,7 +519,7 @@ def _discover_folder(folder: Path, roles: InputRoles, taken: set[str], skip: _Sk
         found.extend(Case(_unique(file_stem(p), taken), str(p), "volume", [str(p)]) for p in volumes)
     elif volumes:
         found.append(_volume_channels_case(folder, volumes, roles, taken))
-    subfolders = sorted((p for p in folders if not skip(p)), key=lambda p: _natural_key(p.name))
+    subfolders = sorted((p for p in folders if not skip(p)), key=lambda p: natural_key(p.name))
     for sub in subfolders:
         if not once.first_visit(sub):
             continue

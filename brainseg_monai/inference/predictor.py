@@ -39,7 +39,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from brainseg_monai.devices import with_memory_format
 from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import TTAPredictor
-from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values
+from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values, planar_to_volume_affine, voxel_spacing
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.normalisation import channel_statistics, normalise_images, normalise_slices, shape_chunks
 from brainseg_monai.transforms import infer_transforms
@@ -321,8 +321,7 @@ class Predictor:
         """The in-plane resampling to the model's pixel size, or None when the volume is already at it."""
         if self.spec.pixel_spacing is None:
             return None
-        affine = np.asarray(axial.affine, dtype=np.float64)
-        current = np.linalg.norm(affine[:3, :3], axis=0)[:2]
+        current = voxel_spacing(axial.affine)[:2]
         target = np.asarray(self.spec.pixel_spacing, dtype=np.float64)
         if np.all(np.abs(current / target - 1.0) <= _SPACING_TOLERANCE):
             return None
@@ -376,8 +375,7 @@ def _grid(image: MetaTensor) -> str:
     """Size, spacing and origin of a channel-first image, for messages."""
     affine = np.asarray(image.affine, dtype=np.float64)
     rank = affine.shape[0] - 1
-    spacing = np.linalg.norm(affine[:rank, :rank], axis=0)
-    return (f"size {tuple(int(s) for s in image.shape[1:])}, spacing {np.round(spacing, 4).tolist()}, "
+    return (f"size {tuple(int(s) for s in image.shape[1:])}, spacing {np.round(voxel_spacing(affine), 4).tolist()}, "
             f"origin {np.round(affine[:rank, -1], 2).tolist()}")
 
 
@@ -468,10 +466,8 @@ def _without_loading(preprocessing: Compose) -> Compose:
 
 def _as_single_slice_volume(image: MetaTensor) -> MetaTensor:
     """A (C, x, y) 2D image as a (C, x, y, 1) volume whose 4x4 affine keeps the in-plane geometry (unit z)."""
-    affine = np.asarray(image.affine, dtype=np.float64)
     volume = MetaTensor(image.as_tensor()[..., None], meta=dict(image.meta))
-    full = np.eye(4)
-    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+    full = planar_to_volume_affine(image.affine)
     volume.affine = torch.as_tensor(full)
     volume.meta["original_affine"] = full
     volume.meta["spatial_shape"] = np.asarray(volume.shape[1:])

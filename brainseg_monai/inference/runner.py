@@ -16,6 +16,7 @@ import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,18 +39,24 @@ from tqdm import tqdm
 
 from brainseg_monai.channel_roles import InputRoles, SelectionRules
 from brainseg_monai.errors import InputError, input_error_in
-from brainseg_monai.inference.cases import (
+from brainseg_monai.inference.cases import Case, cannot_read, discover_cases
+from brainseg_monai.inference.outputs import (
+    CASE_FILES,
     CASE_MARKER,
     LOCK_NAME,
+    OVERLAY,
+    SEG,
+    SLICE_SPREAD_SUFFIX,
     SUMMARY_NAME,
-    Case,
-    cannot_read,
-    discover_cases,
+    UNCERTAINTY_OVERLAY,
+    VOLUME_MASK,
+    VOLUME_SPREAD,
     is_case_output,
+    slice_output_names,
 )
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import LoadedCase, Predictor, load_for_case
-from brainseg_monai.io import file_stem
+from brainseg_monai.io import ATOMIC_TEMPORARY, voxel_spacing, write_text_atomic
 from brainseg_monai.model import ModelSpec, load_model
 from brainseg_monai.uncertainty import case_score, needs_review
 from brainseg_monai.untrusted import check_detached_data
@@ -78,12 +84,10 @@ _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 #: the most characters of a summary field; the log holds the whole message
 _FIELD_CHARS = 500
 #: what an interrupted run leaves in the output folder: case folders being written (``tempfile.mkdtemp``'s eight
-#: characters) or moved aside for their replacement, and temporary or per-rank summaries
+#: characters) or moved aside for their replacement, and per-rank summaries and summaries being written
+#: (`write_text_atomic`'s temporaries)
 _TEMP_CASE = re.compile(r"^\.(?P<case>.+)\.(?P<kind>[a-z0-9_]{8}|old)$")
-_TEMP_SUMMARY = re.compile(r"^\.\.?summary(\.rank\d+)?\.csv(\.tmp)?$")
-#: what a case folder holds (each possibly in a writer's hidden temporary name): nothing else is ever removed
-_OUTPUT_NAMES = (CASE_MARKER, "mask.nii.gz", "seg.dcm", "overlay.png", "_pred.png", "uncertainty.nii.gz",
-                 "uncertainty.png", "_unc.png")
+_TEMP_SUMMARY = re.compile(rf"^\.\.?summary(\.rank\d+)?\.csv({ATOMIC_TEMPORARY}\.tmp)?$")
 
 
 @dataclass
@@ -159,34 +163,6 @@ def _volume_stats(mask: np.ndarray, spacing: Sequence[float] | None) -> dict:
     return stats
 
 
-def _spacing(affine: Any) -> list[float]:
-    """Voxel spacing from the spatial block of a (d+1)x(d+1) affine, never its translation column."""
-    matrix = np.asarray(affine, dtype=np.float64)
-    rank = matrix.shape[0] - 1
-    return np.linalg.norm(matrix[:rank, :rank], axis=0).tolist()
-
-
-def slice_output_names(paths: Sequence[str], suffix: str = "_pred.png") -> list[str]:
-    """``<stem>_pred.png`` per slice, or ``<file name>_pred.png`` for a later slice sharing an earlier one's stem
-    (``suffix`` instead of ``_pred.png`` for the other outputs of a slice, such as its ``_unc.png``).
-
-    ``a.tif`` after ``a.png`` would otherwise overwrite its mask; the first keeps the usual name, which
-    ``brainseg evaluate`` and the web app look for.
-
-    Raises:
-        InputError: when two slices would still be written to one name.
-    """
-    names: list[str] = []
-    for path in paths:
-        name = f"{file_stem(path)}{suffix}"
-        names.append(f"{Path(path).name}{suffix}" if name in names else name)
-    clash = next((n for n, count in Counter(names).items() if count > 1), None)
-    if clash is not None:
-        both = [p for p, n in zip(paths, names) if n == clash]
-        raise InputError(os.path.commonpath(both), f"{', '.join(map(str, both))} would all be written as {clash}")
-    return names
-
-
 class _CaseWriter:
     """Writes one case into a temporary folder and moves it into place only when complete."""
 
@@ -235,13 +211,14 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
     if loaded.slices is not None:
         masks = post.apply_to_slices(prediction.prob, case.images)
         for path, name, unc, mask, spread in zip(case.images, slice_output_names(case.images),
-                                                 slice_output_names(case.images, "_unc.png"), masks, prediction.spread):
+                                                 slice_output_names(case.images, SLICE_SPREAD_SUFFIX), masks,
+                                                 prediction.spread):
             write_png_mask(mask, writer.path(name), reference=path)
             write_spread_png(spread, writer.path(unc), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
         shown = np.asarray(loaded.slices[best])
-        write_overlay_png(shown, masks[best], writer.path("overlay.png"))
-        write_uncertainty_png(shown, prediction.spread[best], masks[best], writer.path("uncertainty.png"))
+        write_overlay_png(shown, masks[best], writer.path(OVERLAY))
+        write_uncertainty_png(shown, prediction.spread[best], masks[best], writer.path(UNCERTAINTY_OVERLAY))
         voxels = int(sum(int(m.sum()) for m in masks))
         total = int(sum(m.size for m in masks))
         return {
@@ -255,37 +232,32 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
                         else loaded.volume.meta["affine"])
     mask = post(prob)
     reference = case.images[case.primary] if case.primary < len(case.images) else case.images[0]
-    write_volume_mask(mask, affine, writer.path("mask.nii.gz"), reference=reference)
-    write_spread_volume(spread, affine, writer.path("uncertainty.nii.gz"), reference=reference)
+    write_volume_mask(mask, affine, writer.path(VOLUME_MASK), reference=reference)
+    write_spread_volume(spread, affine, writer.path(VOLUME_SPREAD), reference=reference)
     shown = loaded.image
     if shown.shape[1:] != mask.shape:  # a 3D model's input was cropped or resampled: show its probability instead
         shown = prob[None]
-    write_overlay_png(shown, mask, writer.path("overlay.png"))
-    write_uncertainty_png(shown, spread, mask, writer.path("uncertainty.png"))
+    write_overlay_png(shown, mask, writer.path(OVERLAY))
+    write_uncertainty_png(shown, spread, mask, writer.path(UNCERTAINTY_OVERLAY))
     warnings: list[str] = []
     if case.kind == "dicom" and case.series:
         try:  # the mask is the result; a SEG the source's attributes do not allow is a warning, not a lost case
-            warnings += write_dicom_seg(mask, case.series[case.primary].files, writer.path("seg.dcm"))
+            warnings += write_dicom_seg(mask, case.series[case.primary].files, writer.path(SEG))
         except SegNotWritten as err:
             warnings.append(f"SEG not written: {err}")
     # a 2D image has no slice thickness, so no volume in ml
-    stats = _volume_stats(mask, None if loaded.planar else _spacing(affine))
+    stats = _volume_stats(mask, None if loaded.planar else voxel_spacing(affine))
     return {**stats, **_certainty(prob, spread, mask, post, review), "warnings": "; ".join(warnings)}
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
-    """Replace ``path`` by ``rows`` through a temporary file: a reader sees the old summary or the new one, and a
-    failed write (a full disk, Ctrl-C) leaves the old one and no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace ``path`` by ``rows`` atomically: a reader sees the old summary or the new one, and a failed write (a
+    full disk, Ctrl-C) leaves the old one and no temporary file."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def _read_summary(path: Path) -> list[dict]:
@@ -483,7 +455,7 @@ def _remove_leftovers(out: Path) -> None:
             continue
         match = _TEMP_CASE.match(entry.name)
         if match is None or not entry.is_dir() or not all(
-                f.is_file() and any(name in f.name for name in _OUTPUT_NAMES) for f in entry.iterdir()):
+                f.is_file() and any(name in f.name for name in CASE_FILES) for f in entry.iterdir()):
             continue
         final = out / match["case"]
         if match["kind"] == "old" and is_case_output(entry) and not final.exists():

@@ -17,8 +17,7 @@ import io
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,12 @@ from skimage.segmentation import find_boundaries
 
 from brainseg_monai import __version__
 from brainseg_monai.errors import InputError
-from brainseg_monai.io import write_image
+from brainseg_monai.io import write_atomic, write_image
 
 __all__ = [
     "SEG_SERIES_NUMBER",
     "SegNotWritten",
+    "grey_window",
     "overlay_slice",
     "write_dicom_seg",
     "write_overlay_png",
@@ -231,7 +231,7 @@ def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *,
     if spatial_dims == 3:
         k = _most_tumour_slice(predicted)
         plane, predicted, values = plane[..., k], predicted[..., k], values[..., k]
-    rgb = np.repeat(_grey(plane)[..., None], 3, axis=-1)
+    rgb = np.repeat(grey_window(plane)[..., None] * 255.0, 3, axis=-1)
     weight = (values / _MAX_SPREAD)[..., None]  # 0: grey as it is; 1: pure yellow
     rgb = np.rint((1.0 - weight) * rgb + weight * _YELLOW).astype(np.uint8)
     rgb[find_boundaries(predicted.astype(bool), mode="inner")] = _RED.astype(np.uint8)
@@ -260,13 +260,14 @@ def _most_tumour_slice(volume: np.ndarray) -> int:
     return int(np.argmax(per_slice)) if per_slice.any() else volume.shape[2] // 2
 
 
-def _grey(plane: np.ndarray) -> np.ndarray:
-    """A (x, y) plane scaled to [0, 255] between its 1st and 99th percentiles (robust to bright outliers)."""
-    plane = plane.astype(np.float64)
+def grey_window(plane: Any) -> np.ndarray:
+    """A plane as the overlays show it in grey: scaled to [0, 1] between its 1st and 99th percentiles (robust to
+    bright outliers), all 0 when those are equal."""
+    plane = np.asarray(plane, dtype=np.float64)
     low, high = np.percentile(plane, [1.0, 99.0])
     if high <= low:
         return np.zeros_like(plane)
-    return np.clip((plane - low) / (high - low), 0.0, 1.0) * 255.0
+    return np.clip((plane - low) / (high - low), 0.0, 1.0)
 
 
 def write_overlay_png(
@@ -318,7 +319,7 @@ def write_overlay_png(
         logger.info("overlay %s shows slice z=%d of %d", path, k, predicted.shape[2])
         plane, predicted = plane[..., k], predicted[..., k]
         reference = None if reference is None else reference[..., k]
-    rgb = np.repeat(_grey(plane)[..., None], 3, axis=-1)
+    rgb = np.repeat(grey_window(plane)[..., None] * 255.0, 3, axis=-1)
     inside = predicted.astype(bool)
     rgb[inside] = (1.0 - opacity) * rgb[inside] + opacity * _RED
     rgb = np.rint(rgb).astype(np.uint8)
@@ -326,19 +327,6 @@ def write_overlay_png(
         rgb[find_boundaries(reference.astype(bool), mode="inner")] = _GREEN
     # (x, y, 3) -> channel-first (3, x, y), the layout write_image takes for an RGB image.
     return write_image(np.moveaxis(rgb, -1, 0), np.eye(3), path)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary)`` on a temporary name in `path`'s folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _is_date(text: str) -> bool:
@@ -659,7 +647,7 @@ def write_dicom_seg(
     except Exception as error:  # whatever highdicom or pydicom refuse, the mask (written elsewhere) must survive
         message = " ".join(str(error).split()) or "no details given"
         raise SegNotWritten(f"cannot build a SEG from this series ({type(error).__name__}: {message})") from error
-    _atomic_write(path, lambda temporary: Path(temporary).write_bytes(encoded))
+    write_atomic(path, lambda temporary: temporary.write_bytes(encoded))
     return changes
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.cases import DICOM_FILE_SUFFIXES, IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
+from brainseg_monai.io import DICOM_FILE_SUFFIXES, IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
 
 __all__ = ["ACCEPTED_SUFFIXES", "ShownNames", "SizeBudget", "UploadTooLarge", "Uploads", "sort_uploads", "store_upload",
            "unpack_zip"]

@@ -21,7 +21,15 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.inference.runner import slice_output_names  # the runner's own naming; never a copy
+from brainseg_monai.inference.outputs import (
+    OVERLAY,
+    SEG,
+    SLICE_SPREAD_SUFFIX,
+    UNCERTAINTY_OVERLAY,
+    VOLUME_MASK,
+    VOLUME_SPREAD,
+    slice_output_names,
+)
 from brainseg_monai.io import SimpleITKReader
 from brainseg_monai.metrics import image_metrics, patient_metrics
 
@@ -41,11 +49,6 @@ def read_channels_first(paths: Sequence[str | Path], series_uid: str | None = No
     items = [str(p) for p in paths]
     load = LoadImage(image_only=True)
     return EnsureChannelFirst()(load(items if len(items) > 1 else items[0], reader=reader))
-
-
-def _spacing(image: Any, dims: int) -> list[float]:
-    affine = np.asarray(getattr(image, "affine", np.eye(dims + 1)), dtype=np.float64)
-    return np.linalg.norm(affine[:dims, :dims], axis=0).tolist()
 
 
 def _data_url(pixels: np.ndarray, mime: str = "image/png") -> str:
@@ -107,7 +110,9 @@ def _spread(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
-    """A mask file as a boolean (x, y[, z]) array; any nonzero value (in any channel) is tumour."""
+    """A mask file as a boolean (x, y[, z]) array; any nonzero value (in any channel) is tumour.
+
+    Not `brainseg_monai.io.read_mask`, which refuses several channels: an uploaded truth may be an RGB(A) PNG."""
     values = np.asarray(read_channels_first([path])).max(axis=0) > 0
     if values.ndim == 3 and len(shape) == 2 and values.shape[-1] == 1:
         values = values[..., 0]
@@ -160,7 +165,7 @@ def case_view(
         # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
         preds, refs, layers = [], [], []
         names = slice_output_names([str(source) for source in sources])
-        spreads = slice_output_names([str(source) for source in sources], "_unc.png")
+        spreads = slice_output_names([str(source) for source in sources], SLICE_SPREAD_SUFFIX)
         for image, source, name, unc, truth_path in zip(images, sources, names, spreads, truths):
             plane = np.asarray(image[channel])
             pred = _binary(case_dir / name, plane.shape, Path(source).name)
@@ -177,10 +182,10 @@ def case_view(
         downloads = [case_dir / name for name in names] + [case_dir / name for name in spreads]  # slider's order
     else:
         volume = np.asarray(images[0][channel])
-        pred = _binary(case_dir / "mask.nii.gz", volume.shape, Path(sources[0]).name)
+        pred = _binary(case_dir / VOLUME_MASK, volume.shape, Path(sources[0]).name)
         truth = None if truths[0] is None else _binary(truths[0], volume.shape, Path(sources[0]).name)
         window = _window(volume)
-        spread = _spread(case_dir / "uncertainty.nii.gz", volume.shape)
+        spread = _spread(case_dir / VOLUME_SPREAD, volume.shape)
         layers = [
             {"name": f"z = {z}", **_layers(volume[..., z], window, pred[..., z],
                                            None if truth is None else truth[..., z],
@@ -189,10 +194,10 @@ def case_view(
         ]
         metrics = None
         if truth is not None:
-            metrics = _metrics(image_metrics(pred, truth, _spacing(images[0], 3)))
-        downloads = [case_dir / "mask.nii.gz", case_dir / "seg.dcm", case_dir / "uncertainty.nii.gz"]
+            metrics = _metrics(image_metrics(pred, truth))  # Dice and IoU count voxels: no spacing needed
+        downloads = [case_dir / VOLUME_MASK, case_dir / SEG, case_dir / VOLUME_SPREAD]
     counts = [layer["tumour_pixels"] for layer in layers]
-    downloads = [p for p in downloads + [case_dir / "overlay.png", case_dir / "uncertainty.png"] if p.is_file()]
+    downloads = [p for p in downloads + [case_dir / OVERLAY, case_dir / UNCERTAINTY_OVERLAY] if p.is_file()]
     return {
         "case": row["case"],
         "kind": "slices" if kind == "slices" else "volume",
