@@ -194,14 +194,15 @@ def plane_of(series: DicomSeries) -> str:
 def _ranked(candidates: list[DicomSeries], prefer: Sequence[str]) -> tuple[list[DicomSeries], list[str]]:
     """Candidates best first by the ``prefer`` rules, and for each one after the first the rule that put the first
     ahead of it, in words."""
+    planes = {id(s): plane_of(s) for s in candidates}
     keys = {
-        "axial": lambda s: plane_of(s) == "axial",
+        "axial": lambda s: planes[id(s)] == "axial",
         "most_slices": lambda s: len(s.files),
         "latest": lambda s: _number(s.header.get("SeriesNumber")) or 0.0,
     }
     ranked = sorted(candidates, key=lambda s: tuple(keys[p](s) for p in prefer), reverse=True)
     best = ranked[0]
-    words = {"axial": lambda s: f"axial first ({plane_of(best)} vs {plane_of(s)})",
+    words = {"axial": lambda s: f"axial first ({planes[id(best)]} vs {planes[id(s)]})",
              "most_slices": lambda s: f"most slices ({len(best.files)} vs {len(s.files)})",
              "latest": lambda s: f"latest SeriesNumber ({_int_or_none(best.header.get('SeriesNumber'))} vs "
                                  f"{_int_or_none(s.header.get('SeriesNumber'))})"}

@@ -98,6 +98,20 @@ def _bundle(arg: str | None) -> Path:
     return beside
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--bundle``, ``--checkpoint`` and ``--device``: which model segments, and where (see `_checkpoint`)."""
+    p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
+                   "if present, else the repository's bundle of an editable install)")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
+                                        "bundle's models/model.pt, the shipped LGG model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _checkpoint(args: argparse.Namespace) -> str:
+    """``--checkpoint``, else the ``models/model.pt`` of ``--bundle`` (see `_bundle`)."""
+    return args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from brainseg_monai.synth import make_dataset
 
@@ -128,11 +142,11 @@ def _cmd_datalist(args: argparse.Namespace) -> int:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from brainseg_monai.channel_roles import SelectionRules
+    from brainseg_monai.inference.outputs import SUMMARY_NAME
     from brainseg_monai.inference.runner import InferenceSettings, run_inference
 
-    checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
     settings = InferenceSettings(
-        checkpoint=checkpoint, tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
+        checkpoint=_checkpoint(args), tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
         keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
         series_rules=SelectionRules.from_file(args.series_rules) if args.series_rules else None,
@@ -145,7 +159,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
               f"--resume to go on", file=sys.stderr)
         return 130
     failed = [r for r in rows if r["status"] == "failed"]
-    print(f"{len(rows) - len(failed)} ok, {len(failed)} failed -> {Path(args.out) / 'summary.csv'}")
+    print(f"{len(rows) - len(failed)} ok, {len(failed)} failed -> {Path(args.out) / SUMMARY_NAME}")
     for row in failed:
         print(f"failed {row['case']} ({row['source']}): {row['error']}", file=sys.stderr)
     return 1 if failed else 0
@@ -206,8 +220,7 @@ def _cmd_aggregate_folds(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from brainseg_monai.webapp import serve  # needs fastapi/uvicorn: imported only for this sub-command
 
-    checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
-    serve(checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
+    serve(_checkpoint(args), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, device=args.device)
     return 0
 
 
@@ -215,7 +228,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from brainseg_monai.benchmark import format_table, run_benchmark
 
     result = run_benchmark(args.out, quick=args.quick, device=args.device, data=args.data, bundle=_bundle(args.bundle),
-                           checkpoint=args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt"),
+                           checkpoint=_checkpoint(args),
                            precision=args.precision, dicom=args.dicom)
     print(format_table(result))
     print(f"written: {args.out}")
@@ -229,8 +242,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not args.masks:
         from brainseg_monai.inference.runner import InferenceSettings
 
-        checkpoint = args.checkpoint or str(_bundle(args.bundle) / "models" / "model.pt")
-        settings = InferenceSettings(checkpoint=checkpoint, device=args.device, progress=False)
+        settings = InferenceSettings(checkpoint=_checkpoint(args), device=args.device, progress=False)
     result = compare_studies(args.before, args.after, args.out, masks=args.masks, dates=args.dates, force=args.force,
                              settings=settings)
     change = result["change"]
@@ -297,14 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders of slices, volumes, DICOM series or study trees")
     p.add_argument("--out", required=True, help="output folder: <case>/... and summary.csv (never read as an input, "
                                                 "even inside an input folder)")
-    p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
-                   "if present, else the repository's bundle of an editable install)")
-    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
-                                        "bundle's models/model.pt, the shipped LGG model)")
+    _add_model_options(p)
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default="dihedral",
                    help="test-time augmentation: none (fastest), flip (2 views) or dihedral (the 8 flips and quarter "
                         "turns in 2D; what every figure of the shipped model uses)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="images or slices per forward (times the TTA views)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
                    help="how the forward runs: fp32 (float32, the model's own layers: the reference); bf16 "
@@ -402,13 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "local web app: upload a scan, see the tumour outlined, read its size")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port of the page, http://HOST:PORT")
-    p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
-                   "if present, else the repository's bundle of an editable install)")
-    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
-                                        "bundle's models/model.pt, the shipped LGG model)")
+    _add_model_options(p)
     p.add_argument("--max-upload-mb", type=int, default=512,
                    help="largest accepted upload in MB, all files of one request together")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_serve)
 
     p = command("benchmark", "speed against MONAI's TestTimeAugmentation and the machine's matmul rate")
@@ -440,10 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study dates YYYY-MM-DD for the growth rate, where the inputs carry no DICOM StudyDate "
                         "(they win over it; default: the StudyDate, if any)")
     p.add_argument("--force", action="store_true", help="compare even when the two studies' PatientIDs differ")
-    p.add_argument("--bundle", help="bundle folder whose models/model.pt segments the studies (default as for infer)")
-    p.add_argument("--checkpoint", help="model checkpoint that segments the studies (model.pt with its model.json; "
-                                        "default: the bundle's models/model.pt)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_model_options(p)
     p.set_defaults(func=_cmd_compare)
     return parser
 

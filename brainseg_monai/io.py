@@ -115,11 +115,11 @@ _SAME_POSITION_MM = 0.01
 """Two slice or frame positions closer than this (mm) are one position; DICOM writes them to about 1e-4 mm."""
 
 SERIES_HEADER_TAGS = (
-    "PatientID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime", "AcquisitionTime", "ProtocolName",
-    "SequenceName", "ImageType", "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
-    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "ContrastBolusAgent", "ContrastBolusRoute",
-    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns", "NumberOfFrames", "SOPClassUID",
-    "Manufacturer", "MagneticFieldStrength", "DiffusionBValue",
+    "PatientID", "StudyInstanceUID", "SeriesDescription", "SeriesNumber", "SeriesDate", "SeriesTime",
+    "AcquisitionTime", "ProtocolName", "SequenceName", "ImageType", "ScanningSequence", "SequenceVariant",
+    "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
+    "ContrastBolusAgent", "ContrastBolusRoute", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows",
+    "Columns", "NumberOfFrames", "SOPClassUID", "Manufacturer", "MagneticFieldStrength", "DiffusionBValue",
 )  # fmt: skip
 """Header attributes kept per series in `DicomSeries.header` (nothing that names the patient besides PatientID,
 which groups series into studies and is never written to outputs)."""

@@ -435,12 +435,8 @@ def _file_case(path: Path, kind: str, roles: InputRoles, taken: set[str]) -> Cas
     """A case of one file; a DICOM file's header may say which sequence it is."""
     header_role = None
     if kind == "volume" and not _is_volume(path):
-        try:
-            description = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
-                              .get("SeriesDescription", ""))
-        except Exception:  # a damaged file: reading it fails later with the reason
-            description = ""
-        header_role = classify_series(series_header(path), description, None).role
+        header = series_header(path)  # empty for a damaged file: reading it fails later with the reason
+        header_role = classify_series(header, str(header.get("SeriesDescription", "")), None).role
     return Case(_unique(file_stem(path), taken), str(path), kind, [str(path)], fills=_fills(path.name, roles, header_role))
 
 
