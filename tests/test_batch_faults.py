@@ -34,23 +34,13 @@ from brainseg_monai.inference.outputs import LOCK_NAME
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.inference.runner import InferenceSettings, OutputLock, input_fingerprint, run_inference
 from brainseg_monai.synth import make_dataset
-from test_infer import (
-    _bright_per_slice,
-    _cli,
-    _hashes,
-    _pred_png,
-    _random_image,
-    _settings,
-    _stand_in,
-    _summary,
-    _untrained_one_channel_model,
-    _write_image,
-)
+from infer_helpers import (bright_per_slice, infer_cli, infer_settings, output_hashes, pred_png, random_image, stand_in,
+                           summary_rows, untrained_one_channel_model, write_image)
 
 
 def _images(folder: Path, count: int, suffix: str = ".png") -> list[Path]:
     """``s1.png`` ... ``s<count>.png``, each with its own bright block: one case each when given one by one."""
-    return [_write_image(folder / f"s{i}{suffix}", _random_image(i)) for i in range(1, count + 1)]
+    return [write_image(folder / f"s{i}{suffix}", random_image(i)) for i in range(1, count + 1)]
 
 
 def _entries(folder: Path) -> list[str]:
@@ -91,23 +81,23 @@ def deny(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
 def test_a_held_output_folder_is_refused_naming_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
     out.mkdir()
     with OutputLock(out):
         with pytest.raises(InputError) as refused:
-            run_inference([image], out, _settings())
+            run_inference([image], out, infer_settings())
         message = str(refused.value)
         assert message.startswith(f"{out}: is in use by another brainseg infer run")
         assert f"PID {os.getpid()} on host {socket.gethostname()}" in message
         assert "Wait for that run to end, or choose another --out" in message
-        assert _cli(image, "--out", out) == 2
+        assert infer_cli(image, "--out", out) == 2
         error = capsys.readouterr().err
         assert "is in use by another brainseg infer run" in error and "Traceback" not in error
         assert _entries(out) == [LOCK_NAME], "a refused run wrote into the folder"
     assert _entries(out) == [], "the lock file stayed after release"
-    assert run_inference([image], out, _settings())[0]["status"] == "ok"
+    assert run_inference([image], out, infer_settings())[0]["status"] == "ok"
     assert _entries(out) == ["img", "summary.csv"]
 
 
@@ -123,21 +113,21 @@ time.sleep(600)
 
 def test_a_lock_left_by_a_killed_run_is_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match=f"PID {holder.pid} on host {socket.gethostname()}"):
-            run_inference([image], out, _settings())
+            run_inference([image], out, infer_settings())
     finally:
         holder.kill()  # kill -9: the lock file stays, naming a process that is gone
         holder.communicate()
     assert (out / LOCK_NAME).is_file()
     with caplog.at_level(logging.WARNING):
-        assert run_inference([image], out, _settings())[0]["status"] == "ok"
+        assert run_inference([image], out, infer_settings())[0]["status"] == "ok"
     assert f"recovered the lock of PID {holder.pid} on {socket.gethostname()}" in caplog.text
     assert not (out / LOCK_NAME).exists()
 
@@ -149,8 +139,8 @@ def test_without_flock_the_pid_tells_a_live_holder_from_a_dead_one(tmp_path: Pat
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
     out.mkdir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -159,19 +149,19 @@ def test_without_flock_the_pid_tells_a_live_holder_from_a_dead_one(tmp_path: Pat
     for pid, host in ((os.getpid(), here), (gone.pid, "another-host")):  # alive; on a host whose PIDs we cannot see
         (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host, "started": "2024-01-01 00:00:00"}))
         with pytest.raises(InputError, match=f"PID {pid} on host {host}"):
-            run_inference([image], out, _settings())
+            run_inference([image], out, infer_settings())
     (out / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": here, "started": "2024-01-01 00:00:00"}))
     with caplog.at_level(logging.WARNING):
-        assert run_inference([image], out, _settings())[0]["status"] == "ok"
+        assert run_inference([image], out, infer_settings())[0]["status"] == "ok"
     assert f"recovered the lock of PID {gone.pid}" in caplog.text and not (out / LOCK_NAME).exists()
 
 
 def test_the_lock_is_released_however_the_run_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
     with pytest.raises(InputError, match="is the one asked for"):
-        run_inference([image], out, _settings(), select=lambda case: False)
+        run_inference([image], out, infer_settings(), select=lambda case: False)
     assert _entries(out) == []
 
     def interrupted(*args: object) -> dict:
@@ -179,7 +169,7 @@ def test_the_lock_is_released_however_the_run_ends(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(runner, "_predict_case", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_inference([image], out, _settings())
+        run_inference([image], out, infer_settings())
     assert _entries(out) == []
 
 
@@ -190,9 +180,9 @@ def test_resume_redoes_a_case_whose_input_changed_in_place(tmp_path: Path, monke
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """Other pixels with the same size and modification time: only the content hash tells."""
     first, second = _images(tmp_path / "in", 2, suffix=".tif")  # uncompressed: new pixels, same size
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    run_inference([first, second], out, _settings())
+    run_inference([first, second], out, infer_settings())
     fingerprint = json.loads((out / "s1" / "case.json").read_text())["fingerprint"]
     assert fingerprint["inputs"]["files"] == 1 and fingerprint["inputs"]["bytes"] == first.stat().st_size
     assert len(fingerprint["inputs"]["sha256"]) == 64 and fingerprint["inputs"]["newest_mtime"]
@@ -200,24 +190,24 @@ def test_resume_redoes_a_case_whose_input_changed_in_place(tmp_path: Path, monke
     kept = (out / "s2" / "case.json").stat().st_mtime_ns
 
     before = first.stat()
-    _write_image(first, _random_image(7))
+    write_image(first, random_image(7))
     os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert first.stat().st_size == before.st_size and first.stat().st_mtime_ns == before.st_mtime_ns
     with caplog.at_level(logging.WARNING):
-        rows = {r["case"]: r for r in run_inference([first, second], out, _settings(resume=True))}
+        rows = {r["case"]: r for r in run_inference([first, second], out, infer_settings(resume=True))}
     assert rows["s1"]["status"] == "ok" and rows["s1"]["warnings"] == "redone: input changed"
     assert f"case s1 ({first}): redone: input changed" in caplog.text
-    np.testing.assert_array_equal(_pred_png(out / "s1" / "s1_pred.png"), _bright_per_slice(_random_image(7)[None]))
+    np.testing.assert_array_equal(pred_png(out / "s1" / "s1_pred.png"), bright_per_slice(random_image(7)[None]))
     assert (out / "s2" / "case.json").stat().st_mtime_ns == kept, "an unchanged case was redone"
-    assert {r["case"]: r["warnings"] for r in _summary(out)} == {"s1": "redone: input changed", "s2": ""}
+    assert {r["case"]: r["warnings"] for r in summary_rows(out)} == {"s1": "redone: input changed", "s2": ""}
 
 
 def test_resume_redoes_cases_after_the_settings_or_the_model_changed(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(3))
+    image = write_image(tmp_path / "img.png", random_image(3))
     weights = tmp_path / "model.pt"  # the stand-in network ignores it; its bytes are the model's fingerprint
     weights.write_bytes(b"weights, first training")
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
 
     def resume(threshold: float = 0.5, tta: str = "none") -> str:
@@ -261,29 +251,29 @@ def test_fingerprinting_a_100_mb_study_takes_well_under_two_seconds(tmp_path: Pa
 def test_other_inputs_into_a_used_out_keep_the_earlier_cases_and_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     def write(folder: str, name: str, seed: int) -> Path:
-        return _write_image(tmp_path / folder / f"{name}.png", _random_image(seed))
+        return write_image(tmp_path / folder / f"{name}.png", random_image(seed))
 
     first = [write("first", "a", 1), write("first", "b", 2)]
     second = [write("second", "a", 3), write("second", "c", 4)]  # another a.png
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    run_inference(first, out, _settings())
-    earlier = _hashes(out)
+    run_inference(first, out, infer_settings())
+    earlier = output_hashes(out)
     with caplog.at_level(logging.WARNING):
-        rows = run_inference(second, out, _settings())
+        rows = run_inference(second, out, infer_settings())
     assert [(r["case"], r["source"], r["status"]) for r in rows] == [("a_2", str(second[0]), "ok"),
                                                                     ("c", str(second[1]), "ok")]
-    kept = {k: v for k, v in _hashes(out).items() if k.split("/")[0] in ("a", "b")}
+    kept = {k: v for k, v in output_hashes(out).items() if k.split("/")[0] in ("a", "b")}
     assert kept == earlier, "an earlier case changed"
-    np.testing.assert_array_equal(_pred_png(out / "a_2" / "a_pred.png"), _bright_per_slice(_random_image(3)[None]))
-    assert [(r["case"], r["source"]) for r in _summary(out)] == [
+    np.testing.assert_array_equal(pred_png(out / "a_2" / "a_pred.png"), bright_per_slice(random_image(3)[None]))
+    assert [(r["case"], r["source"]) for r in summary_rows(out)] == [
         ("a_2", str(second[0])), ("c", str(second[1])), ("a", str(first[0])), ("b", str(first[1]))]
     assert f"case a ({second[0]}): the id names the results of other inputs ({first[0]})" in caplog.text
     assert "keeps the rows of 2 case(s) of earlier runs that this run does not include: a, b" in caplog.text
 
-    rows = run_inference(first, out, _settings())  # the first inputs again: this run wins for its own cases
+    rows = run_inference(first, out, infer_settings())  # the first inputs again: this run wins for its own cases
     assert [r["case"] for r in rows] == ["a", "b"]
-    assert [r["case"] for r in _summary(out)] == ["a", "b", "a_2", "c"]
+    assert [r["case"] for r in summary_rows(out)] == ["a", "b", "a_2", "c"]
 
 
 # ------------------------------------------------------------------------------------------ 7. safe case ids
@@ -303,11 +293,11 @@ def test_unsafe_file_names_give_safe_case_ids_and_later_runs_work(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``..tif`` named the case ``.`` (the output folder itself); ``summary.csv.tif`` made a folder ``summary.csv``."""
     names = ["..tif", "summary.csv.tif", ".hidden.png", "back\\slash.png"]
-    images = [_write_image(tmp_path / "in" / name, _random_image(i)) for i, name in enumerate(names, 1)]
-    _stand_in(monkeypatch)
+    images = [write_image(tmp_path / "in" / name, random_image(i)) for i, name in enumerate(names, 1)]
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
     for _ in range(2):
-        rows = run_inference(images, out, _settings())
+        rows = run_inference(images, out, infer_settings())
         assert [(r["case"], r["status"]) for r in rows] == [
             ("case", "ok"), ("summary_csv", "ok"), ("hidden", "ok"), ("back_slash", "ok")], rows
         assert _entries(out) == ["back_slash", "case", "hidden", "summary.csv", "summary_csv"]
@@ -327,7 +317,7 @@ def test_symlink_loops_are_followed_once_and_named(tmp_path: Path, monkeypatch: 
     (patient / "up").symlink_to("..", target_is_directory=True)
     outside = make_dataset(tmp_path / "elsewhere", "lgg", cases=1, seed=44, size=(32, 32, 4)) / "SYN_0001"
     (data / "linked").symlink_to(outside, target_is_directory=True)
-    _stand_in(monkeypatch, in_channels=3, channel=1)
+    stand_in(monkeypatch, in_channels=3, channel=1)
     with caplog.at_level(logging.WARNING):
         cases = discover_cases([data], InputRoles.of(ModelSpec()))
     assert [(c.case_id, c.error) for c in cases] == [("linked", None), ("SYN_0001", None)]
@@ -340,7 +330,7 @@ def test_symlink_loops_are_followed_once_and_named(tmp_path: Path, monkeypatch: 
     (studies / "SYN_0002" / "again").symlink_to(".", target_is_directory=True)
     cases = discover_cases([studies], InputRoles.of(ModelSpec()))
     assert [(c.case_id, c.error) for c in cases] == [("SYN_0001", None), ("SYN_0002", None)]
-    rows = run_inference([data], tmp_path / "pred", _settings())
+    rows = run_inference([data], tmp_path / "pred", infer_settings())
     assert [(r["case"], r["status"]) for r in rows] == [("linked", "ok"), ("SYN_0001", "ok")], rows
 
 
@@ -351,8 +341,8 @@ def test_an_unreadable_sub_folder_is_a_failed_row_and_the_others_run(tmp_path: P
                                                                      deny: Callable[..., None]) -> None:
     data = make_dataset(tmp_path / "lgg", "lgg", cases=2, seed=42, size=(32, 32, 4))
     deny(data / "SYN_0002")
-    _stand_in(monkeypatch, in_channels=3, channel=1)
-    rows = {r["case"]: r for r in run_inference([data], tmp_path / "pred", _settings())}
+    stand_in(monkeypatch, in_channels=3, channel=1)
+    rows = {r["case"]: r for r in run_inference([data], tmp_path / "pred", infer_settings())}
     assert rows["SYN_0001"]["status"] == "ok"
     assert rows["SYN_0002"]["status"] == "failed"
     assert rows["SYN_0002"]["error"] == "cannot be read: permission denied"
@@ -362,13 +352,13 @@ def test_unreadable_files_and_input_folders_are_failed_rows_naming_them(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                         deny: Callable[..., None]) -> None:
     slices = _images(tmp_path / "patient", 3)
-    lone = _write_image(tmp_path / "lone.png", _random_image(4))
+    lone = write_image(tmp_path / "lone.png", random_image(4))
     closed = _images(tmp_path / "closed", 1)[0].parent
-    good = _write_image(tmp_path / "good.png", _random_image(5))
+    good = write_image(tmp_path / "good.png", random_image(5))
     deny(slices[1], lone, closed)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     rows = {Path(r["source"]).name: r for r in run_inference([slices[0].parent, lone, closed, good], tmp_path / "pred",
-                                                             _settings())}
+                                                             infer_settings())}
     assert rows["patient"]["status"] == "failed"
     assert rows["patient"]["error"] == f"{slices[1]}: cannot be read: permission denied"
     assert rows["lone.png"]["error"] == "cannot be read: permission denied"
@@ -396,10 +386,10 @@ def test_real_permissions_give_failed_rows(tmp_path: Path, monkeypatch: pytest.M
     closed = _images(tmp_path / "closed", 1)[0].parent
     slices[1].chmod(0)
     closed.chmod(0)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     try:
         rows = {Path(r["source"]).name: r for r in run_inference([slices[0].parent, closed], tmp_path / "pred",
-                                                                 _settings())}
+                                                                 infer_settings())}
     finally:
         slices[1].chmod(0o644)
         closed.chmod(0o755)
@@ -414,7 +404,7 @@ def test_a_disk_filling_up_mid_batch_stops_it_cleanly_and_resume_goes_on(tmp_pat
                                                                           monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture) -> None:
     images = _images(tmp_path / "in", 4)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     write = runner.write_png_mask
     written: list[Path] = []
 
@@ -426,11 +416,11 @@ def test_a_disk_filling_up_mid_batch_stops_it_cleanly_and_resume_goes_on(tmp_pat
 
     monkeypatch.setattr(runner, "write_png_mask", full_after_two)
     out = tmp_path / "pred"
-    assert _cli(*images, "--out", out) == 2
+    assert infer_cli(*images, "--out", out) == 2
     error = capsys.readouterr().err
     assert f"{out}: no space left on device: case s3 could not be written and the batch stopped at case 3 of 4" in error
     assert "run the same command with --resume to go on" in error and "Traceback" not in error
-    rows = _summary(out)
+    rows = summary_rows(out)
     assert [(r["case"], r["status"]) for r in rows] == [("s1", "ok"), ("s2", "ok"), ("s3", "failed"), ("s4", "failed")]
     assert "No space left on device" in rows[2]["error"]
     assert rows[3]["error"] == f"not run: no space left on device in {out}"
@@ -438,15 +428,15 @@ def test_a_disk_filling_up_mid_batch_stops_it_cleanly_and_resume_goes_on(tmp_pat
 
     monkeypatch.setattr(runner, "write_png_mask", write)  # room made
     finished = (out / "s1" / "case.json").stat().st_mtime_ns
-    assert _cli(*images, "--out", out, "--resume") == 0
-    assert [(r["case"], r["status"]) for r in _summary(out)] == [(f"s{i}", "ok") for i in range(1, 5)]
+    assert infer_cli(*images, "--out", out, "--resume") == 0
+    assert [(r["case"], r["status"]) for r in summary_rows(out)] == [(f"s{i}", "ok") for i in range(1, 5)]
     assert (out / "s1" / "case.json").stat().st_mtime_ns == finished
 
 
 def test_a_full_disk_while_writing_the_summary_stops_and_leaves_no_temp_file(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     images = _images(tmp_path / "in", 3)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     dict_writer = csv.DictWriter
 
     class FullAfterOne(dict_writer):
@@ -462,27 +452,27 @@ def test_a_full_disk_while_writing_the_summary_stops_and_leaves_no_temp_file(tmp
     out = tmp_path / "pred"
     with pytest.raises(InputError, match=r"summary.csv: cannot be written \(no space left on device\): the batch "
                                          r"stopped at case 2 of 3; .* --resume to go on"):
-        run_inference(images, out, _settings())
+        run_inference(images, out, infer_settings())
     assert _entries(out) == ["s1", "s2", "summary.csv"], "a temporary summary or the lock stayed"
-    assert [r["case"] for r in _summary(out)] == ["s1"]  # s2 finished, its row not written: its marker holds it
+    assert [r["case"] for r in summary_rows(out)] == ["s1"]  # s2 finished, its row not written: its marker holds it
     monkeypatch.setattr(csv, "DictWriter", dict_writer)
     finished = (out / "s2" / "case.json").stat().st_mtime_ns
-    rows = run_inference(images, out, _settings(resume=True))
+    rows = run_inference(images, out, infer_settings(resume=True))
     assert [(r["case"], r["status"]) for r in rows] == [("s1", "ok"), ("s2", "ok"), ("s3", "ok")]
     assert (out / "s2" / "case.json").stat().st_mtime_ns == finished
 
 
 def test_a_full_disk_at_start_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
 
     def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)  # the lock's record is the run's first write
     out = tmp_path / "pred"
-    assert _cli(image, "--out", out) == 2
+    assert infer_cli(image, "--out", out) == 2
     error = capsys.readouterr().err
     assert f"{out / LOCK_NAME}: cannot be written to hold the output folder (no space left on device)" in error
     assert "Traceback" not in error and _entries(out) == []
@@ -494,7 +484,7 @@ def test_a_full_disk_at_start_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
 def test_ctrl_c_ends_the_run_with_status_130_and_no_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture) -> None:
     images = _images(tmp_path / "in", 3)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     predict = runner._predict_case
 
     def interrupted_in_s2(case: Case, *args: object) -> dict:
@@ -506,19 +496,19 @@ def test_ctrl_c_ends_the_run_with_status_130_and_no_temporary_folder(tmp_path: P
     monkeypatch.setattr(runner, "_predict_case", interrupted_in_s2)
     out = tmp_path / "pred"
     try:
-        code = _cli(*images, "--out", out)
+        code = infer_cli(*images, "--out", out)
     except KeyboardInterrupt:
         code = "KeyboardInterrupt escaped"
     assert code == 130
     error = capsys.readouterr().err
     assert "interrupted" in error and "--resume" in error and "Traceback" not in error
     assert _entries(out) == ["s1", "summary.csv"]
-    assert [r["case"] for r in _summary(out)] == ["s1"]
+    assert [r["case"] for r in summary_rows(out)] == ["s1"]
 
 
 def test_sigint_to_a_running_batch_exits_130_cleanly(tmp_path: Path) -> None:
     """The real signal, at whatever point of a case it lands."""
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     images = _images(tmp_path / "in", 60)
     out = tmp_path / "pred"
     command = [sys.executable, "-m", "brainseg_monai.cli", "infer", *map(str, images), "--out", str(out),
@@ -533,17 +523,17 @@ def test_sigint_to_a_running_batch_exits_130_cleanly(tmp_path: Path) -> None:
     assert run.returncode == 130, error
     assert "interrupted" in error and "Traceback" not in error
     assert not [name for name in _entries(out) if name.startswith(".")], _entries(out)
-    finished = [r["case"] for r in _summary(out)]
+    finished = [r["case"] for r in summary_rows(out)]
     assert 0 < len(finished) < len(images), "the signal should land mid-batch"
     assert sorted(finished + ["summary.csv"]) == _entries(out)
 
 
 def test_leftovers_of_a_killed_run_are_cleared_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    run_inference([image], out, _settings())
+    run_inference([image], out, infer_settings())
     finished = (out / "img" / "case.json").stat().st_mtime_ns
     # what kill -9 leaves: a case folder just made, one half written, a summary being written, and a finished case
     # moved aside for a replacement that never arrived
@@ -560,7 +550,7 @@ def test_leftovers_of_a_killed_run_are_cleared_and_nothing_else(tmp_path: Path, 
     (out / ".backup.20240101" / "notes.txt").write_text("mine")
     (out / ".draft.abcdefgh").write_text("a file, not a folder")
     with caplog.at_level(logging.WARNING):
-        rows = run_inference([image], out, _settings(resume=True))
+        rows = run_inference([image], out, infer_settings(resume=True))
     assert rows[0]["status"] == "ok"
     assert _entries(out) == [".backup.20240101", ".draft.abcdefgh", ".notes", "img", "summary.csv"]
     assert (out / "img" / "case.json").stat().st_mtime_ns == finished, "the case put back was redone"
@@ -573,8 +563,8 @@ def test_leftovers_of_a_killed_run_are_cleared_and_nothing_else(tmp_path: Path, 
 
 def test_error_fields_are_one_line_and_the_traceback_goes_to_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
 
     def fails(*args: object) -> dict:
         try:
@@ -586,8 +576,8 @@ def test_error_fields_are_one_line_and_the_traceback_goes_to_the_log(tmp_path: P
     monkeypatch.setattr(runner, "_predict_case", fails)
     out = tmp_path / "pred"
     with caplog.at_level(logging.DEBUG, logger=runner.__name__):
-        row = run_inference([image], out, _settings())[0]
+        row = run_inference([image], out, infer_settings())[0]
     assert row["error"] == "RuntimeError: worker failed: ValueError: deep (ValueError: deep inside)"
     assert len((out / "summary.csv").read_text().splitlines()) == 2
-    assert _summary(out)[0]["error"] == row["error"]
+    assert summary_rows(out)[0]["error"] == row["error"]
     assert "Traceback (most recent call last)" in caplog.text and 'raise ValueError("deep\\ninside")' in caplog.text

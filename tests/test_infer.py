@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +27,8 @@ from brainseg_monai.model import MODEL_SIDECAR, ModelSpec
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
 from conftest import REPO_ROOT, shared_path
+from infer_helpers import (THREE_CHANNELS, BrightVoxels, bright_per_slice, infer_cli, infer_settings, output_hashes,
+                           pred_png, random_image, stand_in, summary_rows, untrained_one_channel_model, write_image, xyz)
 
 SIZE = (64, 64, 12)
 
@@ -77,18 +77,6 @@ def _read_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def _summary(out: Path) -> list[dict]:
-    with (out / "summary.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("summary.csv", "case.json")
-    }
-
-
 @pytest.mark.slow
 def test_oblique_dicom_studies_masks_in_series_geometry(trained_checkpoint: Path, dicom_studies: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred"
@@ -127,7 +115,7 @@ def test_failed_case_is_recorded_and_others_go_on(trained_checkpoint: Path, dico
     code = cli_main(["infer", str(studies), "--out", str(out), "--checkpoint", str(trained_checkpoint), "--tta", "none",
                      "--no-progress"])
     assert code != 0
-    rows = {r["case"]: r for r in _summary(out)}
+    rows = {r["case"]: r for r in summary_rows(out)}
     assert rows["SYN_0001"]["status"] == "ok"
     assert rows["SYN_0002"]["status"] == "failed" and rows["SYN_0002"]["error"]
     assert not (out / "SYN_0002").exists()
@@ -139,13 +127,13 @@ def test_resume_rebuilds_a_deleted_case_byte_for_byte(trained_checkpoint: Path, 
     out = tmp_path / "pred"
     settings = InferenceSettings(str(trained_checkpoint), tta="flip", progress=False)
     run_inference([dicom_studies], out, settings)
-    before = _hashes(out)
+    before = output_hashes(out)
     kept_marker = (out / "SYN_0001" / "case.json").stat().st_mtime_ns
     shutil.rmtree(out / "SYN_0002")
     settings.resume = True
     rows = run_inference([dicom_studies], out, settings)
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert _hashes(out) == before
+    assert output_hashes(out) == before
     assert (out / "SYN_0001" / "case.json").stat().st_mtime_ns == kept_marker, "a finished case was redone"
 
 
@@ -163,33 +151,6 @@ def test_lgg_patient_folder_gives_one_png_per_slice(trained_checkpoint: Path, tm
         pred = sitk.ReadImage(str(out / patient.name / f"{source.stem}_pred.png"))
         assert pred.GetSize() == sitk.ReadImage(str(source)).GetSize()
         assert set(np.unique(sitk.GetArrayViewFromImage(pred))) <= {0, 255}
-
-
-def _untrained_one_channel_model(folder: Path) -> Path:
-    """A 1-channel 2D U-Net with random weights: enough to check geometry end to end."""
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=1, roi_size=[256, 256], channels=["image"],
-                     network_kwargs={"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
-    net = get_network(spec.network_name, 2, 1, 1, **spec.network_kwargs)
-    torch.save(net.state_dict(), folder / "model.pt")
-    (folder / MODEL_SIDECAR).write_text(json.dumps(spec.to_dict()))
-    return folder / "model.pt"
-
-
-class _BrightVoxels(torch.nn.Module):
-    """A stand-in network whose mask is known: every voxel above the mean of the head (z-scored > 0) is tumour.
-
-    ``channel`` is the input channel it looks at (a 2D model z-scores each slice, so per slice: above the slice's mean).
-    """
-
-    def __init__(self, channel: int = 0) -> None:
-        super().__init__()
-        self.channel = channel
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x[:, self.channel:self.channel + 1] > 0, 100.0, -100.0)
 
 
 @pytest.mark.parametrize("direction, spacing", [
@@ -212,7 +173,7 @@ def test_3d_model_masks_land_on_the_source_grid(tmp_path: Path, monkeypatch: pyt
     source = tmp_path / "volume.nii.gz"
     sitk.WriteImage(image, str(source))
     spec = ModelSpec(network_name="unet", spatial_dims=3, in_channels=1, roi_size=[64, 64, 64], channels=["image"])
-    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels().eval(), spec))
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (BrightVoxels().eval(), spec))
     rows = run_inference([source], tmp_path / "pred", InferenceSettings("unused.pt", tta="none", threshold=0.5,
                                                                          progress=False, device="cpu"))
     assert rows[0]["status"] == "ok", rows
@@ -226,7 +187,7 @@ def test_3d_model_masks_land_on_the_source_grid(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.realdata
 def test_real_oblique_series_end_to_end_one_channel(tmp_path: Path) -> None:
     series_dir = shared_path("dicom", "C3L-03728_AX_T1_SE")
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     out = tmp_path / "pred"
     rows = run_inference([series_dir], out, InferenceSettings(str(checkpoint), tta="none", threshold=0.5, progress=False))
     assert rows[0]["status"] == "ok", rows
@@ -239,7 +200,7 @@ def test_real_oblique_series_end_to_end_one_channel(tmp_path: Path) -> None:
 def test_missing_checkpoint_and_input_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m.pt")]) == 2
     assert "m.pt" in capsys.readouterr().err
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     assert cli_main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--checkpoint", str(checkpoint)]) == 2
     assert "nope" in capsys.readouterr().err
 
@@ -260,16 +221,16 @@ def test_no_bundle_anywhere_is_a_clear_error(tmp_path: Path, monkeypatch: pytest
 def test_output_folder_of_other_files_is_never_replaced(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=24, size=(32, 32, 4))
     patient = next(p for p in data.iterdir() if p.is_dir())
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
     spec.update(in_channels=3, channels=["t1", "flair", "t1c"], primary_channel="flair")
     net = get_network("unet", 2, 3, 1, **spec["network_kwargs"])
     torch.save(net.state_dict(), checkpoint)
     (checkpoint.parent / MODEL_SIDECAR).write_text(json.dumps(spec))
-    before = _hashes(data)
+    before = output_hashes(data)
     rows = run_inference([patient], data, InferenceSettings(str(checkpoint), tta="none", progress=False))
     assert rows[0]["status"] == "failed" and "refusing" in rows[0]["error"]
-    after = {k: v for k, v in _hashes(data).items() if not k.startswith("summary")}
+    after = {k: v for k, v in output_hashes(data).items() if not k.startswith("summary")}
     assert after == before
 
 
@@ -281,7 +242,7 @@ def test_two_processes_shard_cases(trained_checkpoint: Path, dicom_studies: Path
            str(trained_checkpoint), "--tta", "none", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = _summary(out)
+    rows = summary_rows(out)
     assert [r["case"] for r in rows] == ["SYN_0001", "SYN_0002"] and {r["status"] for r in rows} == {"ok"}
     assert not list(out.glob(".summary.rank*"))
 
@@ -305,7 +266,7 @@ def test_noise_only_slices_are_found_and_not_segmented() -> None:
 def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
     studies = make_dataset(tmp_path / "studies", "dicom", cases=2, seed=25, size=(32, 32, 4))
     shutil.rmtree(studies / "SYN_0002" / "FLAIR")
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     spec = json.loads((checkpoint.parent / MODEL_SIDECAR).read_text())
     spec.update(in_channels=3, channels=["t1", "flair", "t1c"], primary_channel="flair", roi_size=[32, 32])
     torch.save(get_network("unet", 2, 3, 1, **spec["network_kwargs"]).state_dict(), checkpoint)
@@ -319,13 +280,13 @@ def test_study_missing_a_channel_fails_naming_it(tmp_path: Path) -> None:
 def test_inference_bundle_config_runs_the_batch_job(tmp_path: Path) -> None:
     """bundle/configs/batch_inference.json: the same batch job as 'brainseg infer', DICOM studies included."""
     studies = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=26, size=(32, 32, 4))
-    checkpoint = _untrained_one_channel_model(tmp_path / "model")
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
     config = REPO_ROOT / "bundle" / "configs" / "batch_inference.json"
     wf = ConfigWorkflow(config_file=str(config), workflow_type="infer", bundle_root=str(REPO_ROOT / "bundle"),
                         input=str(studies), checkpoint=str(checkpoint), output_dir=str(tmp_path / "pred"), tta="none")
     wf.initialize()
     wf.run()
-    rows = _summary(tmp_path / "pred")
+    rows = summary_rows(tmp_path / "pred")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}  # one-channel model: each series is a case
     for row in rows:
         mask = sitk.ReadImage(str(tmp_path / "pred" / row["case"] / "mask.nii.gz"))
@@ -379,70 +340,6 @@ def test_post_processing_flags_default_to_the_models_settings() -> None:
 # --------------------------------------------------------------------- what a batch reads, and what it writes where
 
 
-THREE_CHANNELS = ["t1", "flair", "t1c"]
-
-
-def _stand_in(monkeypatch: pytest.MonkeyPatch, in_channels: int = 1, channel: int = 0) -> ModelSpec:
-    """Make ``run_inference`` use a 2D :class:`_BrightVoxels` on ``channel`` instead of loading a checkpoint."""
-    import brainseg_monai.inference.runner as runner
-
-    spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=in_channels, roi_size=[64, 64],
-                     channels=THREE_CHANNELS if in_channels == 3 else ["image"])
-    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels(channel).eval(), spec))
-    return spec
-
-
-def _settings(**values) -> InferenceSettings:
-    return InferenceSettings("unused.pt", tta="none", threshold=0.5, progress=False, device="cpu", **values)
-
-
-def _cli(*args: str | Path) -> int:
-    return cli_main(["infer", *map(str, args), "--checkpoint", "unused.pt", "--tta", "none", "--device", "cpu",
-                     "--no-progress"])
-
-
-def _bright_per_slice(volume: np.ndarray, channel: int = 0) -> np.ndarray:
-    """The mask :class:`_BrightVoxels` gives through a 2D model: a (C, x, y[, z]) image -> (x, y[, z]) bool.
-
-    Per slice, the non-zero pixels above the mean of the slice's non-zero pixels; slices of noise only stay empty.
-    """
-    from brainseg_monai.inference.predictor import noise_only_slices
-
-    planar = volume.ndim == 3
-    values = (volume[..., None] if planar else volume).astype(np.float64)
-    expected = np.zeros(values.shape[1:], dtype=bool)
-    noise = set(noise_only_slices(values)) if not planar else set()
-    for z in range(values.shape[-1]):
-        plane = values[channel, ..., z]
-        if z not in noise and (plane != 0).any():
-            expected[..., z] = (plane > plane[plane != 0].mean()) & (plane != 0)
-    return expected[..., 0] if planar else expected
-
-
-def _xyz(image: sitk.Image) -> np.ndarray:
-    """A SimpleITK image's pixels in reader axis order (x, y[, z])."""
-    return sitk.GetArrayFromImage(image).T
-
-
-def _write_image(path: Path, array_xy: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array_xy.T)), str(path))
-    return path
-
-
-def _random_image(seed: int, shape: tuple[int, int] = (40, 28)) -> np.ndarray:
-    """A (x, y) uint8 image with a bright block whose place depends on ``seed``: masks of two seeds differ."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(1, 60, size=shape, dtype=np.uint8)
-    x0 = 3 + seed % 17
-    image[x0:x0 + 12, 4:14] = 250
-    return image
-
-
-def _pred_png(path: Path) -> np.ndarray:
-    return _xyz(sitk.ReadImage(str(path))) > 0
-
-
 def test_folder_holding_several_series_reads_each_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Series exported into one folder: each case reads exactly its own series, also when picked by --channel."""
     study = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=31, size=(32, 24, 4)) / "SYN_0001"
@@ -451,63 +348,63 @@ def test_folder_holding_several_series_reads_each_one(tmp_path: Path, monkeypatc
     for folder in ("T1_PRE", "FLAIR", "T1_POST"):
         for dcm in (study / folder).iterdir():
             shutil.copy(dcm, flat / f"{folder}_{dcm.name}")
-    volumes = {name: _xyz(_read_series(study / name)) for name in ("T1_PRE", "FLAIR", "T1_POST")}
-    expected = {name: _bright_per_slice(volume[None]) for name, volume in volumes.items()}
+    volumes = {name: xyz(_read_series(study / name)) for name in ("T1_PRE", "FLAIR", "T1_POST")}
+    expected = {name: bright_per_slice(volume[None]) for name, volume in volumes.items()}
     assert (expected["T1_PRE"] != expected["FLAIR"]).any(), "the phantom's series must give different masks"
 
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "each"
-    rows = {r["case"]: r for r in run_inference([flat], out, _settings())}
+    rows = {r["case"]: r for r in run_inference([flat], out, infer_settings())}
     assert {case: row["status"] for case, row in rows.items()} == {
         "flat_AX_T1_PRE": "ok", "flat_AX_FLAIR": "ok", "flat_AX_T1_POST_GD": "ok"}, rows
     for case, folder in (("flat_AX_T1_PRE", "T1_PRE"), ("flat_AX_FLAIR", "FLAIR"), ("flat_AX_T1_POST_GD", "T1_POST")):
         mask = sitk.ReadImage(str(out / case / "mask.nii.gz"))
         _assert_same_geometry(mask, _read_series(study / folder))
-        np.testing.assert_array_equal(_xyz(mask) > 0, expected[folder])
+        np.testing.assert_array_equal(xyz(mask) > 0, expected[folder])
     seg = pydicom.dcmread(out / "flat_AX_FLAIR" / "seg.dcm")
     flair_uid = pydicom.dcmread(next((study / "FLAIR").iterdir()), stop_before_pixels=True).SeriesInstanceUID
     assert [item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence] == [flair_uid]
 
-    rows = run_inference([flat], tmp_path / "flair", _settings(channels={"image": "FLAIR"}))
+    rows = run_inference([flat], tmp_path / "flair", infer_settings(channels={"image": "FLAIR"}))
     assert [(r["case"], r["status"]) for r in rows] == [("flat_AX_FLAIR", "ok")]
-    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(tmp_path / "flair" / "flat_AX_FLAIR" / "mask.nii.gz"))) > 0,
+    np.testing.assert_array_equal(xyz(sitk.ReadImage(str(tmp_path / "flair" / "flat_AX_FLAIR" / "mask.nii.gz"))) > 0,
                                   expected["FLAIR"])
 
-    _stand_in(monkeypatch, in_channels=3, channel=1)  # looks at the second channel, FLAIR
-    rows = run_inference([flat], tmp_path / "three", _settings())
+    stand_in(monkeypatch, in_channels=3, channel=1)  # looks at the second channel, FLAIR
+    rows = run_inference([flat], tmp_path / "three", infer_settings())
     assert [(r["case"], r["status"]) for r in rows] == [("flat", "ok")], rows
     stacked = np.stack([volumes["T1_PRE"], volumes["FLAIR"], volumes["T1_POST"]])
-    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(tmp_path / "three" / "flat" / "mask.nii.gz"))) > 0,
-                                  _bright_per_slice(stacked, channel=1))
+    np.testing.assert_array_equal(xyz(sitk.ReadImage(str(tmp_path / "three" / "flat" / "mask.nii.gz"))) > 0,
+                                  bright_per_slice(stacked, channel=1))
 
 
 def test_output_folder_inside_the_input_is_never_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_dataset(tmp_path / "lgg", "lgg", cases=2, seed=32, size=(32, 32, 4))
-    _stand_in(monkeypatch, in_channels=3, channel=1)
+    stand_in(monkeypatch, in_channels=3, channel=1)
     out = data / "pred"
-    first = run_inference([data], out, _settings())
+    first = run_inference([data], out, infer_settings())
     assert [(r["case"], r["status"]) for r in first] == [("SYN_0001", "ok"), ("SYN_0002", "ok")], first
-    before = _hashes(out)
-    second = run_inference([data], out, _settings())
+    before = output_hashes(out)
+    second = run_inference([data], out, infer_settings())
     assert [(r["case"], r["status"]) for r in second] == [("SYN_0001", "ok"), ("SYN_0002", "ok")], second
     assert sorted(p.name for p in out.iterdir()) == ["SYN_0001", "SYN_0002", "summary.csv"]
-    assert _hashes(out) == before
+    assert output_hashes(out) == before
 
 
 def test_out_that_is_a_file_or_holds_a_users_summary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture) -> None:
-    image = _write_image(tmp_path / "img.png", _random_image(1))
-    _stand_in(monkeypatch)
+    image = write_image(tmp_path / "img.png", random_image(1))
+    stand_in(monkeypatch)
     results = tmp_path / "results"
     results.mkdir()
     (results / "summary.csv").write_text("patient,volume_ml\nA,12.5\n")
     with pytest.raises(InputError, match="summary.csv: exists and was not written by brainseg infer"):
-        run_inference([image], results, _settings())
+        run_inference([image], results, infer_settings())
     assert (results / "summary.csv").read_text() == "patient,volume_ml\nA,12.5\n"
     assert [p.name for p in results.iterdir()] == ["summary.csv"]
     taken = tmp_path / "taken.txt"
     taken.write_text("notes")
-    assert _cli(image, "--out", taken) == 2
+    assert infer_cli(image, "--out", taken) == 2
     error = capsys.readouterr().err
     assert "taken.txt: exists and is not a folder" in error and "Traceback" not in error
     assert taken.read_text() == "notes"
@@ -515,12 +412,12 @@ def test_out_that_is_a_file_or_holds_a_users_summary_is_refused(tmp_path: Path, 
 
 def test_resume_skips_only_cases_finished_from_the_same_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ``img.png`` in different folders: resuming with the new one first must segment it, not skip it."""
-    images = {seed: _write_image(tmp_path / name / "img.png", _random_image(seed)) for seed, name in ((1, "rx"), (2, "ry"))}
-    _stand_in(monkeypatch)
+    images = {seed: write_image(tmp_path / name / "img.png", random_image(seed)) for seed, name in ((1, "rx"), (2, "ry"))}
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    run_inference([images[1]], out, _settings())
+    run_inference([images[1]], out, infer_settings())
     finished = (out / "img" / "case.json").stat().st_mtime_ns
-    rows = run_inference([images[2], images[1]], out, _settings(resume=True))
+    rows = run_inference([images[2], images[1]], out, infer_settings(resume=True))
     by_source = {r["source"]: r for r in rows}
     assert sorted(by_source) == sorted(str(p) for p in images.values()) and {r["status"] for r in rows} == {"ok"}
     assert by_source[str(images[1])]["case"] == "img"
@@ -529,8 +426,8 @@ def test_resume_skips_only_cases_finished_from_the_same_inputs(tmp_path: Path, m
     assert new_case != "img"
     for seed, image in images.items():
         case = by_source[str(image)]["case"]
-        np.testing.assert_array_equal(_pred_png(out / case / "img_pred.png"), _bright_per_slice(_random_image(seed)[None]))
-    assert _summary(out) == [{k: str(v) for k, v in r.items()} for r in rows]
+        np.testing.assert_array_equal(pred_png(out / case / "img_pred.png"), bright_per_slice(random_image(seed)[None]))
+    assert summary_rows(out) == [{k: str(v) for k, v in r.items()} for r in rows]
 
 
 def test_folder_mixing_a_series_an_image_and_a_volume_gives_each_its_case(tmp_path: Path,
@@ -538,25 +435,25 @@ def test_folder_mixing_a_series_an_image_and_a_volume_gives_each_its_case(tmp_pa
     study = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=33, size=(32, 24, 4)) / "SYN_0001"
     mixed = tmp_path / "mixed"
     shutil.copytree(study / "FLAIR", mixed)
-    _write_image(mixed / "thumbnail.png", _random_image(3))
+    write_image(mixed / "thumbnail.png", random_image(3))
     volume = np.zeros((20, 16, 3), dtype=np.float32)
     volume[4:16, 3:13, :] = np.random.default_rng(4).uniform(1, 100, size=(12, 10, 3))
-    _write_image(mixed / "converted.nii.gz", volume)
-    _stand_in(monkeypatch)
+    write_image(mixed / "converted.nii.gz", volume)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    rows = {r["kind"]: r for r in run_inference([mixed], out, _settings())}
+    rows = {r["kind"]: r for r in run_inference([mixed], out, infer_settings())}
     assert sorted(rows) == ["dicom", "slices", "volume"] and {r["status"] for r in rows.values()} == {"ok"}, rows
-    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(out / rows["dicom"]["case"] / "mask.nii.gz"))) > 0,
-                                  _bright_per_slice(_xyz(_read_series(study / "FLAIR"))[None]))
-    np.testing.assert_array_equal(_pred_png(out / rows["slices"]["case"] / "thumbnail_pred.png"),
-                                  _bright_per_slice(_random_image(3)[None]))
-    np.testing.assert_array_equal(_xyz(sitk.ReadImage(str(out / rows["volume"]["case"] / "mask.nii.gz"))) > 0,
-                                  _bright_per_slice(volume[None]))
+    np.testing.assert_array_equal(xyz(sitk.ReadImage(str(out / rows["dicom"]["case"] / "mask.nii.gz"))) > 0,
+                                  bright_per_slice(xyz(_read_series(study / "FLAIR"))[None]))
+    np.testing.assert_array_equal(pred_png(out / rows["slices"]["case"] / "thumbnail_pred.png"),
+                                  bright_per_slice(random_image(3)[None]))
+    np.testing.assert_array_equal(xyz(sitk.ReadImage(str(out / rows["volume"]["case"] / "mask.nii.gz"))) > 0,
+                                  bright_per_slice(volume[None]))
 
 
 def test_bad_inputs_are_failed_rows_and_the_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
-    good = _write_image(tmp_path / "good.png", _random_image(5))
+    good = write_image(tmp_path / "good.png", random_image(5))
     empty = tmp_path / "empty"
     empty.mkdir()
     notes = tmp_path / "notes.txt"
@@ -564,10 +461,10 @@ def test_bad_inputs_are_failed_rows_and_the_others_run(tmp_path: Path, monkeypat
     series = make_dataset(tmp_path / "studies", "dicom", cases=1, seed=34, size=(24, 24, 4)) / "SYN_0001" / "FLAIR"
     no_suffix = tmp_path / "IM0002"  # DICOM "with any name": recognised by its preamble
     shutil.copy(sorted(series.iterdir())[1], no_suffix)
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    assert _cli(good, empty, tmp_path / "missing.png", notes, no_suffix, "--out", out) == 1
-    rows = {Path(r["source"]).name: r for r in _summary(out)}
+    assert infer_cli(good, empty, tmp_path / "missing.png", notes, no_suffix, "--out", out) == 1
+    rows = {Path(r["source"]).name: r for r in summary_rows(out)}
     assert list(rows) == ["good.png", "empty", "missing.png", "notes.txt", "IM0002"]
     assert rows["good.png"]["status"] == "ok" and rows["IM0002"]["status"] == "ok"
     assert rows["IM0002"]["kind"] == "volume" and (out / rows["IM0002"]["case"] / "mask.nii.gz").is_file()
@@ -576,7 +473,7 @@ def test_bad_inputs_are_failed_rows_and_the_others_run(tmp_path: Path, monkeypat
     assert "unsupported file type" in rows["notes.txt"]["error"]
     assert {rows[name]["status"] for name in ("empty", "missing.png", "notes.txt")} == {"failed"}
     capsys.readouterr()
-    assert _cli(empty, tmp_path / "missing.png", "--out", tmp_path / "none") == 2  # nothing usable: a clear error
+    assert infer_cli(empty, tmp_path / "missing.png", "--out", tmp_path / "none") == 2  # nothing usable: a clear error
     error = capsys.readouterr().err
     assert "none of the inputs can be segmented" in error and "empty" in error and "missing.png" in error
 
@@ -585,38 +482,38 @@ def test_slices_sharing_a_stem_are_written_apart(tmp_path: Path, monkeypatch: py
     folder = tmp_path / "slices"
     sources = {"a.png": 6, "a.tif": 7, "b.png": 8}
     for name, seed in sources.items():
-        _write_image(folder / name, _random_image(seed))
-    _stand_in(monkeypatch)
+        write_image(folder / name, random_image(seed))
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    rows = run_inference([folder], out, _settings())
+    rows = run_inference([folder], out, infer_settings())
     assert rows[0]["status"] == "ok" and rows[0]["images"] == 3
     written = {"a.png": "a_pred.png", "a.tif": "a.tif_pred.png", "b.png": "b_pred.png"}  # the first keeps <stem>
     assert sorted(p.name for p in (out / "slices").glob("*_pred.png")) == sorted(written.values())
     for name, seed in sources.items():
-        np.testing.assert_array_equal(_pred_png(out / "slices" / written[name]), _bright_per_slice(_random_image(seed)[None]))
+        np.testing.assert_array_equal(pred_png(out / "slices" / written[name]), bright_per_slice(random_image(seed)[None]))
 
 
 @pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
 def test_2d_volume_file_mask_keeps_its_geometry_and_has_no_volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   suffix: str) -> None:
-    array = _random_image(9).astype(np.int16)
+    array = random_image(9).astype(np.int16)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
     image.SetSpacing((0.5, 0.7))
     image.SetOrigin((10.0, -20.0))
     image.SetDirection((-1.0, 0.0, 0.0, 1.0))
     source = tmp_path / f"plane{suffix}"
     sitk.WriteImage(image, str(source))
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     out = tmp_path / "pred"
-    row = run_inference([source], out, _settings())[0]
+    row = run_inference([source], out, infer_settings())[0]
     assert row["status"] == "ok", row
     mask = sitk.ReadImage(str(out / "plane" / "mask.nii.gz"))
     assert mask.GetSize() == (40, 28, 1)
     np.testing.assert_allclose(mask.GetSpacing()[:2], (0.5, 0.7), atol=1e-6)
     np.testing.assert_allclose(mask.GetOrigin()[:2], (10.0, -20.0), atol=1e-6)
     np.testing.assert_allclose(np.reshape(mask.GetDirection(), (3, 3))[:2, :2], [[-1, 0], [0, 1]], atol=1e-6)
-    expected = _bright_per_slice(array[None])
-    np.testing.assert_array_equal(_xyz(mask)[..., 0] > 0, expected)
+    expected = bright_per_slice(array[None])
+    np.testing.assert_array_equal(xyz(mask)[..., 0] > 0, expected)
     assert row["tumour_voxels"] == int(expected.sum())
     assert row["tumour_ml"] == "", "a 2D image has no slice thickness, so no volume"
 
@@ -625,8 +522,8 @@ def test_unreadable_slice_and_channels_on_other_grids_are_named(tmp_path: Path, 
     patient = make_dataset(tmp_path / "lgg", "lgg", cases=1, seed=35, size=(32, 32, 4)) / "SYN_0001"
     broken = patient / "SYN_0001_2.tif"
     broken.write_bytes(broken.read_bytes()[:200])  # cut in transfer
-    _stand_in(monkeypatch, in_channels=3, channel=1)
-    row = run_inference([patient], tmp_path / "pred", _settings())[0]
+    stand_in(monkeypatch, in_channels=3, channel=1)
+    row = run_inference([patient], tmp_path / "pred", infer_settings())[0]
     assert row["status"] == "failed"
     assert str(broken) in row["error"] and "corrupt or truncated" in row["error"], row["error"]
     assert "applying transform" not in row["error"]
@@ -635,7 +532,7 @@ def test_unreadable_slice_and_channels_on_other_grids_are_named(tmp_path: Path, 
     other = make_dataset(tmp_path / "b", "dicom", cases=1, seed=37, size=(24, 24, 4)) / "SYN_0001"
     shutil.rmtree(study / "FLAIR")
     shutil.copytree(other / "FLAIR", study / "FLAIR")
-    rows = run_inference([study], tmp_path / "pred2", _settings())
+    rows = run_inference([study], tmp_path / "pred2", infer_settings())
     # the FLAIR of another study is never matched with this study's T1s: two cases, each missing what the other has
     assert [r["status"] for r in rows] == ["failed", "failed"], rows
     errors = sorted(r["error"] for r in rows)
@@ -648,7 +545,7 @@ def test_unreadable_slice_and_channels_on_other_grids_are_named(tmp_path: Path, 
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = this_study
         ds.save_as(path)
-    row = run_inference([study], tmp_path / "pred3", _settings())[0]
+    row = run_inference([study], tmp_path / "pred3", infer_settings())[0]
     assert row["status"] == "ok", row
     marker = json.loads((tmp_path / "pred3" / row["case"] / "case.json").read_text())
     assert marker["resampled_onto_primary_grid"] == ["t1", "t1c"]
@@ -674,11 +571,11 @@ def test_2d_model_segments_every_volume_in_axial_slices(tmp_path: Path, monkeypa
     stored = sitk.Flip(sitk.PermuteAxes(axial, order), flip)  # the same head in physical space, another index order
     source = tmp_path / "head.nii.gz"
     sitk.WriteImage(stored, str(source))
-    truth = sitk.GetImageFromArray(np.ascontiguousarray(_bright_per_slice(array[None]).T.astype(np.uint8)))
+    truth = sitk.GetImageFromArray(np.ascontiguousarray(bright_per_slice(array[None]).T.astype(np.uint8)))
     truth.CopyInformation(axial)
     expected = sitk.Flip(sitk.PermuteAxes(truth, order), flip)
-    _stand_in(monkeypatch)
-    row = run_inference([source], tmp_path / "pred", _settings())[0]
+    stand_in(monkeypatch)
+    row = run_inference([source], tmp_path / "pred", infer_settings())[0]
     assert row["status"] == "ok", row
     mask = sitk.ReadImage(str(tmp_path / "pred" / "head" / "mask.nii.gz"))
     _assert_same_geometry(mask, sitk.ReadImage(str(source)))
@@ -712,12 +609,12 @@ def test_an_image_too_small_to_see_fails_instead_of_an_empty_ok(tmp_path: Path, 
     """A 1x1 PNG used to come back ``ok`` with 0 tumour voxels, as if the model had looked at it."""
     from PIL import Image
 
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     tiny, fine = tmp_path / "in" / "tiny.png", tmp_path / "in" / "fine.png"
     tiny.parent.mkdir()
     Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tiny)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(fine)
-    rows = {r["case"]: r for r in run_inference([tiny, fine], tmp_path / "out", _settings())}
+    rows = {r["case"]: r for r in run_inference([tiny, fine], tmp_path / "out", infer_settings())}
     assert rows["tiny"]["status"] == "failed" and "1 x 1 pixels in-plane: too small" in rows["tiny"]["error"]
     assert rows["fine"]["status"] == "ok"
 
@@ -734,43 +631,43 @@ def test_images_counts_the_inputs_read_the_same_for_ok_and_failed_rows(tmp_path:
     folders = {"good": tmp_path / "slices" / "good", "broken": tmp_path / "slices" / "broken"}
     for index, folder in enumerate(folders.values()):
         for n in range(3):
-            _write_image(folder / f"img{n}.png", _random_image(10 * index + n))
+            write_image(folder / f"img{n}.png", random_image(10 * index + n))
     (folders["broken"] / "img1.png").write_bytes(b"not a png")
     studies = make_dataset(tmp_path / "studies", "dicom", cases=2, seed=27, size=(32, 32, 4))
     for series in ("T1_PRE", "T1_POST"):
         shutil.rmtree(studies / "SYN_0001" / series)
     shutil.rmtree(studies / "SYN_0002" / "FLAIR")
 
-    _stand_in(monkeypatch)
-    slices = {r["case"]: r for r in run_inference(list(folders.values()), tmp_path / "pred", _settings())}
+    stand_in(monkeypatch)
+    slices = {r["case"]: r for r in run_inference(list(folders.values()), tmp_path / "pred", infer_settings())}
     assert (slices["good"]["status"], slices["good"]["images"]) == ("ok", 3)
     assert (slices["broken"]["status"], slices["broken"]["images"]) == ("failed", 3)
 
     spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=3, roi_size=[32, 32], channels=THREE_CHANNELS,
                      channel_fallbacks={"t1": "flair", "t1c": "flair"})
-    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_BrightVoxels(1).eval(), spec))
-    rows = {r["case"]: r for r in run_inference([studies], tmp_path / "pred_dicom", _settings())}
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (BrightVoxels(1).eval(), spec))
+    rows = {r["case"]: r for r in run_inference([studies], tmp_path / "pred_dicom", infer_settings())}
     assert (rows["SYN_0001"]["status"], rows["SYN_0001"]["images"]) == ("ok", 1)
     assert (rows["SYN_0002"]["status"], rows["SYN_0002"]["images"]) == ("failed", 0)
-    written = _summary(tmp_path / "pred_dicom")
+    written = summary_rows(tmp_path / "pred_dicom")
     assert [(r["case"], r["images"]) for r in written] == [("SYN_0001", "1"), ("SYN_0002", "0")]
 
 
 def test_untrusted_refuses_a_header_naming_a_file_outside_its_input_before_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    _stand_in(monkeypatch)
+    stand_in(monkeypatch)
     inbox = tmp_path / "inbox"
-    image = _write_image(inbox / "scan.mha", _random_image(5))
+    image = write_image(inbox / "scan.mha", random_image(5))
     secret = tmp_path / "secret.raw"
     secret.write_bytes(bytes(40 * 28))
     (inbox / "evil.mhd").write_text("ObjectType = Image\nNDims = 2\nDimSize = 40 28\nElementType = MET_UCHAR\n"
                                     f"ElementDataFile = {secret}\n")
     with pytest.raises(InputError, match=r"evil.mhd: names the data file .*secret.raw.*outside the folder"):
-        run_inference([inbox], tmp_path / "refused", _settings(untrusted=True))
+        run_inference([inbox], tmp_path / "refused", infer_settings(untrusted=True))
     assert not (tmp_path / "refused").exists()  # refused before anything was written or read
-    assert _cli(inbox, "--out", tmp_path / "refused_cli", "--untrusted") == 2
+    assert infer_cli(inbox, "--out", tmp_path / "refused_cli", "--untrusted") == 2
     assert "evil.mhd: names the data file" in capsys.readouterr().err
     # trusted (the default) it is read as any other file; a lone file of the folder passes the check on its own
-    assert {r["status"] for r in run_inference([inbox], tmp_path / "trusted", _settings())} == {"ok"}
-    assert run_inference([image], tmp_path / "alone", _settings(untrusted=True))[0]["status"] == "ok"
+    assert {r["status"] for r in run_inference([inbox], tmp_path / "trusted", infer_settings())} == {"ok"}
+    assert run_inference([image], tmp_path / "alone", infer_settings(untrusted=True))[0]["status"] == "ok"

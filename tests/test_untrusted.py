@@ -30,23 +30,17 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
     return root, secret
 
 
-def metaimage(path: Path, data: str, slices: int = 0, extra: str = "") -> Path:
-    """A MetaImage header at ``path`` of a 2D image (or a volume of ``slices``) whose ``ElementDataFile`` is ``data``
-    (``extra`` lines follow it)."""
+def detached_header(path: Path, data: str, slices: int = 0, extra: str = "") -> Path:
+    """A header at ``path`` (NRRD for ``.nhdr``, else MetaImage) of a 2D uint8 image (or a volume of ``slices``)
+    whose data file (``data file``, ``ElementDataFile``) is ``data``; ``extra`` lines follow it."""
     dims = 3 if slices else 2
     size = f"{SIZE} {SIZE}" + (f" {slices}" if slices else "")
-    path.write_text(f"ObjectType = Image\nNDims = {dims}\nDimSize = {size}\nElementType = MET_UCHAR\n"
-                    f"ElementDataFile = {data}\n{extra}")
-    return path
-
-
-def nrrd(path: Path, data: str, slices: int = 0, extra: str = "") -> Path:
-    """A detached NRRD header at ``path`` of a 2D image (or a volume of ``slices``) whose ``data file`` is ``data``
-    (``extra`` lines follow it)."""
-    dims = 3 if slices else 2
-    sizes = f"{SIZE} {SIZE}" + (f" {slices}" if slices else "")
-    path.write_text(f"NRRD0004\ntype: uint8\ndimension: {dims}\nsizes: {sizes}\nencoding: raw\n"
-                    f"data file: {data}\n{extra}")
+    if path.suffix == ".nhdr":
+        text = f"NRRD0004\ntype: uint8\ndimension: {dims}\nsizes: {size}\nencoding: raw\ndata file: {data}\n"
+    else:
+        text = (f"ObjectType = Image\nNDims = {dims}\nDimSize = {size}\nElementType = MET_UCHAR\n"
+                f"ElementDataFile = {data}\n")
+    path.write_text(text + extra)
     return path
 
 
@@ -63,14 +57,14 @@ def refused(path: Path, root: Path) -> str:
 
 def test_metaimage_outside_is_refused_before_simpleitk_reads_it(layout: tuple[Path, Path]) -> None:
     root, secret = layout
-    header = metaimage(root / "scan.mhd", str(secret))
+    header = detached_header(root / "scan.mhd", str(secret))
     # what the check prevents: SimpleITK follows the name and shows the file as pixels
     leaked = sitk.GetArrayFromImage(sitk.ReadImage(str(header)))
     assert leaked.tobytes() == secret.read_bytes()
     assert refused(header, root) == (
         f"{header}: names the data file '{secret}', which is outside the folder it came in; refused before reading "
         f"(an image header may only name data files beside it)")
-    relative = metaimage(root / "up.mha", "../secret.raw")
+    relative = detached_header(root / "up.mha", "../secret.raw")
     assert "names the data file '../secret.raw'" in refused(relative, root)
 
 
@@ -78,7 +72,7 @@ def test_metaimage_inside_passes_and_reads(layout: tuple[Path, Path]) -> None:
     root, _ = layout
     (root / "sub").mkdir()
     raw(root / "sub" / "pixels.raw")
-    header = metaimage(root / "scan.mhd", "sub/pixels.raw")
+    header = detached_header(root / "scan.mhd", "sub/pixels.raw")
     check_detached_data(header, root)
     assert sitk.ReadImage(str(header)).GetSize() == (SIZE, SIZE)
     local = root / "local.mha"  # pixels after the header: nothing outside
@@ -91,19 +85,19 @@ def test_metaimage_list_and_pattern_forms(layout: tuple[Path, Path]) -> None:
     root, secret = layout
     for k in range(3):
         raw(root / f"slice{k:03d}.raw")
-    listed = metaimage(root / "list.mhd", "LIST 2D", slices=3, extra=f"slice000.raw\nslice001.raw\n{secret}\n")
+    listed = detached_header(root / "list.mhd", "LIST 2D", slices=3, extra=f"slice000.raw\nslice001.raw\n{secret}\n")
     assert f"names the data file '{secret}'" in refused(listed, root)
-    good_list = metaimage(root / "good_list.mhd", "LIST 2D", slices=3,
+    good_list = detached_header(root / "good_list.mhd", "LIST 2D", slices=3,
                           extra="slice000.raw\nslice001.raw\nslice002.raw\n")
     check_detached_data(good_list, root)
-    pattern = metaimage(root / "pattern.mhd", "slice%03d.raw 0 2 1", slices=3)
+    pattern = detached_header(root / "pattern.mhd", "slice%03d.raw 0 2 1", slices=3)
     check_detached_data(pattern, root)
     assert sitk.ReadImage(str(pattern)).GetSize() == (SIZE, SIZE, 3)
-    outside = metaimage(root / "out_pattern.mhd", "../other%d.raw 1 3 1", slices=3)
+    outside = detached_header(root / "out_pattern.mhd", "../other%d.raw 1 3 1", slices=3)
     assert "names the data file '../other1.raw'" in refused(outside, root)
-    unverifiable = metaimage(root / "odd.mhd", "slice%s.raw 1 3 1", slices=3)
+    unverifiable = detached_header(root / "odd.mhd", "slice%s.raw 1 3 1", slices=3)
     assert "is not a numbered file pattern this check can verify" in refused(unverifiable, root)
-    endless = metaimage(root / "endless.mhd", f"s%d.raw 0 {MAX_PATTERN_FILES} 1", slices=3)
+    endless = detached_header(root / "endless.mhd", f"s%d.raw 0 {MAX_PATTERN_FILES} 1", slices=3)
     assert f"names {MAX_PATTERN_FILES + 1:,} files" in refused(endless, root)
 
 
@@ -120,16 +114,16 @@ def test_metaimage_spellings_metaio_may_take_are_checked_too(layout: tuple[Path,
 def test_nrrd_detached_forms(layout: tuple[Path, Path]) -> None:
     root, secret = layout
     raw(root / "pixels.raw")
-    check_detached_data(nrrd(root / "good.nhdr", "pixels.raw"), root)
+    check_detached_data(detached_header(root / "good.nhdr", "pixels.raw"), root)
     assert sitk.ReadImage(str(root / "good.nhdr")).GetSize() == (SIZE, SIZE)
-    assert f"names the data file '{secret}'" in refused(nrrd(root / "abs.nhdr", str(secret)), root)
+    assert f"names the data file '{secret}'" in refused(detached_header(root / "abs.nhdr", str(secret)), root)
     single = root / "single.nhdr"  # the old spelling 'datafile', in a file named .nrrd
     single.write_text(f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {SIZE} {SIZE}\nencoding: raw\n"
                       f"datafile: ../secret.raw\n")
     assert "'../secret.raw'" in refused(single.rename(root / "single.nrrd"), root)
-    listed = nrrd(root / "list.nhdr", "LIST", slices=3, extra=f"pixels.raw\n{secret}\n")
+    listed = detached_header(root / "list.nhdr", "LIST", slices=3, extra=f"pixels.raw\n{secret}\n")
     assert f"'{secret}'" in refused(listed, root)
-    pattern = nrrd(root / "pattern.nhdr", "../p%02d.raw 1 3 1", slices=3)
+    pattern = detached_header(root / "pattern.nhdr", "../p%02d.raw 1 3 1", slices=3)
     assert "'../p01.raw'" in refused(pattern, root)
     attached = root / "attached.nrrd"  # data after the blank line that ends the header: nothing named
     sitk.WriteImage(sitk.Image(SIZE, SIZE, sitk.sitkUInt8), str(attached))
@@ -153,7 +147,7 @@ def test_analyze_pair_and_links_out_of_the_folder(layout: tuple[Path, Path], tmp
     (root / "scan.nii.gz").symlink_to(volume)
     assert "is a link to a file outside the folder it came in" in refused(root / "scan.nii.gz", root)
     header = tmp_path / "outside.mhd"
-    metaimage(header, "pixels.raw")
+    detached_header(header, "pixels.raw")
     (root / "inside.mhd").symlink_to(header)  # the header itself is elsewhere: its names are read from there
     assert "is a link to a file outside" in refused(root / "inside.mhd", root)
 
@@ -163,9 +157,9 @@ def test_a_folder_is_checked_file_by_file(layout: tuple[Path, Path]) -> None:
     deep = root / "patient" / "series"
     deep.mkdir(parents=True)
     raw(deep / "pixels.raw")
-    metaimage(deep / "good.mhd", "pixels.raw")
+    detached_header(deep / "good.mhd", "pixels.raw")
     check_detached_data(root, root)
-    bad = metaimage(deep / "bad.mhd", os.path.relpath(secret, deep))
+    bad = detached_header(deep / "bad.mhd", os.path.relpath(secret, deep))
     assert refused(root, root).startswith(f"{bad}: names the data file")
 
 
@@ -181,6 +175,6 @@ def test_pixels_read_match_the_raw_file(layout: tuple[Path, Path]) -> None:
     root, _ = layout
     values = np.arange(SIZE * SIZE, dtype=np.uint8).reshape(SIZE, SIZE)
     (root / "pixels.raw").write_bytes(values.tobytes())
-    header = metaimage(root / "scan.mhd", "pixels.raw")
+    header = detached_header(root / "scan.mhd", "pixels.raw")
     check_detached_data(root, root)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(header))), values)

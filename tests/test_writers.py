@@ -361,30 +361,13 @@ def _philips_faults(dataset: pydicom.Dataset, k: int) -> None:
     del dataset.SliceThickness, dataset.SeriesDescription
 
 
-@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING, *INVALID_SOURCE_WARNINGS)
-def test_dicom_seg_of_a_series_with_invalid_patient_and_study_values(case: Path, tmp_path: Path) -> None:
-    files = _rewritten_series(case / "FLAIR", tmp_path / "source", _philips_faults)
-    before = {f: f.read_bytes() for f in files}
-    truth, _ = _read(case / "SYN_0001_seg.nii.gz")
-    out = tmp_path / "seg.dcm"
-    assert write_dicom_seg(truth, files, out) == [
-        "PatientBirthDate is not a date (YYYYMMDD): left empty",
-        "PatientSex '0000' is not M/F/O: left empty",
-        "StudyID is longer than the 16 characters SH allows: left empty",
-        "StudyTime is not a time (HHMMSS.FFFFFF): left empty",
-        "SpecificCharacterSet 'ISO-IR 100' is not a DICOM character set: the SEG uses ISO_IR 192",
-        "SliceThickness is missing in the source: the SEG gives the slice spacing, 3.0 mm",
-    ]
-    assert {f: f.read_bytes() for f in files} == before  # the sources are never changed
-    seg = _check_seg(out, truth, [str(f) for f in files])
-    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+def _check_patient_and_study_emptied(seg: Segmentation, source: pydicom.Dataset) -> None:
     assert seg.PatientSex == "" and seg.PatientBirthDate == "" and seg.StudyID == "" and seg.StudyTime == ""
     assert seg.SpecificCharacterSet == "ISO_IR 192"
     assert str(seg.PatientName) == "Müller^" and seg.PatientName.family_name == "Müller"
     assert seg.PatientID == source.PatientID == "SYN_0001"
     assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.StudyDate == source.StudyDate == "20000101"
     assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 3.0
-    assert_dciodvfy_finds_no_errors(out)
 
 
 def _invalid_optional_values(dataset: pydicom.Dataset, k: int) -> None:
@@ -395,26 +378,46 @@ def _invalid_optional_values(dataset: pydicom.Dataset, k: int) -> None:
     dataset.SpacingBetweenSlices = "-3"
 
 
-@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING, *INVALID_SOURCE_WARNINGS)
-def test_dicom_seg_leaves_out_invalid_optional_values_and_widens_the_character_set(
-    case: Path, tmp_path: Path
-) -> None:
-    files = _rewritten_series(case / "T1_POST", tmp_path / "source", _invalid_optional_values)
-    mask = _asymmetric_mask((SIZE[0], SIZE[1], len(files)), [2, 3])
-    out = tmp_path / "seg.dcm"
-    assert write_dicom_seg(mask, files, out) == [
-        "PatientIdentityRemoved 'MAYBE' is not YES/NO: left out",
-        "AccessionNumber holds 2 values where one is allowed: left empty",
-        "SpacingBetweenSlices '-3' is not a positive number: not copied",
-        "the SEG's text does not fit the source's SpecificCharacterSet (none: ASCII): the SEG uses ISO_IR 192",
-    ]
-    seg = _check_seg(out, mask, [str(f) for f in files])
+def _check_optional_left_out_and_character_set_widened(seg: Segmentation, source: pydicom.Dataset) -> None:
     assert "PatientIdentityRemoved" not in seg and seg.AccessionNumber == ""
     assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == "Müller^Hans"
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == 3.0
     # not the source's -3 but what highdicom measures between the evenly spaced slices
     assert float(measures.SpacingBetweenSlices) == pytest.approx(3.0, abs=1e-6)
+
+
+@pytest.mark.filterwarnings(NO_PERSON_NAME_WARNING, *INVALID_SOURCE_WARNINGS)
+@pytest.mark.parametrize("series, faults, mask_of, changes, check", [
+    pytest.param("FLAIR", _philips_faults, lambda case, slices: _read(case / "SYN_0001_seg.nii.gz")[0], [
+        "PatientBirthDate is not a date (YYYYMMDD): left empty",
+        "PatientSex '0000' is not M/F/O: left empty",
+        "StudyID is longer than the 16 characters SH allows: left empty",
+        "StudyTime is not a time (HHMMSS.FFFFFF): left empty",
+        "SpecificCharacterSet 'ISO-IR 100' is not a DICOM character set: the SEG uses ISO_IR 192",
+        "SliceThickness is missing in the source: the SEG gives the slice spacing, 3.0 mm",
+    ], _check_patient_and_study_emptied, id="invalid patient and study values"),
+    pytest.param("T1_POST", _invalid_optional_values,
+                 lambda case, slices: _asymmetric_mask((SIZE[0], SIZE[1], slices), [2, 3]), [
+        "PatientIdentityRemoved 'MAYBE' is not YES/NO: left out",
+        "AccessionNumber holds 2 values where one is allowed: left empty",
+        "SpacingBetweenSlices '-3' is not a positive number: not copied",
+        "the SEG's text does not fit the source's SpecificCharacterSet (none: ASCII): the SEG uses ISO_IR 192",
+    ], _check_optional_left_out_and_character_set_widened, id="invalid optional values, a name outside ASCII"),
+])
+def test_dicom_seg_sanitises_invalid_source_values(
+    case: Path, tmp_path: Path, series: str, faults: Callable[[pydicom.Dataset, int], None],
+    mask_of: Callable[[Path, int], np.ndarray], changes: list[str],
+    check: Callable[[Segmentation, pydicom.Dataset], None],
+) -> None:
+    files = _rewritten_series(case / series, tmp_path / "source", faults)
+    before = {f: f.read_bytes() for f in files}
+    mask = mask_of(case, len(files))
+    out = tmp_path / "seg.dcm"
+    assert write_dicom_seg(mask, files, out) == changes
+    assert {f: f.read_bytes() for f in files} == before  # the sources are never changed
+    seg = _check_seg(out, mask, [str(f) for f in files])
+    check(seg, pydicom.dcmread(files[0], stop_before_pixels=True))
     assert_dciodvfy_finds_no_errors(out)
 
 
