@@ -49,7 +49,7 @@ from brainseg_monai.inference.outputs import VOLUME_MASK, slice_output_names
 from brainseg_monai.inference.writers import write_png_mask, write_volume_mask
 from brainseg_monai.io import SimpleITKReader, file_stem, planar_to_volume_affine
 from brainseg_monai.model import ModelSpec
-from brainseg_monai.normalisation import channel_statistics, check_normalisation, normalise_images
+from brainseg_monai.normalisation import ZScoreIntensityd, channel_statistics, normalise_images
 
 __all__ = [
     "LoadSliceStackd", "NormaliseSlicesd", "PostProcessd", "PredictorInferer", "SaveMasksd", "SliceStackReader",
@@ -176,24 +176,15 @@ class LoadSliceStackd(LoadImaged):
         return super().__call__(data, reader=reader or self.stack_reader)
 
 
-class NormaliseSlicesd(MapTransform):
+class NormaliseSlicesd(ZScoreIntensityd):
     """z-score a 2D model's input as ``brainseg infer`` does: per channel over the non-zero pixels of each slice.
 
     A (C, x, y, z) stack is z-scored slice by slice along its last axis, a (C, x, y) image as one slice, by
     :func:`~brainseg_monai.normalisation.normalise_images` on its slices, the call ``brainseg infer`` makes on
     a case's slices; with ``normalisation="case"`` every slice takes the statistics of all slices of the item
     (:func:`~brainseg_monai.normalisation.channel_statistics`), those of the case when the item is a case. The image
-    keeps its metadata.
+    keeps its metadata. Its arguments are :class:`~brainseg_monai.normalisation.ZScoreIntensityd`'s.
     """
-
-    def __init__(self, keys: KeysCollection, normalisation: str = "slice") -> None:
-        """
-        Raises:
-            ValueError: for a ``normalisation`` other than "slice" or "case".
-        """
-        super().__init__(keys)
-        check_normalisation(normalisation)
-        self.normalisation = normalisation
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """A copy of ``data`` with every key's image z-scored."""

@@ -509,7 +509,8 @@ def test_ctrl_c_ends_the_run_with_status_130_and_no_temporary_folder(tmp_path: P
 def test_sigint_to_a_running_batch_exits_130_cleanly(tmp_path: Path) -> None:
     """The real signal, at whatever point of a case it lands."""
     checkpoint = untrained_one_channel_model(tmp_path / "model")
-    images = _images(tmp_path / "in", 60)
+    # enough cases that the batch outlasts this process being descheduled on a loaded machine (60 did not, once)
+    images = _images(tmp_path / "in", 240)
     out = tmp_path / "pred"
     command = [sys.executable, "-m", "brainseg_monai.cli", "infer", *map(str, images), "--out", str(out),
                "--checkpoint", str(checkpoint), "--tta", "dihedral", "--device", "cpu", "--no-progress"]

@@ -249,10 +249,11 @@ def test_browser_failed_upload_clears_the_previous_result(server: str, tmp_path:
         page.set_input_files("#files", [str(f) for f in files])
         page.wait_for_selector(READY, timeout=60_000)
         archive = page.locator("#downloads li.archive a")
-        assert archive.get_attribute("download") == "TCGA_XY.zip" and archive.inner_text().startswith("all 5 files")
-        assert page.locator("#downloads details a").count() == 5  # the files one by one, folded away
+        assert archive.get_attribute("download") == "TCGA_XY.zip" and archive.inner_text().startswith("all 10 files")
+        assert page.locator("#downloads details a").count() == 10  # the files one by one, folded away
         with zipfile.ZipFile(io.BytesIO(base64.b64decode(archive.get_attribute("href").split(",", 1)[1]))) as bundle:
-            assert sorted(bundle.namelist()) == sorted([f"TCGA_XY_{n}_pred.png" for n in (1, 2, 3, 4)] + ["overlay.png"])
+            assert sorted(bundle.namelist()) == sorted([f"TCGA_XY_{n}_{kind}.png" for n in (1, 2, 3, 4)
+                                                        for kind in ("pred", "unc")] + ["overlay.png", "uncertainty.png"])
         assert failed == [], f"requests that failed: {failed}"
         page.evaluate("fetch('/favicon.ico').then(r => { document.body.dataset.icon = r.status + ' ' + "
                       "r.headers.get('content-type'); })")

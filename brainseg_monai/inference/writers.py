@@ -202,6 +202,23 @@ def write_spread_png(spread2d: Any, path: PathLike, *, reference: PathLike | Non
     return write_image(grey, np.eye(3), path, reference=reference)
 
 
+def _shown_channel(image: Any, channel: int | None) -> np.ndarray:
+    """The (x, y[, z]) channel of a channel-first image that an overlay shows in grey: ``channel``, or FLAIR (1) of a
+    3-channel (t1, flair, t1c) image, else 0.
+
+    Raises:
+        ValueError: for an image that is not (C, x, y[, z]), or a ``channel`` it does not have.
+    """
+    pixels = convert_to_numpy(image)
+    if pixels.ndim not in (3, 4):
+        raise ValueError(f"image must be channel-first (C, x, y[, z]) but has shape {pixels.shape}.")
+    if channel is None:
+        channel = _FLAIR_CHANNEL if pixels.shape[0] == 3 else 0
+    if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or not 0 <= channel < pixels.shape[0]:
+        raise ValueError(f"channel must be an integer in [0, {pixels.shape[0]}) but is {channel!r}.")
+    return pixels[channel]
+
+
 def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *, channel: int | None = None) -> Path:
     """Write an RGB PNG of where the model is unsure: the views' standard deviation from transparent to yellow over
     one grey image channel, the mask outlined in red, at the slice `write_overlay_png` shows.
@@ -214,20 +231,16 @@ def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *,
         channel: image channel shown in grey, as for `write_overlay_png`.
 
     Raises:
-        ValueError: for shapes that do not match, a non-binary mask or values outside [0, 0.5].
+        ValueError: for shapes that do not match, a non-binary mask, values outside [0, 0.5] or a bad `channel`.
         InputError: when `path` is a folder.
     """
     path = _output_path(path, ".png")
-    pixels = convert_to_numpy(image)
-    if pixels.ndim not in (3, 4):
-        raise ValueError(f"image must be channel-first (C, x, y[, z]) but has shape {pixels.shape}.")
-    spatial_dims = pixels.ndim - 1
+    plane = _shown_channel(image, channel)
+    spatial_dims = plane.ndim
     predicted, values = _binary_mask(mask, spatial_dims), _spread_values(spread, spatial_dims)
-    if predicted.shape != pixels.shape[1:] or values.shape != pixels.shape[1:]:
+    if predicted.shape != plane.shape or values.shape != plane.shape:
         raise ValueError(f"mask {predicted.shape} and spread {values.shape} must have the image's spatial shape "
-                         f"{pixels.shape[1:]}.")
-    channel = (_FLAIR_CHANNEL if pixels.shape[0] == 3 else 0) if channel is None else channel
-    plane = pixels[channel]
+                         f"{plane.shape}.")
     if spatial_dims == 3:
         k = _most_tumour_slice(predicted)
         plane, predicted, values = plane[..., k], predicted[..., k], values[..., k]
@@ -297,23 +310,16 @@ def write_overlay_png(
         InputError: when `path` is a folder.
     """
     path = _output_path(path, ".png")
-    pixels = convert_to_numpy(image)
-    if pixels.ndim not in (3, 4):
-        raise ValueError(f"image must be channel-first (C, x, y[, z]) but has shape {pixels.shape}.")
-    spatial_dims = pixels.ndim - 1
-    if channel is None:
-        channel = _FLAIR_CHANNEL if pixels.shape[0] == 3 else 0
-    if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or not 0 <= channel < pixels.shape[0]:
-        raise ValueError(f"channel must be an integer in [0, {pixels.shape[0]}) but is {channel!r}.")
+    plane = _shown_channel(image, channel)
+    spatial_dims = plane.ndim
     if not 0.0 < opacity <= 1.0:
         raise ValueError(f"opacity must be in (0, 1] but is {opacity!r}.")
     predicted = _binary_mask(mask, spatial_dims)
-    if predicted.shape != pixels.shape[1:]:
-        raise ValueError(f"mask has shape {predicted.shape} but the image's spatial shape is {pixels.shape[1:]}.")
+    if predicted.shape != plane.shape:
+        raise ValueError(f"mask has shape {predicted.shape} but the image's spatial shape is {plane.shape}.")
     reference = None if truth is None else _binary_mask(truth, spatial_dims, "truth")
     if reference is not None and reference.shape != predicted.shape:
         raise ValueError(f"truth has shape {reference.shape} but mask has shape {predicted.shape}.")
-    plane = pixels[channel]
     if spatial_dims == 3:
         k = _most_tumour_slice(predicted)
         logger.info("overlay %s shows slice z=%d of %d", path, k, predicted.shape[2])
