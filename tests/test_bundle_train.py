@@ -323,7 +323,6 @@ def test_train_3d_on_volumes(nifti_phantoms: Path, tmp_path: Path) -> None:
     assert (out / "models" / "model.pt").is_file()
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_brats_3d_config_on_shared_brats(tmp_path: Path) -> None:
     brats = shared_path("brats2015")

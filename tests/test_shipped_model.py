@@ -65,7 +65,6 @@ def test_the_metadata_has_its_schema_fields_and_pins_this_package_version() -> N
     assert meta["required_packages_version"]["brainseg-monai"] == __version__ == setup["metadata"]["version"]
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_shared_lgg_patients_are_segmented_well_by_default(tmp_path: Path) -> None:
     root = shared_path("lgg", "kaggle_3m")
@@ -81,7 +80,6 @@ def test_shared_lgg_patients_are_segmented_well_by_default(tmp_path: Path) -> No
     assert min(dice.values()) >= DICE_BAR, dice
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_torchscript_export_gives_the_same_masks(tmp_path: Path) -> None:
     slices = [str(p) for p in sorted(shared_path("lgg", "kaggle_3m", PATIENTS[0]).glob("*_1[0-4].tif"))]

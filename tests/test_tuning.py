@@ -363,7 +363,6 @@ def test_tuning_argument_errors(model_dir: Path, tmp_path: Path) -> None:
         tune_model_threshold(model_dir / "model.pt", [{"image": "a.png", "patient": "p"}])
 
 
-@pytest.mark.slow
 def test_tuned_threshold_is_what_infer_applies(tmp_path: Path) -> None:
     """Train a tiny model, tune on its validation patients, predict them with brainseg infer's runner and evaluate:
     the evaluated mean patient Dice is the tuned one (the same predictions, thresholded at the stored threshold)."""
