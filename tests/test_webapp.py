@@ -488,14 +488,13 @@ def test_a_patients_downloads_come_as_one_zip_too(client: TestClient) -> None:
     names = [f"TCGA_XY_{n}.png" for n in (1, 2, 3)]
     result = post(client, [(name, png_bytes(rgb)) for name in names], tta="none").json()
     files = downloads(result)
-    assert list(files) == ["TCGA_XY_1_pred.png", "TCGA_XY_2_pred.png", "TCGA_XY_3_pred.png", "TCGA_XY_1_unc.png",
-                           "TCGA_XY_2_unc.png", "TCGA_XY_3_unc.png", "overlay.png", "uncertainty.png"]
+    assert list(files) == ["TCGA_XY_1_pred.png", "TCGA_XY_2_pred.png", "TCGA_XY_3_pred.png", "overlay.png"]
     archive = result["archive"]
     assert archive["name"] == f"{result['case']}.zip" and archive["url"].startswith("data:application/zip;base64,")
     with zipfile.ZipFile(io.BytesIO(decode(archive["url"]))) as bundle:
         assert {name: bundle.read(name) for name in bundle.namelist()} == files
     single = post(client, [("one.png", png_bytes(rgb))], tta="none").json()
-    assert len(single["downloads"]) == 4 and single["archive"]["name"] == "one.zip"
+    assert len(single["downloads"]) == 2 and single["archive"]["name"] == "one.zip"
 
 
 def test_post_processing_is_named_as_applied_to_a_single_slice_or_a_stack(

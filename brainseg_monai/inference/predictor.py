@@ -270,15 +270,17 @@ class Predictor:
                                      f"({', '.join(self.spec.channels)})")
 
     def predict_case(self, loaded: LoadedCase) -> CasePrediction:
-        """The probabilities and the TTA views' spread of a case :func:`load_for_case` read, on its input grid."""
+        """The probabilities and the TTA views' spread of a case :func:`load_for_case` read, on its input grid; no
+        spread without TTA (one view cannot disagree with itself: its zeros would read as certainty)."""
+        measured = self.tta != "none"
         if loaded.slices is not None:
             maps = self.predict_slices(loaded.slices, loaded.images)
-            return CasePrediction([m[0] for m in maps], [m[1] for m in maps])
+            return CasePrediction([m[0] for m in maps], [m[1] for m in maps] if measured else None)
         if loaded.data is not None:
             volume = self.predict_volume_3d(loaded.data, loaded.preprocessing)
         else:
             volume = self.predict_volume_by_slices(loaded.volume, loaded.source, resample=not loaded.planar)
-        return CasePrediction(volume[0], volume[1])
+        return CasePrediction(volume[0], volume[1] if measured else None)
 
     def predict_slices(self, images: Sequence[torch.Tensor], sources: Sequence[str]) -> list[np.ndarray]:
         """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns a (2, x, y) array per
@@ -507,10 +509,10 @@ class LoadedCase:
 @dataclass
 class CasePrediction:
     """A case's tumour probabilities and the TTA views' standard deviation at each pixel on its input grid: one
-    (x, y) array per slice of a slice folder, else one (x, y, z) volume."""
+    (x, y) array per slice of a slice folder, else one (x, y, z) volume; ``spread`` is None without TTA."""
 
     prob: np.ndarray | list[np.ndarray]
-    spread: np.ndarray | list[np.ndarray]
+    spread: np.ndarray | list[np.ndarray] | None
 
 
 def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = (),

@@ -195,7 +195,10 @@ class _CaseWriter:
 
 
 def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any]) -> dict:
-    """The summary's ``uncertainty`` (the case score) and ``review`` (yes/no; empty when the model has no threshold)."""
+    """The summary's ``uncertainty`` (the case score) and ``review`` (yes/no; empty when the model has no threshold);
+    both empty without TTA, where nothing was measured."""
+    if spread is None:
+        return {"uncertainty": "", "review": ""}
     score = case_score(prob, spread, masks, post.threshold)
     flagged = needs_review(score, review)
     return {"uncertainty": round(score, 5), "review": "" if flagged is None else ("yes" if flagged else "no")}
@@ -203,22 +206,23 @@ def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review:
 
 def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: PostProcessing,
                   writer: _CaseWriter) -> dict:
-    """Predict one loaded case and write its outputs into ``writer``: the mask, the views' spread beside it
-    (``<stem>_unc.png`` per slice, ``uncertainty.nii.gz`` for a volume), ``overlay.png`` and ``uncertainty.png``;
-    returns the summary values."""
+    """Predict one loaded case and write its outputs into ``writer``: the mask, ``overlay.png`` and, with TTA, the
+    views' spread beside it (``<stem>_unc.png`` per slice, ``uncertainty.nii.gz`` for a volume) and
+    ``uncertainty.png``; returns the summary values."""
     prediction = predictor.predict_case(loaded)
     review = predictor.spec.uncertainty
     if loaded.slices is not None:
         masks = post.apply_to_slices(prediction.prob, case.images)
-        for path, name, unc, mask, spread in zip(case.images, slice_output_names(case.images),
-                                                 slice_output_names(case.images, SLICE_SPREAD_SUFFIX), masks,
-                                                 prediction.spread):
+        for path, name, mask in zip(case.images, slice_output_names(case.images), masks):
             write_png_mask(mask, writer.path(name), reference=path)
-            write_spread_png(spread, writer.path(unc), reference=path)
         best = int(np.argmax([m.sum() for m in masks]))
         shown = np.asarray(loaded.slices[best])
         write_overlay_png(shown, masks[best], writer.path(OVERLAY))
-        write_uncertainty_png(shown, prediction.spread[best], masks[best], writer.path(UNCERTAINTY_OVERLAY))
+        if prediction.spread is not None:
+            for path, name, spread in zip(case.images, slice_output_names(case.images, SLICE_SPREAD_SUFFIX),
+                                          prediction.spread):
+                write_spread_png(spread, writer.path(name), reference=path)
+            write_uncertainty_png(shown, prediction.spread[best], masks[best], writer.path(UNCERTAINTY_OVERLAY))
         voxels = int(sum(int(m.sum()) for m in masks))
         total = int(sum(m.size for m in masks))
         return {
@@ -233,12 +237,13 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
     mask = post(prob)
     reference = case.images[case.primary] if case.primary < len(case.images) else case.images[0]
     write_volume_mask(mask, affine, writer.path(VOLUME_MASK), reference=reference)
-    write_spread_volume(spread, affine, writer.path(VOLUME_SPREAD), reference=reference)
     shown = loaded.image
     if shown.shape[1:] != mask.shape:  # a 3D model's input was cropped or resampled: show its probability instead
         shown = prob[None]
     write_overlay_png(shown, mask, writer.path(OVERLAY))
-    write_uncertainty_png(shown, spread, mask, writer.path(UNCERTAINTY_OVERLAY))
+    if spread is not None:
+        write_spread_volume(spread, affine, writer.path(VOLUME_SPREAD), reference=reference)
+        write_uncertainty_png(shown, spread, mask, writer.path(UNCERTAINTY_OVERLAY))
     warnings: list[str] = []
     if case.kind == "dicom" and case.series:
         try:  # the mask is the result; a SEG the source's attributes do not allow is a warning, not a lost case
