@@ -14,7 +14,12 @@ import torch
 
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.tta import tta_views
-from brainseg_monai.inference.writers import write_spread_png, write_spread_volume, write_uncertainty_png
+from brainseg_monai.inference.writers import (
+    spread_from_png,
+    write_spread_png,
+    write_spread_volume,
+    write_uncertainty_png,
+)
 from brainseg_monai.model import ModelSpec
 from brainseg_monai.uncertainty import RING_PIXELS, case_score, needs_review, validate
 
@@ -66,6 +71,7 @@ def test_spread_writers_keep_values_and_geometry(tmp_path: Path) -> None:
     png = write_spread_png(spread, tmp_path / "a_unc.png")
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(png))).T / 510.0
     assert np.abs(back - spread).max() <= 0.001
+    np.testing.assert_allclose(spread_from_png(sitk.GetArrayFromImage(sitk.ReadImage(str(png))).T), back, rtol=1e-6)
     affine = np.diag([0.9, 1.1, 3.0, 1.0])
     affine[:3, 3] = [10.0, -20.0, 5.0]
     volume = np.repeat(spread[..., None], 4, axis=-1)

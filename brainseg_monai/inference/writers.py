@@ -47,6 +47,7 @@ __all__ = [
     "write_dicom_seg",
     "write_overlay_png",
     "write_png_mask",
+    "spread_from_png",
     "write_spread_png",
     "write_spread_volume",
     "write_uncertainty_png",
@@ -60,7 +61,7 @@ SEG_SERIES_NUMBER = 1000
 
 _RED = np.array([255.0, 0.0, 0.0])
 #: the largest standard deviation of probabilities in [0, 1]: half the views at 0, half at 1
-_MAX_SPREAD = 0.5
+MAX_SPREAD = 0.5
 _GREEN = np.array([0, 255, 0], dtype=np.uint8)
 _YELLOW = np.array([255.0, 255.0, 0.0])
 _FLAIR_CHANNEL = 1  # (t1, flair, t1c): FLAIR shows the whole tumour best
@@ -171,8 +172,8 @@ def _spread_values(spread: Any, spatial_dims: int) -> np.ndarray:
     values = convert_to_numpy(spread).astype(np.float32)
     if values.ndim == spatial_dims + 1 and values.shape[0] == 1:
         values = values[0]
-    if values.ndim != spatial_dims or not np.isfinite(values).all() or values.min() < 0 or values.max() > _MAX_SPREAD:
-        raise ValueError(f"spread must be a {spatial_dims}D map of standard deviations in [0, {_MAX_SPREAD}] but has "
+    if values.ndim != spatial_dims or not np.isfinite(values).all() or values.min() < 0 or values.max() > MAX_SPREAD:
+        raise ValueError(f"spread must be a {spatial_dims}D map of standard deviations in [0, {MAX_SPREAD}] but has "
                          f"shape {values.shape}" + (f" and range [{values.min()}, {values.max()}]" if values.size else ""))
     return values
 
@@ -198,7 +199,7 @@ def write_spread_png(spread2d: Any, path: PathLike, *, reference: PathLike | Non
         InputError: when `path` is `reference` or a folder.
     """
     path = _output_path(path, ".png")
-    grey = np.rint(_spread_values(spread2d, 2) / _MAX_SPREAD * 255.0).astype(np.uint8)
+    grey = np.rint(_spread_values(spread2d, 2) / MAX_SPREAD * 255.0).astype(np.uint8)
     return write_image(grey, np.eye(3), path, reference=reference)
 
 
@@ -217,6 +218,11 @@ def _shown_channel(image: Any, channel: int | None) -> np.ndarray:
     if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or not 0 <= channel < pixels.shape[0]:
         raise ValueError(f"channel must be an integer in [0, {pixels.shape[0]}) but is {channel!r}.")
     return pixels[channel]
+
+
+def spread_from_png(grey: Any) -> np.ndarray:
+    """The standard deviations a ``<stem>_unc.png`` holds, from its grey levels (the inverse of `write_spread_png`)."""
+    return convert_to_numpy(grey).astype(np.float32) / 255.0 * MAX_SPREAD
 
 
 def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *, channel: int | None = None) -> Path:
@@ -245,7 +251,7 @@ def write_uncertainty_png(image: Any, spread: Any, mask: Any, path: PathLike, *,
         k = _most_tumour_slice(predicted)
         plane, predicted, values = plane[..., k], predicted[..., k], values[..., k]
     rgb = np.repeat(grey_window(plane)[..., None] * 255.0, 3, axis=-1)
-    weight = (values / _MAX_SPREAD)[..., None]  # 0: grey as it is; 1: pure yellow
+    weight = (values / MAX_SPREAD)[..., None]  # 0: grey as it is; 1: pure yellow
     rgb = np.rint((1.0 - weight) * rgb + weight * _YELLOW).astype(np.uint8)
     rgb[find_boundaries(predicted.astype(bool), mode="inner")] = _RED.astype(np.uint8)
     return write_image(np.moveaxis(rgb, -1, 0), np.eye(3), path)

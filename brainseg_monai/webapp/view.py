@@ -30,16 +30,15 @@ from brainseg_monai.inference.outputs import (
     VOLUME_SPREAD,
     slice_output_names,
 )
+from brainseg_monai.inference.writers import MAX_SPREAD, spread_from_png
 from brainseg_monai.io import SimpleITKReader
-from brainseg_monai.metrics import image_metrics, patient_metrics
+from brainseg_monai.metrics import Confusion
 
 __all__ = ["case_view", "read_channels_first"]
 
 _MIME = {".png": "image/png", ".nii.gz": "application/gzip", ".dcm": "application/dicom"}
 _RED = (255, 0, 0, 255)
 _GREEN = (0, 255, 0, 255)
-#: the largest standard deviation of the views' probabilities (``<stem>_unc.png`` stores it as 255)
-_MAX_SPREAD = 0.5
 
 
 def read_channels_first(paths: Sequence[str | Path], series_uid: str | None = None) -> Any:
@@ -93,7 +92,7 @@ def _layers(plane: np.ndarray, window: tuple[float, float], pred: np.ndarray, tr
     if spread is not None:
         yellow = np.zeros(spread.shape + (4,), dtype=np.uint8)
         yellow[..., :2] = 255
-        yellow[..., 3] = np.rint(np.clip(spread / _MAX_SPREAD, 0.0, 1.0) * 255.0).astype(np.uint8)
+        yellow[..., 3] = np.rint(np.clip(spread / MAX_SPREAD, 0.0, 1.0) * 255.0).astype(np.uint8)
         layers["unc"] = _data_url(yellow.transpose(1, 0, 2))
     layers["tumour_pixels"] = int(pred.sum())
     return layers
@@ -105,7 +104,7 @@ def _spread(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         return None
     values = np.asarray(read_channels_first([path]))[0].astype(np.float32)
     if path.name.endswith(".png"):
-        values = values / 255.0 * _MAX_SPREAD
+        values = spread_from_png(values)
     return values if values.shape == shape else None
 
 
@@ -130,8 +129,11 @@ def _stats(row: Mapping[str, Any]) -> dict:
     return stats
 
 
-def _metrics(values: Mapping[str, Any]) -> dict:
-    return {"dice": float(values["dice"]), "iou": float(values["iou"])}
+def _overlap(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> dict:
+    """Dice and IoU of the masks pooled (a patient's slices as one stack), from their confusion counts alone: the
+    page shows no surface distance, so none is computed."""
+    pooled = sum((Confusion.from_masks(p, t) for p, t in zip(preds, truths)), Confusion())
+    return {"dice": pooled.dice, "iou": pooled.iou}
 
 
 def case_view(
@@ -177,8 +179,7 @@ def case_view(
                 refs.append(truth)
         metrics = None
         if refs and len({r.shape for r in refs}) == 1:
-            values = image_metrics(preds[0], refs[0]) if len(refs) == 1 else patient_metrics(preds, refs)
-            metrics = {**_metrics(values), "slices_with_truth": len(refs)}
+            metrics = {**_overlap(preds, refs), "slices_with_truth": len(refs)}
         downloads = [case_dir / name for name in names] + [case_dir / name for name in spreads]  # slider's order
     else:
         volume = np.asarray(images[0][channel])
@@ -194,7 +195,7 @@ def case_view(
         ]
         metrics = None
         if truth is not None:
-            metrics = _metrics(image_metrics(pred, truth))  # Dice and IoU count voxels: no spacing needed
+            metrics = _overlap([pred], [truth])
         downloads = [case_dir / VOLUME_MASK, case_dir / SEG, case_dir / VOLUME_SPREAD]
     counts = [layer["tumour_pixels"] for layer in layers]
     downloads = [p for p in downloads + [case_dir / OVERLAY, case_dir / UNCERTAINTY_OVERLAY] if p.is_file()]
