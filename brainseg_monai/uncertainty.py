@@ -26,37 +26,43 @@ __all__ = ["RING_PIXELS", "case_score", "needs_review", "validate"]
 RING_PIXELS = 2
 
 
-def _region(mask: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
-    """The predicted tumour and its in-plane ring; without a predicted tumour, where the probability passes half the
-    threshold."""
-    seed = mask.astype(bool) if mask.any() else prob > threshold / 2
-    if not seed.any():
-        return seed
-    size = 2 * RING_PIXELS + 1
-    structure = np.ones((size, size) + (1,) * (seed.ndim - 2), dtype=bool)  # in-plane only: slices are thick
-    return ndimage.binary_dilation(seed, structure=structure)
+def _planes(values: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The (x, y) planes of a volume (its last axis), or a slice folder's slices as they are (their sizes may differ)."""
+    if isinstance(values, np.ndarray):
+        return [values] if values.ndim == 2 else list(np.moveaxis(values, -1, 0))
+    return [np.asarray(v) for v in values]
 
 
 def case_score(prob: np.ndarray | Sequence[np.ndarray], spread: np.ndarray | Sequence[np.ndarray],
                mask: np.ndarray | Sequence[np.ndarray], threshold: float) -> float:
     """The case's uncertainty: the mean TTA standard deviation over its predicted tumour and ring (see the module).
 
+    The ring is grown in each (x, y) plane alone (slices are thick); without a predicted tumour anywhere in the case,
+    the region grows from where the probability passes half the threshold.
+
     Args:
-        prob, spread, mask: one (x, y, z) volume each, or one (x, y) array per slice of a slice folder (stacked
-            along a last axis, so the ring stays in-plane).
+        prob, spread, mask: one (x, y[, z]) array each, or one (x, y) array per slice of a slice folder.
         threshold: the probability threshold of the post-processing that made ``mask``.
 
     Returns 0.0 when no pixel is in the region: every view is sure there is no tumour.
 
     Raises:
-        ValueError: when the three do not have one shape.
+        ValueError: when the three do not have one shape, plane by plane.
     """
-    arrays = [np.stack(a, axis=-1) if not isinstance(a, np.ndarray) else a for a in (prob, spread, mask)]
-    if not arrays[0].shape == arrays[1].shape == arrays[2].shape:
-        raise ValueError(f"prob, spread and mask must have one shape but have {[a.shape for a in arrays]}.")
-    prob_, spread_, mask_ = arrays
-    region = _region(mask_, prob_, threshold)
-    return float(spread_[region].mean()) if region.any() else 0.0
+    probs, spreads, masks = _planes(prob), _planes(spread), _planes(mask)
+    shapes = [[a.shape for a in planes] for planes in (probs, spreads, masks)]
+    if not shapes[0] == shapes[1] == shapes[2]:
+        raise ValueError(f"prob, spread and mask must have one shape but have {shapes}.")
+    from_mask = any(m.any() for m in masks)
+    ring = np.ones((2 * RING_PIXELS + 1,) * 2, dtype=bool)
+    total, count = 0.0, 0
+    for p, s, m in zip(probs, spreads, masks):
+        seed = m.astype(bool) if from_mask else p > threshold / 2
+        if seed.any():
+            region = ndimage.binary_dilation(seed, structure=ring)
+            total += float(s[region].sum(dtype=np.float64))
+            count += int(region.sum())
+    return total / count if count else 0.0
 
 
 def needs_review(score: float, settings: Mapping[str, Any]) -> bool | None:

@@ -47,6 +47,23 @@ def test_slices_are_stacked_and_the_ring_stays_in_plane() -> None:
     assert case_score(probs, spreads, masks, threshold=0.5) == pytest.approx(0.1)
 
 
+def test_slices_of_different_sizes_are_scored_together() -> None:
+    """A slice folder may hold slices of several sizes: each is scored in its own plane, the means pooled."""
+    masks = [_square((32, 32), 10, 20), _square((48, 40), 10, 20)]
+    spreads = [np.where(ndimage_ring(m), 0.2, 0.0).astype(np.float32) for m in masks]
+    spreads[1][masks[1]] = 0.4
+    probs = [m.astype(np.float32) for m in masks]
+    expected = (0.2 * 196 + (0.4 * 100 + 0.2 * 96)) / (196 + 196)
+    assert case_score(probs, spreads, masks, threshold=0.5) == pytest.approx(expected)
+
+
+def ndimage_ring(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by RING_PIXELS in-plane: the region the score averages over."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, structure=np.ones((2 * RING_PIXELS + 1,) * 2, dtype=bool))
+
+
 def test_no_predicted_tumour_scores_what_some_views_saw() -> None:
     mask = np.zeros((16, 16, 3), dtype=bool)
     prob = np.zeros(mask.shape, np.float32)
@@ -185,3 +202,21 @@ def test_validate_counts_failures_among_the_most_uncertain() -> None:
     assert result["spearman_rho"] == pytest.approx(expected_rho, abs=1e-6)
     with pytest.raises(ValueError, match="at least 3 cases"):
         validate({"a": 0.1}, {"a": 0.9})
+
+
+def test_a_slice_folder_of_mixed_sizes_is_scored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TTA, a folder whose slices differ in size still gets its masks and one score (it failed once)."""
+    import brainseg_monai.inference.runner as runner
+
+    spec = ModelSpec(spatial_dims=2, in_channels=1, roi_size=[32, 32], channels=["image"])
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_Ramp().eval(), spec))
+    folder = tmp_path / "case"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name, shape in (("s_1.png", (32, 32)), ("s_2.png", (64, 48))):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.integers(10, 200, size=shape).astype(np.uint8)), str(folder / name))
+    rows = run_inference([folder], tmp_path / "pred", InferenceSettings("unused.pt", tta="dihedral", threshold=0.6,
+                                                                        progress=False, device="cpu"))
+    assert rows[0]["status"] == "ok", rows
+    assert 0.0 < float(rows[0]["uncertainty"]) <= 0.5
+    assert {p.name for p in (tmp_path / "pred" / "case").glob("*_unc.png")} == {"s_1_unc.png", "s_2_unc.png"}
