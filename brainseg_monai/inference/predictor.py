@@ -481,7 +481,6 @@ class LoadedCase:
     """A case read for the model by :func:`load_for_case`, in the one layout that its kind and the model call for:
     ``slices`` (a folder of 2D images), ``volume`` (a 2D model over a volume) or ``data`` (a 3D model)."""
 
-    kind: str
     #: the input files (slices) or channel paths, and the one path that names the case in messages
     images: list[str]
     source: str
@@ -554,7 +553,7 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
             _check_visible(image, path)
         # the case's statistics over all its slices (a slice alone: its own)
         stats = channel_statistics(raw) if spec.normalisation == "case" else None
-        return LoadedCase(kind, list(images), os.path.commonpath(list(images)), slices=normalise_images(raw, stats))
+        return LoadedCase(list(images), os.path.commonpath(list(images)), slices=normalise_images(raw, stats))
     source = os.path.commonpath(list(images))
     volume, resampled = _read_channels(images, series, spec, source, primary)
     volume = _fill_channels(volume, spec, fills, images[0])
@@ -564,8 +563,8 @@ def _load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Se
     if spec.spatial_dims == 3:
         preprocessing = _without_loading(infer_transforms(3, spec.pixdim, spec.normalisation))
         data = preprocessing({"image": volume})
-        return LoadedCase(kind, list(images), source, data=data, preprocessing=preprocessing, resampled=resampled)
+        return LoadedCase(list(images), source, data=data, preprocessing=preprocessing, resampled=resampled)
     planar = volume.ndim == 3  # a 2D MHA/NRRD/NIfTI or a 2D image read as a volume case
     if planar:
         volume = _as_single_slice_volume(volume)
-    return LoadedCase(kind, list(images), source, volume=volume, planar=planar, resampled=resampled)
+    return LoadedCase(list(images), source, volume=volume, planar=planar, resampled=resampled)

@@ -116,7 +116,7 @@ def _binary_mask(mask: Any, spatial_dims: int, name: str = "mask") -> np.ndarray
         raise ValueError(
             f"{name} must have {spatial_dims} spatial axes (optionally after one channel) but has shape {values.shape}."
         )
-    if values.dtype != bool and not np.isin(values, (0, 1)).all():
+    if values.dtype != bool and not ((values == 0) | (values == 1)).all():  # np.isin: 40x slower on a volume
         found = np.unique(values)[:6].tolist()
         raise ValueError(f"{name} must be binary (0/1 or bool) but holds values {found}.")
     return values.astype(np.uint8)
