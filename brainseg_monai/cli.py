@@ -42,6 +42,8 @@ EXAMPLES = {
     "serve": "brainseg serve --port 8000        (then open http://127.0.0.1:8000)",
     "benchmark": "brainseg benchmark --quick --out benchmark.json",
     "compare": "brainseg compare scans/2021-03 scans/2022-03 --out change",
+    "ensemble": "brainseg ensemble runs/cv/unet_f*/models/model_final.pt --out models/ensemble.json   "
+                "(then brainseg infer SCANS --out OUT --checkpoint models/ensemble.json)",
 }
 
 
@@ -102,8 +104,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     """``--bundle``, ``--checkpoint`` and ``--device``: which model segments, and where (see `_checkpoint`)."""
     p.add_argument("--bundle", help="bundle folder whose models/model.pt is the default checkpoint (default: ./bundle "
                    "if present, else the repository's bundle of an editable install)")
-    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it; default: the "
-                                        "bundle's models/model.pt, the shipped LGG model)")
+    p.add_argument("--checkpoint", help="model checkpoint (model.pt with its model.json beside it), or an ensemble's "
+                                        "model.json (brainseg ensemble; default: the bundle's models/model.pt, the "
+                                        "shipped LGG model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -256,6 +259,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
               f"{pct}; 2D slices without spacing: voxels, not ml)")
     print(f"on BEFORE's grid: {change['gained_voxels']} voxels gained, {change['lost_voxels']} lost; report: "
           f"{Path(args.out) / 'compare.md'}")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from brainseg_monai.model import find_spec, write_ensemble
+
+    path = write_ensemble(args.members, args.out, overwrite=args.overwrite)
+    spec = find_spec(path)
+    kept = f"post-processing {json.dumps(spec.postprocessing)}" if spec.postprocessing else \
+        "the members' post-processing differs: defaults until tuned (brainseg tune-threshold --checkpoint " \
+        f"{path} on patients no member saw)"
+    print(f"{path}: an ensemble of {len(spec.members)} models; {kept}")
     return 0
 
 
@@ -446,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="compare even when the two studies' PatientIDs differ")
     _add_model_options(p)
     p.set_defaults(func=_cmd_compare)
+
+    p = command("ensemble", "one model from several of one architecture (e.g. the fold models of a "
+                            "cross-validation): their probabilities averaged, with every TTA view")
+    p.add_argument("members", nargs="+", help="two or more model .pt checkpoints with their model.json")
+    p.add_argument("--out", required=True, help="the ensemble's model.json to write (members stored relative to it); "
+                                                "pass it to infer, serve, compare or benchmark as --checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_ensemble)
     return parser
 
 

@@ -3,6 +3,10 @@
 This module is the one reader and writer of ``model.json``: training writes it when a run starts (and a final model's
 own when the run completes), tuning stores its threshold and curve in it, inference reads it to rebuild the network,
 its pre-processing and its tuned post-processing. A checkpoint with its sidecar is enough to use the model.
+
+An ensemble is a ``model.json`` alone whose ``members`` name the weight files of models of one architecture (the fold
+models of a cross-validation, :func:`write_ensemble`); passed as the checkpoint, it loads as one
+`brainseg_monai.networks.ensemble.EnsembleNetwork` whose members' probabilities inference averages.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.io import write_text_atomic
 from brainseg_monai.networks import get_network
+from brainseg_monai.networks.ensemble import EnsembleNetwork
 from brainseg_monai.normalisation import check_normalisation
 
 __all__ = [
@@ -31,12 +36,14 @@ __all__ = [
     "find_spec",
     "load_model",
     "load_tuning",
+    "model_files",
     "own_sidecar",
     "read_sidecar",
     "sidecar_path",
     "store_tuning",
     "write_model_sidecar",
     "write_sidecar",
+    "write_ensemble",
     "write_untuned_sidecar",
 ]
 
@@ -77,6 +84,8 @@ class ModelSpec:
     #: `brainseg_monai.uncertainty`'s settings: ``review_above``, the case score above which a case is flagged for
     #: review, with how it was chosen (``chosen_on``)
     uncertainty: dict = field(default_factory=dict)
+    #: an ensemble's weight files, relative to its ``model.json``; empty for a single model (the checkpoint itself)
+    members: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
@@ -112,6 +121,8 @@ class ModelSpec:
             PostProcessing.from_dict(self.postprocessing)
         except ValueError as err:
             raise ValueError(f"postprocessing holds invalid settings {self.postprocessing!r}: {err}") from None
+        if self.members and (len(self.members) < 2 or not all(isinstance(m, str) and m for m in self.members)):
+            raise ValueError(f"members names the weight files of an ensemble, two or more, not {self.members!r}.")
 
     @property
     def required_channels(self) -> list[str]:
@@ -124,8 +135,12 @@ class ModelSpec:
         return PostProcessing.from_dict(self.postprocessing)
 
     def to_dict(self) -> dict:
-        """The settings as ``model.json`` stores them (inverse of :meth:`from_dict`)."""
-        return asdict(self)
+        """The settings as ``model.json`` stores them (inverse of :meth:`from_dict`); ``members`` only of an
+        ensemble."""
+        values = asdict(self)
+        if not self.members:
+            del values["members"]
+        return values
 
 
 def own_sidecar(checkpoint: str | os.PathLike) -> Path:
@@ -232,37 +247,55 @@ def load_tuning(checkpoint_or_sidecar: str | os.PathLike) -> dict[str, Any] | No
 
 
 def find_spec(checkpoint: str | os.PathLike) -> ModelSpec:
-    """The settings of ``checkpoint``: its ``model.json``, else the run's ``config_resolved.json`` one level up.
+    """The settings of ``checkpoint``: its ``model.json``, else the run's ``config_resolved.json`` one level up; an
+    ensemble's ``model.json`` is its own.
 
     Raises:
         InputError: when neither file is there (the message says where it looked), or the settings are invalid.
     """
     ckpt = Path(checkpoint)
+    if ckpt.suffix == ".json":
+        return _spec_of(ckpt, read_sidecar(ckpt))
     candidates = [own_sidecar(ckpt), ckpt.parent / MODEL_SIDECAR, ckpt.parent.parent / _RUN_CONFIG]
     for candidate in candidates:
-        if candidate.is_file() and candidate != ckpt:
-            values = read_sidecar(candidate)
-            try:
-                return ModelSpec.from_dict(values)
-            except (TypeError, ValueError) as err:
-                raise InputError(candidate, f"invalid model settings: {err}") from None
+        if candidate.is_file():
+            return _spec_of(candidate, read_sidecar(candidate))
     raise InputError(ckpt, f"no model settings found beside the checkpoint (looked for {', '.join(map(str, candidates))})")
 
 
-def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the network of ``checkpoint`` (best ``model.pt`` or a ``last_checkpoint``) in eval mode on ``device``.
+def model_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """The weight files ``checkpoint`` stands for: itself, or for an ensemble's ``model.json`` its members' (each
+    resolved against the file's folder).
 
     Raises:
-        InputError: when the checkpoint is missing, unreadable, or does not fit the network its settings describe.
+        InputError: when the file is missing, or an ensemble's ``model.json`` is unreadable or names no members.
     """
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise InputError(ckpt, "checkpoint not found (train a model first, or pass --checkpoint)")
-    spec = find_spec(ckpt)
-    dev = resolve_device(device)
-    network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
+    if ckpt.suffix != ".json":
+        return [ckpt]
+    members = find_spec(ckpt).members
+    if not members:
+        raise InputError(ckpt, "names no weight files: a model.json given as the checkpoint is an ensemble's, whose "
+                               "members list its models' .pt files (brainseg ensemble writes one); for a single "
+                               "model pass its .pt")
+    return [ckpt.parent / member for member in members]
+
+
+def _spec_of(path: Path, values: Mapping[str, Any]) -> ModelSpec:
     try:
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        return ModelSpec.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"invalid model settings: {err}") from None
+
+
+def _load_weights(network: torch.nn.Module, ckpt: Path, spec: ModelSpec) -> None:
+    """Load the weights of ``ckpt`` (a state dict, or a training checkpoint's ``model`` entry) into ``network``."""
+    if not ckpt.is_file():
+        raise InputError(ckpt, "ensemble member not found (its path is relative to the ensemble's model.json)")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
         raise InputError(ckpt, f"cannot read checkpoint: {err}") from err
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
@@ -272,4 +305,73 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
     except RuntimeError as err:
         raise InputError(ckpt, f"weights do not fit network '{spec.network_name}' ({spec.spatial_dims}D, "
                                f"{spec.in_channels} channels): {str(err).splitlines()[0]}") from err
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the network of ``checkpoint`` (best ``model.pt`` or a ``last_checkpoint``; an ensemble's ``model.json``)
+    in eval mode on ``device``.
+
+    Raises:
+        InputError: when the checkpoint (or a member) is missing, unreadable, or does not fit the network its
+            settings describe; or a ``.pt``'s settings are an ensemble's.
+    """
+    ckpt = Path(checkpoint)
+    files = model_files(ckpt)
+    spec = find_spec(ckpt)
+    if ckpt.suffix != ".json" and spec.members:
+        raise InputError(ckpt, f"its model.json describes an ensemble of {len(spec.members)} models: pass that "
+                               f"model.json as the checkpoint")
+    dev = resolve_device(device)
+    networks = []
+    for path in files:
+        network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
+        _load_weights(network, path, spec)
+        networks.append(network)
+    network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks)
     return network.to(dev).eval(), spec
+
+
+#: settings that may differ between an ensemble's members: each one's tuned post-processing and review threshold
+_PER_MODEL = ("postprocessing", "uncertainty", "members")
+
+
+def write_ensemble(members: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``out``, the ``model.json`` of an ensemble of the checkpoints ``members`` (paths stored relative to it).
+
+    The members must share every setting but their tuned ones. Their post-processing is kept where they all agree
+    on it; the review threshold and the tuning are not (they were chosen for one model's probabilities, not for the
+    average: tune the ensemble on patients none of its members saw).
+
+    Raises:
+        InputError: a member is missing, not a ``.pt``, has no settings or other settings than the first; or ``out``
+            exists and ``overwrite`` is False.
+        ValueError: fewer than two members.
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members but got {len(members)}.")
+    target = Path(out)
+    if target.suffix != ".json":
+        raise InputError(target, "the ensemble is written as a .json (its model.json)")
+    if target.exists() and not overwrite:
+        raise InputError(target, "exists already: choose another path, or overwrite it on purpose")
+    specs = []
+    for member in members:
+        path = Path(member)
+        if path.suffix != ".pt":
+            raise InputError(path, "an ensemble's member is a model's .pt checkpoint")
+        model_files(path)  # exists
+        specs.append(find_spec(path).to_dict())
+    first = specs[0]
+    for member, spec in zip(members[1:], specs[1:]):
+        differ = sorted(k for k in first if k not in _PER_MODEL and spec.get(k) != first[k])
+        if differ:
+            raise InputError(member, f"has other settings than {members[0]} ({', '.join(differ)}): an ensemble's "
+                                     f"members are models of one architecture and input")
+    agreed = all(spec["postprocessing"] == first["postprocessing"] for spec in specs)
+    folder = target.parent.resolve()
+    ensemble = ModelSpec.from_dict({
+        **{key: value for key, value in first.items() if key not in _PER_MODEL},
+        "postprocessing": first["postprocessing"] if agreed else {},
+        "members": [os.path.relpath(Path(member).resolve(), folder) for member in members]})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_sidecar(target, ensemble.to_dict())

@@ -32,9 +32,9 @@ def output_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def untrained_one_channel_model(folder: Path) -> Path:
-    """A 1-channel 2D U-Net with random weights: enough to check geometry end to end."""
-    torch.manual_seed(0)
+def untrained_one_channel_model(folder: Path, seed: int = 0) -> Path:
+    """A 1-channel 2D U-Net with random weights (drawn from ``seed``): enough to check geometry end to end."""
+    torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(network_name="unet", spatial_dims=2, in_channels=1, roi_size=[256, 256], channels=["image"],
                      network_kwargs={"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})

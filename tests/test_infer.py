@@ -197,6 +197,33 @@ def test_real_oblique_series_end_to_end_one_channel(tmp_path: Path) -> None:
     assert seg.Modality == "SEG"
 
 
+def test_an_ensemble_segments_a_real_series_and_resume_notices_a_changed_member(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """``brainseg ensemble`` then ``brainseg infer --checkpoint ensemble.json``: the mask on the series' grid, the
+    members' disagreement reported even without TTA; ``--resume`` redoes the case when a member's weights change."""
+    series_dir = shared_path("dicom", "C3L-03728_AX_T1_SE")
+    members = [untrained_one_channel_model(tmp_path / f"m{seed}", seed) for seed in (0, 1)]
+    ensemble = tmp_path / "ensemble.json"
+    assert cli_main(["ensemble", *map(str, members), "--out", str(ensemble)]) == 0
+    assert "an ensemble of 2 models" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    settings = InferenceSettings(str(ensemble), tta="none", threshold=0.5, progress=False, device="cpu")
+    rows = run_inference([series_dir], out, settings)
+    assert rows[0]["status"] == "ok", rows
+    case = out / rows[0]["case"]
+    _assert_same_geometry(sitk.ReadImage(str(case / "mask.nii.gz")), _read_series(series_dir))
+    spread = sitk.ReadImage(str(case / "uncertainty.nii.gz"))
+    _assert_same_geometry(spread, _read_series(series_dir))
+    assert float(rows[0]["uncertainty"]) > 0 and sitk.GetArrayViewFromImage(spread).max() > 0
+    settings.resume = True
+    finished = (case / "case.json").stat().st_mtime_ns
+    assert run_inference([series_dir], out, settings)[0]["status"] == "ok"
+    assert (case / "case.json").stat().st_mtime_ns == finished, "an unchanged ensemble redid the case"
+    untrained_one_channel_model(tmp_path / "m1", 2)  # new weights for one member
+    run_inference([series_dir], out, settings)
+    assert (case / "case.json").stat().st_mtime_ns != finished, "a changed member was not noticed"
+
+
 def test_missing_checkpoint_and_input_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m.pt")]) == 2
     assert "m.pt" in capsys.readouterr().err

@@ -20,9 +20,11 @@ from brainseg_monai.model import (
     find_spec,
     load_model,
     load_tuning,
+    model_files,
     read_sidecar,
     store_tuning,
     write_model_sidecar,
+    write_ensemble,
     write_sidecar,
     write_untuned_sidecar,
 )
@@ -133,3 +135,71 @@ def test_load_model_rebuilds_the_network_its_sidecar_describes(tmp_path: Path) -
 def test_an_unknown_normalisation_is_refused_when_the_spec_is_built() -> None:
     with pytest.raises(ValueError, match="normalisation must be one of"):
         ModelSpec(normalisation="volume")
+
+
+def _small_model(folder: Path, seed: int, **settings) -> Path:
+    """A small random 2D U-Net saved as ``folder/model.pt`` with its ``model.json``."""
+    torch.manual_seed(seed)
+    spec = ModelSpec(network_kwargs={"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
+                     roi_size=[32, 32], **settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
+    torch.save(network.state_dict(), folder / "model.pt")
+    write_sidecar(folder / MODEL_SIDECAR, spec.to_dict())
+    return folder / "model.pt"
+
+
+def test_an_ensemble_loads_its_members_and_averages_their_probabilities(tmp_path: Path) -> None:
+    """``brainseg ensemble``'s model.json loads as one network of the members' logits; the predictor averages their
+    probabilities (with one view, exactly the members' mean) and their disagreement is the spread."""
+    from brainseg_monai.inference.predictor import Predictor
+    from brainseg_monai.networks.ensemble import EnsembleNetwork
+
+    members = [_small_model(tmp_path / f"fold{k}" / "models", k, postprocessing={"threshold": 0.3},
+                            uncertainty={"review_above": 0.2}) for k in range(3)]
+    path = write_ensemble(members, tmp_path / "ensemble" / "model.json")
+    stored = read_sidecar(path)
+    assert stored["members"] == [f"../fold{k}/models/model.pt" for k in range(3)]
+    # post-processing agreed by all is kept; the review threshold was chosen for one model's probabilities
+    assert stored["postprocessing"] == {"threshold": 0.3} and stored["uncertainty"] == {}
+    assert model_files(path) == [path.parent / m for m in stored["members"]]
+    network, spec = load_model(path, "cpu")
+    assert isinstance(network, EnsembleNetwork) and len(network.members) == 3 and spec.members == stored["members"]
+    image = torch.rand(2, 3, 32, 32)
+    singles = [Predictor(load_model(m, "cpu")[0], spec, "cpu", tta="none").predict_batch(image) for m in members]
+    maps = Predictor(network, spec, "cpu", tta="none").predict_batch(image)
+    probs = torch.stack([single[:, 0] for single in singles])
+    torch.testing.assert_close(maps[:, 0], probs.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps[:, 1], probs.std(0, correction=0), rtol=0, atol=2e-3)
+    assert maps[:, 1].max() > 0
+    # members whose post-processing differs leave the ensemble's to its defaults
+    other = _small_model(tmp_path / "other", 9, postprocessing={"threshold": 0.6})
+    assert read_sidecar(write_ensemble([members[0], other], tmp_path / "mixed.json"))["postprocessing"] == {}
+
+
+def test_an_ensemble_is_refused_clearly(tmp_path: Path) -> None:
+    a, b = _small_model(tmp_path / "a", 0), _small_model(tmp_path / "b", 1)
+    wider = _small_model(tmp_path / "wide", 2, in_channels=1)
+    with pytest.raises(InputError, match="other settings than .*in_channels"):
+        write_ensemble([a, wider], tmp_path / "e.json")
+    with pytest.raises(ValueError, match="at least two"):
+        write_ensemble([a], tmp_path / "e.json")
+    with pytest.raises(InputError, match="a model's .pt checkpoint"):
+        write_ensemble([a, tmp_path / "a" / MODEL_SIDECAR], tmp_path / "e.json")
+    path = write_ensemble([a, b], tmp_path / "e.json")
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="exists already"):
+        write_ensemble([b, a], path)
+    assert path.read_bytes() == before  # a user's file is never replaced unasked
+    write_ensemble([b, a], path, overwrite=True)
+    # a member gone: the error names it
+    (tmp_path / "b" / "model.pt").unlink()
+    with pytest.raises(InputError, match="ensemble member not found") as caught:
+        load_model(path, "cpu")
+    assert caught.value.path == str(tmp_path / "b" / "model.pt")
+    # a model.json without members is no checkpoint; a .pt whose model.json is an ensemble's says which to pass
+    with pytest.raises(InputError, match="names no weight files"):
+        load_model(tmp_path / "a" / MODEL_SIDECAR, "cpu")
+    shutil.copy(path, tmp_path / "a" / MODEL_SIDECAR)
+    with pytest.raises(InputError, match="describes an ensemble of 2 models: pass that model.json"):
+        load_model(a, "cpu")

@@ -154,6 +154,39 @@ def test_spread_is_the_views_standard_deviation(mode, spatial_dims, max_batch):
         assert spread.max() > 0.05
 
 
+@pytest.mark.parametrize("spatial_dims, max_batch", [(2, None), (2, 5), (3, None)])
+def test_an_ensemble_is_averaged_over_every_view_of_every_member(spatial_dims, max_batch):
+    """Members as logit channels: the mean and spread equal those of all (view, member) probabilities by hand, and
+    every view goes to all members in the same forwards as one model's."""
+    members = [AsymmetricNet(spatial_dims, seed=seed).eval() for seed in (0, 1, 2)]
+    ensemble = CountingFn(lambda x: torch.cat([m(x) for m in members], dim=1))
+    images = _images((3, 2, 8, 8) if spatial_dims == 2 else (3, 2, 6, 6, 4))
+    mode = "dihedral" if spatial_dims == 2 else "flip"
+    mean, spread = TTAPredictor(mode, spatial_dims, max_batch=max_batch, members=3).mean_and_spread(ensemble, images)
+    with torch.no_grad():
+        views = torch.stack([inverse(torch.sigmoid(m(forward(images)))) for forward, inverse in
+                             _hand_pairs(mode, spatial_dims) for m in members])
+    torch.testing.assert_close(mean, views.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(spread, views.std(0, correction=0), rtol=0, atol=2e-3)
+    single = CountingFn(members[0])
+    TTAPredictor(mode, spatial_dims, max_batch=max_batch).mean_and_spread(single, images)
+    assert ensemble.batch_sizes == single.batch_sizes
+    # the members disagree beyond what the views of one do
+    one_spread = TTAPredictor(mode, spatial_dims).mean_and_spread(members[0], images)[1]
+    assert spread.mean() > one_spread.mean()
+
+
+def test_an_ensemble_without_views_still_has_a_spread():
+    members = [AsymmetricNet(2, seed=seed).eval() for seed in (0, 1)]
+    images = _images((2, 2, 8, 8))
+    mean, spread = TTAPredictor("none", 2, members=2).mean_and_spread(
+        lambda x: torch.cat([m(x) for m in members], dim=1), images)
+    with torch.no_grad():
+        a, b = (torch.sigmoid(m(images)) for m in members)
+    torch.testing.assert_close(mean, (a + b) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(spread, (a - b).abs() / 2, rtol=0, atol=2e-3)
+
+
 def test_non_square_dihedral_groups_views_by_shape():
     net = AsymmetricNet(2).eval()
     images = _images((2, 2, 8, 6))
@@ -256,6 +289,8 @@ def test_unknown_mode_lists_choices():
         ({"spatial_dims": 1}, "spatial_dims"),
         ({"max_batch": 0}, "max_batch"),
         ({"max_batch": 2.5}, "max_batch"),
+        ({"members": 0}, "members"),
+        ({"members": True}, "members"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -277,3 +312,5 @@ def test_bad_images_or_network_output():
     two_channels = nn.Conv2d(2, 2, kernel_size=1)
     with pytest.raises(ValueError, match="network_fn"):
         predictor(two_channels, _images((1, 2, 8, 8)))
+    with pytest.raises(ValueError, match="3-channel logits .one per member."):
+        TTAPredictor("flip", 2, members=3)(two_channels, _images((1, 2, 8, 8)))

@@ -41,6 +41,7 @@ from brainseg_monai.errors import InputError, input_error_in
 from brainseg_monai.inference.tta import TTAPredictor
 from brainseg_monai.io import DicomSeries, SimpleITKReader, check_image_values, planar_to_volume_affine, voxel_spacing
 from brainseg_monai.model import ModelSpec
+from brainseg_monai.networks.ensemble import members_of
 from brainseg_monai.normalisation import channel_statistics, normalise_images, normalise_slices, shape_chunks
 from brainseg_monai.transforms import infer_transforms
 
@@ -204,7 +205,8 @@ class Predictor:
     """Probabilities for images and volumes from one model, with batched TTA and sliding windows.
 
     Args:
-        network: the model in eval mode (1-channel logits).
+        network: the model in eval mode (1-channel logits), or an ensemble of such (one channel per member, see
+            `brainseg_monai.networks.ensemble`): its members' probabilities are averaged with the views'.
         spec: its settings (spatial dims, training patch size, channels).
         device: where to run.
         tta: ``"none"``, ``"flip"`` or ``"dihedral"``.
@@ -225,6 +227,7 @@ class Predictor:
         self.spec, self.device = spec, torch.device(device)
         self.fast_path = fast_path(precision, self.device)
         self.network = inference_network(network, self.device, copy_network, self.fast_path.group_instance_norm)
+        self.members = members_of(self.network)
         self.tta, self.batch_size = tta, int(batch_size)
         roi = list(spec.roi_size)
         self.window = SlidingWindowInferer(roi_size=roi, sw_batch_size=self.batch_size, overlap=0.25, mode="gaussian")
@@ -250,13 +253,13 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) normalised images -> (B, 2, *spatial): the tumour probability (the mean of the TTA views)
-        and the views' standard deviation, all views of the batch stacked into its forwards."""
+        """(B, C, *spatial) normalised images -> (B, 2, *spatial): the tumour probability (the mean of the TTA views
+        and ensemble members) and their standard deviation, all views of the batch stacked into its forwards."""
         spatial = images.shape[2:]
         pad = DivisiblePad(k=_DIVISOR, mode="constant")
         padded = torch.stack([pad(im) for im in images]) if any(s % _DIVISOR for s in spatial) else images
         tta = TTAPredictor(self.tta, self.spec.spatial_dims, self._forward_images(padded.shape[2:]),
-                           self.fast_path.autocast)
+                           self.fast_path.autocast, self.members)
         maps = torch.cat(tta.mean_and_spread(self._network_fn(padded.shape[2:]), padded.to(self.device)), dim=1)
         maps = maps.float().cpu()
         if maps.shape[2:] != spatial:
@@ -270,9 +273,10 @@ class Predictor:
                                      f"({', '.join(self.spec.channels)})")
 
     def predict_case(self, loaded: LoadedCase) -> CasePrediction:
-        """The probabilities and the TTA views' spread of a case :func:`load_for_case` read, on its input grid; no
-        spread without TTA (one view cannot disagree with itself: its zeros would read as certainty)."""
-        measured = self.tta != "none"
+        """The probabilities and the spread of the TTA views (and ensemble members) of a case :func:`load_for_case`
+        read, on its input grid; no spread from one view of one model (it cannot disagree with itself: its zeros
+        would read as certainty)."""
+        measured = self.tta != "none" or self.members > 1
         if loaded.slices is not None:
             maps = self.predict_slices(loaded.slices, loaded.images)
             return CasePrediction([m[0] for m in maps], [m[1] for m in maps] if measured else None)

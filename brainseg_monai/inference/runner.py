@@ -57,7 +57,7 @@ from brainseg_monai.inference.outputs import (
 from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import LoadedCase, Predictor, load_for_case
 from brainseg_monai.io import ATOMIC_TEMPORARY, voxel_spacing, write_text_atomic
-from brainseg_monai.model import ModelSpec, load_model
+from brainseg_monai.model import ModelSpec, load_model, model_files
 from brainseg_monai.uncertainty import case_score, needs_review
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
@@ -708,13 +708,22 @@ def input_fingerprint(case: Case) -> dict:
 
 
 def _model_fingerprint(checkpoint: str, spec: ModelSpec) -> dict:
-    """The weights file (bytes, modification time, SHA-256) and the model's settings but its post-processing: the
-    post-processing applied is in the settings' fingerprint, since ``--threshold`` and the like override the model's."""
+    """The weights (bytes, modification time, SHA-256; of an ensemble, summed over its members and one SHA-256 over
+    theirs) and the model's settings but its post-processing: the post-processing applied is in the settings'
+    fingerprint, since ``--threshold`` and the like override the model's."""
     record: dict[str, Any] = {"spec": {key: value for key, value in spec.to_dict().items() if key != "postprocessing"}}
-    if Path(checkpoint).is_file():  # only a stand-in network (tests) comes without one
-        info, digest = _file_digest(checkpoint)
-        record.update(file=os.path.abspath(checkpoint), bytes=info.st_size, mtime=_when(info.st_mtime_ns),
-                      sha256=digest)
+    if not Path(checkpoint).is_file():  # only a stand-in network (tests) comes without one
+        return record
+    files = model_files(checkpoint)
+    digests = [_file_digest(path) for path in files]
+    if len(files) == 1:
+        (info, digest), = digests
+        size, newest = info.st_size, info.st_mtime_ns
+    else:
+        combined = hashlib.sha256("".join(f"{d}\n" for _, d in digests).encode())
+        size, newest, digest = sum(i.st_size for i, _ in digests), max(i.st_mtime_ns for i, _ in digests), \
+            combined.hexdigest()
+    record.update(file=os.path.abspath(checkpoint), bytes=size, mtime=_when(newest), sha256=digest)
     return record
 
 

@@ -109,8 +109,9 @@ class TTAPredictor:
     one chunk of transformed inputs exists at a time. Views that change the spatial shape (quarter turns of a non-square
     2D image) are grouped by shape, each group being one stacked batch.
 
-    ``network_fn`` maps ``NCH[WD]`` to ``N1H[WD]`` logits: the network itself (in eval mode), or a MONAI
-    ``SlidingWindowInferer`` bound to it for large images, e.g. ``functools.partial(inferer, network=net)``.
+    ``network_fn`` maps ``NCH[WD]`` to ``NMH[WD]`` logits, one channel per ensemble member (``M = members``, 1 for a
+    single model): the network itself (in eval mode), or a MONAI ``SlidingWindowInferer`` bound to it for large
+    images, e.g. ``functools.partial(inferer, network=net)``. The mean and spread are over all views of all members.
     Gradients are not tracked; calling it under ``torch.inference_mode()`` works as well.
 
     Example::
@@ -120,7 +121,7 @@ class TTAPredictor:
     """
 
     def __init__(self, mode: str = "flip", spatial_dims: int = 2, max_batch: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, members: int = 1):
         """
         Args:
             mode: ``"none"``, ``"flip"`` or ``"dihedral"`` (see :func:`tta_views`).
@@ -128,9 +129,11 @@ class TTAPredictor:
             max_batch: most images per forward pass; ``None`` sends all views of all images at once.
             dtype: run the network under ``torch.autocast`` to this dtype on the images' device (float16 or
                 bfloat16 on CUDA, bfloat16 on CPU); ``None`` runs it as it is. The output stays float32.
+            members: logit channels ``network_fn`` returns, one per ensemble member.
 
         Raises:
-            ValueError: When ``mode`` or ``spatial_dims`` is not supported, or ``max_batch`` is not a positive integer.
+            ValueError: When ``mode`` or ``spatial_dims`` is not supported, or ``max_batch`` or ``members`` is not a
+                positive integer.
         """
         self.views = tta_views(mode, spatial_dims)
         self.mode = look_up_option(mode, TTA_MODES)
@@ -138,6 +141,9 @@ class TTAPredictor:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be None or a positive integer, got {max_batch!r}.")
         self.max_batch = max_batch
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"members must be a positive integer, got {members!r}.")
+        self.members = members
         self.dtype = dtype
 
     def __call__(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
@@ -146,18 +152,18 @@ class TTAPredictor:
 
     def mean_and_spread(self, network_fn: Callable[[torch.Tensor], torch.Tensor],
                         images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and the standard deviation (over the views, ``B1H[WD]`` each) of the views' probabilities.
+        """The mean and the standard deviation (over the views and members, ``B1H[WD]`` each) of their probabilities.
 
         The standard deviation is 0 where every view gives the same probability and at most 0.5; with one view
-        (``none``) it is 0 everywhere.
+        (``none``) of one model it is 0 everywhere.
 
         Args:
-            network_fn: maps ``NCH[WD]`` images to ``N1H[WD]`` logits.
+            network_fn: maps ``NCH[WD]`` images to ``NMH[WD]`` logits (``M = members``).
             images: ``BCH[WD]`` pre-processed images.
 
         Raises:
             ValueError: When ``images`` does not have ``spatial_dims + 2`` dimensions, or ``network_fn`` returns a
-                shape other than ``(N, 1, *spatial)`` for its ``N`` inputs.
+                shape other than ``(N, members, *spatial)`` for its ``N`` inputs.
         """
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(
@@ -177,9 +183,10 @@ class TTAPredictor:
         with torch.no_grad(), autocast:
             for shape, views in groups.items():
                 self._add_group(network_fn, images, views, shape, total, total_sq)
-        mean = total / len(self.views)
+        count = len(self.views) * self.members
+        mean = total / count
         # E[p^2] - E[p]^2 can come out a rounding error below 0 where the views agree
-        spread = (total_sq / len(self.views) - mean * mean).clamp_(min=0).sqrt_()
+        spread = (total_sq / count - mean * mean).clamp_(min=0).sqrt_()
         return mean, spread
 
     def _add_group(
@@ -191,8 +198,8 @@ class TTAPredictor:
         total: torch.Tensor,
         total_sq: torch.Tensor,
     ) -> None:
-        """Add the probabilities of ``views`` (all of the same view ``shape``) of every image to ``total``, and their
-        squares to ``total_sq``."""
+        """Add the probabilities of ``views`` (all of the same view ``shape``) of every image, summed over the members,
+        to ``total``, and their squares to ``total_sq``."""
         n_images = images.shape[0]
         n_pairs = len(views) * n_images
         step = n_pairs if self.max_batch is None else self.max_batch
@@ -210,18 +217,22 @@ class TTAPredictor:
                 batch[offset : offset + hi - lo] = view.forward(images[lo:hi])
                 offset += hi - lo
             logits = network_fn(batch)
-            expected = (stop - start, 1, *shape)
+            expected = (stop - start, self.members, *shape)
             if tuple(logits.shape) != expected:
                 raise ValueError(
-                    f"network_fn must return 1-channel logits of shape {expected} for this batch, "
-                    f"got shape {tuple(logits.shape)}."
+                    f"network_fn must return {self.members}-channel logits (one per member) of shape {expected} "
+                    f"for this batch, got shape {tuple(logits.shape)}."
                 )
             probs = torch.sigmoid(logits.float())
             offset = 0
             for view, lo, hi in parts:
                 prob = view.inverse(probs[offset : offset + hi - lo])
-                total[lo:hi] += prob
-                total_sq[lo:hi].addcmul_(prob, prob)
+                if self.members == 1:
+                    total[lo:hi] += prob
+                    total_sq[lo:hi].addcmul_(prob, prob)
+                else:
+                    total[lo:hi] += prob.sum(1, keepdim=True)
+                    total_sq[lo:hi] += (prob * prob).sum(1, keepdim=True)
                 offset += hi - lo
 
 
