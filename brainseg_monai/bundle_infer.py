@@ -231,9 +231,10 @@ class PredictorInferer(Inferer):
         if spatial != self.spec.spatial_dims and not (self.spec.spatial_dims == 2 and spatial == 3):
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit a {self.spec.spatial_dims}D model (2D: "
                              f"(B, C, x, y) images or (B, C, x, y, z) stacks of slices; 3D: (B, C, x, y, z) volumes).")
-        predictor = Predictor(network, self.spec, inputs.device, self.tta, self.batch_size, precision=self.precision)
+        predictor = Predictor(network, self.spec, inputs.device, self.tta, self.batch_size, precision=self.precision,
+                              spread=False)
         if self.spec.spatial_dims == 3:
-            return MetaTensor(predictor.predict_batch(torch.as_tensor(inputs))[:, :1].to(inputs.device))
+            return MetaTensor(predictor.predict_batch(torch.as_tensor(inputs)).to(inputs.device))
         probs = []
         for image in inputs:
             source = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""

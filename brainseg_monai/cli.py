@@ -151,7 +151,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     settings = InferenceSettings(
         checkpoint=_checkpoint(args), tta=args.tta, device=args.device, batch_size=args.batch_size, resume=args.resume,
         threshold=args.threshold, min_size=args.min_size, open_above=args.open_above,
-        keep_largest=args.keep_largest, stack_slices=args.stack_slices, channels=_channels(args.channel),
+        keep_largest=args.keep_largest, keep_fraction=args.keep_fraction, stack_slices=args.stack_slices,
+        channels=_channels(args.channel),
         series_rules=SelectionRules.from_file(args.series_rules) if args.series_rules else None,
         progress=not args.no_progress, precision=args.precision, untrusted=args.untrusted,
     )
@@ -344,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction,
                    help="keep only the largest tumour component: of each image, or with --stack-slices of each "
                         "patient's stacked slices (default: the model's setting)")
+    p.add_argument("--keep-fraction", type=float, metavar="F",
+                   help="keep the tumour components whose probability mass (sum of probabilities) is at least F of "
+                        "the heaviest one's, 0 < F <= 1, instead of the largest alone: a small tumour the model is "
+                        "sure of survives a larger, fainter false positive (default: the model's setting; the "
+                        "shipped model: none)")
     p.add_argument("--stack-slices", action=argparse.BooleanOptionalAction,
                    help="post-process the numbered slices of one patient (<patient>_<n>.tif, as in an LGG folder) as "
                         "one stacked volume: components, --min-size and --open-above count voxels of the stack "

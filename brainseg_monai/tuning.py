@@ -45,14 +45,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESSING_CANDIDATES: tuple[dict[str, bool], ...] = (
-    {"keep_largest": False, "stack_slices": False},
-    {"keep_largest": True, "stack_slices": True},
+POSTPROCESSING_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"keep_largest": False, "keep_fraction": None, "stack_slices": False},
+    {"keep_largest": True, "keep_fraction": None, "stack_slices": True},
+    {"keep_largest": False, "keep_fraction": 0.1, "stack_slices": True},
+    {"keep_largest": False, "keep_fraction": 0.3, "stack_slices": True},
 )
 """Post-processing compared, each with its own best threshold, as nnU-Net decides on its largest-component step from
-the cross-validation predictions: the threshold alone, or only the largest component of each case (a case's slices
-stacked into one volume; removing far-off false positives may let a lower threshold recover more tumour). The first
-wins ties, so the extra step is kept only when it raises the mean patient Dice."""
+the cross-validation predictions: the threshold alone; only the largest component of each case (a case's slices
+stacked into one volume; removing far-off false positives may let a lower threshold recover more tumour); or the
+components holding at least 10% or 30% of the heaviest one's probability mass (a confident small tumour is not traded
+for a larger, fainter false positive, the way the 0.8.0 model lost a patient). The first wins ties, so an extra step is
+kept only when it raises the mean patient Dice."""
 #: the entries of a tuning result that model.json's tuning block records
 _TUNING_RECORD = ("threshold", "threshold_curve", "dice", "postprocessing", "postprocessing_candidates",
                   "previous_threshold", "previous_postprocessing", "previous_dice", "patients", "items", "folds", "tta",
@@ -86,13 +90,14 @@ def tune_model_threshold(
         batch_size: images or slices per forward pass.
         thresholds: candidate thresholds in (0, 1); default 0.05 to 0.95 by 0.05.
         write: store the result in ``model.json``: ``postprocessing`` gets the threshold and the chosen candidate's
-            ``keep_largest`` and ``stack_slices`` (replacing what was there; the previous settings are kept in
+            ``keep_largest``, ``keep_fraction`` and ``stack_slices`` (replacing what was there; the previous settings are kept in
             ``tuning.previous_postprocessing``); other keys kept.
 
     Returns:
         ``{"threshold", "postprocessing" (the chosen candidate's settings), "dice" (mean patient Dice with both),
         "threshold_curve" ([[t, mean patient Dice], ...] with that post-processing), "postprocessing_candidates"
-        ([{"settings", "threshold", "dice", "threshold_curve"}, ...]), "previous_threshold",
+        ([{"settings", "threshold", "dice", "worst", "below_0.5", "below_0.7" (patients under those Dice at that
+        threshold), "threshold_curve"}, ...]), "previous_threshold",
         "previous_postprocessing", "previous_dice" (with the previous settings), "patients", "items", "folds", "tta",
         "metric", "sidecar"}`` (``sidecar`` None unless written).
 
@@ -165,7 +170,7 @@ def tune_threshold_out_of_fold(
     paths: dict[str, list[str]] = {}
     for checkpoint, items in folds:
         network, spec = load_model(checkpoint, device)
-        predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size)
+        predictor = Predictor(network, spec, resolve_device(device), tta=tta, batch_size=batch_size, spread=False)
         by_patient: dict[str, list[Mapping[str, Any]]] = {}
         for item in items:
             by_patient.setdefault(str(item["patient"]), []).append(item)
@@ -178,8 +183,11 @@ def tune_threshold_out_of_fold(
         curve = [(float(t), _mean_patient_dice(probs, truths, paths, replace(before, threshold=float(t), **settings)))
                  for t in grid]
         best = best_on_curve(curve)
+        # the patients lost or nearly lost with this candidate at its threshold: a mean can hide them
+        at_best = np.array(list(_patient_dice(probs, truths, paths, replace(before, threshold=best, **settings)).values()))
         candidates.append({"settings": dict(settings), "threshold": best, "dice": dict(curve)[best],
-                           "threshold_curve": [[t, d] for t, d in curve]})
+                           "worst": float(at_best.min()), "below_0.5": int((at_best < 0.5).sum()),
+                           "below_0.7": int((at_best < 0.7).sum()), "threshold_curve": [[t, d] for t, d in curve]})
     chosen = max(candidates, key=lambda c: c["dice"])  # max returns the first of equals: the threshold alone
 
     previous = before.threshold
@@ -335,10 +343,16 @@ def _predict_patient(
 
 def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mapping[str, Sequence[np.ndarray]],
                        paths: Mapping[str, Sequence[str]], post: PostProcessing) -> float:
-    """Mean over patients of the Dice of the patient's post-processed maps taken together (1 when both are empty),
-    as ``brainseg evaluate`` scores them; 2D maps go through `PostProcessing.apply_to_slices` with their image paths,
-    so slices are stacked exactly as ``brainseg infer`` stacks them."""
-    scores = []
+    """Mean over patients of :func:`_patient_dice`."""
+    return float(np.mean(list(_patient_dice(probs, truths, paths, post).values())))
+
+
+def _patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mapping[str, Sequence[np.ndarray]],
+                  paths: Mapping[str, Sequence[str]], post: PostProcessing) -> dict[str, float]:
+    """The Dice of each patient's post-processed maps taken together (1 when both are empty), as ``brainseg
+    evaluate`` scores them; 2D maps go through `PostProcessing.apply_to_slices` with their image paths, so slices are
+    stacked exactly as ``brainseg infer`` stacks them."""
+    scores = {}
     for patient, maps in probs.items():
         flat = [i for i, m in enumerate(maps) if np.ndim(m) == 2]
         masks = dict(zip(flat, post.apply_to_slices([maps[i] for i in flat], [paths[patient][i] for i in flat])))
@@ -346,8 +360,8 @@ def _mean_patient_dice(probs: Mapping[str, Sequence[np.ndarray]], truths: Mappin
         pairs = [(masks[i].astype(bool), truth) for i, truth in enumerate(truths[patient])]
         overlap = sum(int(np.count_nonzero(m & t)) for m, t in pairs)
         total = sum(int(np.count_nonzero(m)) + int(np.count_nonzero(t)) for m, t in pairs)
-        scores.append(1.0 if total == 0 else 2.0 * overlap / total)
-    return float(np.mean(scores))
+        scores[patient] = 1.0 if total == 0 else 2.0 * overlap / total
+    return scores
 
 
 def _is_2d(image: Any) -> bool:

@@ -172,6 +172,9 @@ def test_an_ensemble_loads_its_members_and_averages_their_probabilities(tmp_path
     torch.testing.assert_close(maps[:, 0], probs.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(maps[:, 1], probs.std(0, correction=0), rtol=0, atol=2e-3)
     assert maps[:, 1].max() > 0
+    # without the spread: the same probability alone
+    alone = Predictor(network, spec, "cpu", tta="none", spread=False).predict_batch(image)
+    assert alone.shape == (2, 1, 32, 32) and torch.equal(alone, maps[:, :1])
     # members whose post-processing differs leave the ensemble's to its defaults
     other = _small_model(tmp_path / "other", 9, postprocessing={"threshold": 0.6})
     assert read_sidecar(write_ensemble([members[0], other], tmp_path / "mixed.json"))["postprocessing"] == {}

@@ -82,6 +82,29 @@ def test_keep_largest():
     assert postprocess(prob, keep_largest=True, min_size=100).sum() == 0
 
 
+def test_keep_fraction_weighs_components_by_their_probability_mass():
+    """A small tumour the model is sure of against a larger, fainter false positive: keep_largest keeps the false
+    positive; keep_fraction keeps what holds enough of the heaviest component's probability mass."""
+    tumour = np.zeros((3, 30, 30), bool)
+    tumour[1, 3:8, 3:8] = True  # 25 voxels at 0.95: mass 23.75
+    false_positive = np.zeros_like(tumour)
+    false_positive[:, 15:25, 15:25] = True  # 300 voxels at 0.2: mass 60
+    faint = np.zeros_like(tumour)
+    faint[2, 27:29, 2:4] = True  # 4 voxels at 0.3: mass 1.2
+    prob = np.where(tumour, 0.95, np.where(false_positive, 0.2, np.where(faint, 0.3, 0.0)))
+    np.testing.assert_array_equal(postprocess(prob, threshold=0.15, keep_largest=True), false_positive)
+    np.testing.assert_array_equal(postprocess(prob, threshold=0.15, keep_fraction=0.3), tumour | false_positive)
+    np.testing.assert_array_equal(postprocess(prob, threshold=0.15, keep_fraction=0.01), tumour | false_positive | faint)
+    np.testing.assert_array_equal(postprocess(prob, threshold=0.15, keep_fraction=1.0), false_positive)
+    # the mass is counted after min_size removed components: the heaviest left sets the scale
+    np.testing.assert_array_equal(postprocess(prob, threshold=0.15, keep_fraction=0.5, min_size=301), np.zeros_like(tumour))
+    np.testing.assert_array_equal(postprocess(np.zeros((5, 5)), keep_fraction=0.5), np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="set one"):
+        PostProcessing(keep_largest=True, keep_fraction=0.2)
+    assert PostProcessing(keep_fraction=0.1, stack_slices=True).describe() == (
+        "components under 0.1 of the heaviest's probability mass removed (a patient's numbered slices as one stack)")
+
+
 def test_settings_round_trip_and_call():
     settings = PostProcessing(threshold=np.float32(0.25), min_size=np.int64(4), open_above=20, keep_largest=True)
     stored = json.loads(json.dumps(settings.to_dict()))
@@ -93,6 +116,7 @@ def test_settings_round_trip_and_call():
         "keep_largest": True,
         "connectivity": None,
         "stack_slices": False,
+        "keep_fraction": None,
     }
     assert PostProcessing.from_dict(stored) == settings
     assert PostProcessing.from_dict({}) == PostProcessing() and PostProcessing().threshold == 0.5
@@ -122,6 +146,9 @@ def test_from_dict_rejects_unknown_keys():
         ({"open_radius": 0}, "open_radius"),
         ({"keep_largest": "yes"}, "keep_largest"),
         ({"connectivity": 0}, "connectivity"),
+        ({"keep_fraction": 0.0}, "keep_fraction"),
+        ({"keep_fraction": 1.5}, "keep_fraction"),
+        ({"keep_fraction": True}, "keep_fraction"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):

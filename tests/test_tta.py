@@ -147,6 +147,7 @@ def test_spread_is_the_views_standard_deviation(mode, spatial_dims, max_batch):
                              _hand_pairs(mode, spatial_dims)])
     torch.testing.assert_close(mean, views.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(spread, views.std(0, correction=0), rtol=0, atol=2e-3)  # sqrt near 0 magnifies rounding
+    assert torch.equal(TTAPredictor(mode, spatial_dims, max_batch=max_batch)(net, images), mean)  # the mean alone
     assert spread.min() >= 0 and spread.max() <= 0.5
     if mode == "none":
         assert torch.count_nonzero(spread) == 0

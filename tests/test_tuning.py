@@ -139,10 +139,11 @@ def test_tuning_picks_the_known_threshold_and_stores_it(model_dir: Path, tmp_pat
 
     # the tumour levels (60% of the blocks) touch across the stack: keeping the largest component changes nothing,
     # and the tie goes to the threshold alone
-    assert [c["dice"] for c in result["postprocessing_candidates"]] == [pytest.approx(1.0), pytest.approx(1.0)]
-    assert result["postprocessing"] == {"keep_largest": False, "stack_slices": False}
+    assert [c["dice"] for c in result["postprocessing_candidates"]] == [pytest.approx(1.0)] * 4
+    assert result["postprocessing"] == {"keep_largest": False, "keep_fraction": None, "stack_slices": False}
     stored = json.loads((model_dir / "model.json").read_text())
-    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3, "keep_largest": False, "stack_slices": False}
+    assert stored["postprocessing"] == {"threshold": 0.3, "min_size": 3, "keep_largest": False, "keep_fraction": None,
+                                        "stack_slices": False}
     assert stored["trained_on"] == "phantoms" and stored["roi_size"] == [32, 32]
     assert stored["tuning"]["threshold_curve"] == result["threshold_curve"]
     # what brainseg infer builds from the model: the tuned threshold, the other settings kept
@@ -174,18 +175,24 @@ def test_largest_component_is_chosen_with_its_own_threshold_when_it_raises_patie
         items.append({"image": str(path), "label": str(path.with_name(f"P1_{k}_mask.png")), "patient": "P1"})
 
     result = tune_model_threshold(model_dir / "model.pt", items, device="cpu")
-    alone, largest = result["postprocessing_candidates"]
-    assert alone["settings"] == {"keep_largest": False, "stack_slices": False}
+    alone, largest, *by_mass = result["postprocessing_candidates"]
+    assert alone["settings"] == {"keep_largest": False, "keep_fraction": None, "stack_slices": False}
     assert alone["threshold"] == pytest.approx(0.3) and alone["dice"] == pytest.approx(432 / 504)
     assert dict(map(tuple, alone["threshold_curve"]))[0.15] == pytest.approx(576 / 801)
-    assert largest["settings"] == {"keep_largest": True, "stack_slices": True}
+    assert largest["settings"] == {"keep_largest": True, "keep_fraction": None, "stack_slices": True}
     assert largest["threshold"] == pytest.approx(0.15) and largest["dice"] == pytest.approx(1.0)
+    assert (alone["worst"], alone["below_0.7"], largest["worst"]) == (pytest.approx(432 / 504), 0, pytest.approx(1.0))
+    # the false positive holds 47% of the tumour's probability mass at 0.15 (225 x 0.17 against 216 x 0.32 + 72 x
+    # 0.17): kept by 10% and 30% of the heaviest, so those candidates do no better than the core alone
+    assert [c["settings"]["keep_fraction"] for c in by_mass] == [0.1, 0.3]
+    assert [c["dice"] for c in by_mass] == [pytest.approx(432 / 504)] * 2
     assert dict(map(tuple, largest["threshold_curve"]))[0.3] == pytest.approx(432 / 504)
     assert result["postprocessing"] == largest["settings"] and result["threshold"] == pytest.approx(0.15)
     assert result["dice"] == pytest.approx(1.0) and result["threshold_curve"] == largest["threshold_curve"]
     assert result["previous_dice"] == 0.0  # the threshold alone at the previous 0.5 flags nothing
     stored = json.loads((model_dir / "model.json").read_text())
-    assert stored["postprocessing"] == {"threshold": 0.15, "min_size": 3, "keep_largest": True, "stack_slices": True}
+    assert stored["postprocessing"] == {"threshold": 0.15, "min_size": 3, "keep_largest": True, "keep_fraction": None,
+                                        "stack_slices": True}
     assert stored["tuning"]["postprocessing_candidates"] == result["postprocessing_candidates"]
     assert PostProcessing.from_dict(find_spec(model_dir / "model.pt").postprocessing).stack_slices
 
@@ -221,7 +228,7 @@ def test_out_of_fold_tuning_pools_every_fold_and_stores_in_the_final_model(model
     assert result["patients"] == 3 and result["items"] == 6 and result["folds"] == 2
     stored = json.loads((model_dir / "model.json").read_text())
     assert stored["postprocessing"] == {"threshold": result["threshold"], "min_size": 3, "keep_largest": False,
-                                        "stack_slices": False}
+                                        "keep_fraction": None, "stack_slices": False}
     assert stored["tuning"]["folds"] == 2 and stored["tuning"]["threshold_curve"] == result["threshold_curve"]
     assert (models[0].parent / "model.json").read_text() == fold_json  # the fold models are left as they were
 

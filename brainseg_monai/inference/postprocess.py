@@ -44,7 +44,10 @@ class PostProcessing:
        only to components larger than ``open_above`` voxels, so it trims spurs and bridges from large tumours while
        small tumours, which an opening would erase, are left untouched (``open_above=None`` disables it);
     3. components smaller than ``min_size`` voxels are removed (including fragments the opening split off);
-    4. with ``keep_largest``, only the largest component is kept (of equal largest ones, the first in array order).
+    4. with ``keep_largest``, only the largest component is kept (of equal largest ones, the first in array order);
+       with ``keep_fraction`` instead, the components whose probability mass (the sum of their voxels' probabilities)
+       is at least that fraction of the heaviest component's: a small tumour the model is sure of then survives a
+       larger, fainter false positive, which ``keep_largest`` would keep in its place.
 
     With ``stack_slices``, :meth:`apply_to_slices` runs these steps once on each patient's numbered 2D slices stacked
     in slice order (`slice_stacks`), so components, ``min_size`` and the opening's ball are 3D, counted in voxels of
@@ -58,6 +61,8 @@ class PostProcessing:
         open_above: components with more voxels are opened, >= 0; ``None`` opens none.
         open_radius: radius in voxels of the opening's disk or ball, >= 1.
         keep_largest: keep only the largest component (after the other steps).
+        keep_fraction: keep the components whose probability mass is at least this fraction of the heaviest one's,
+            in (0, 1]; ``None`` keeps all. Not together with ``keep_largest``.
         connectivity: neighbourhood of a connected component, as in ``skimage.measure.label``: the number of
             orthogonal hops, 1 (faces) up to the image's number of dimensions; ``None`` means full connectivity
             (8 in 2D, 26 in 3D).
@@ -75,6 +80,7 @@ class PostProcessing:
     keep_largest: bool = False
     connectivity: int | None = None
     stack_slices: bool = False
+    keep_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.floating)):
@@ -92,6 +98,13 @@ class PostProcessing:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.connectivity is not None and (not _is_int(self.connectivity) or self.connectivity < 1):
             raise ValueError(f"connectivity must be None or an integer >= 1, got {self.connectivity!r}.")
+        if self.keep_fraction is not None:
+            if isinstance(self.keep_fraction, bool) or not isinstance(self.keep_fraction, (int, float, np.floating)) \
+                    or not 0 < self.keep_fraction <= 1:
+                raise ValueError(f"keep_fraction must be None or a number in (0, 1], got {self.keep_fraction!r}.")
+            if self.keep_largest:
+                raise ValueError("keep_largest and keep_fraction both choose which components to keep: set one.")
+            object.__setattr__(self, "keep_fraction", float(self.keep_fraction))
         # plain Python types, so to_dict() is JSON-serialisable whatever numpy scalars were given
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "keep_largest", bool(self.keep_largest))
@@ -129,6 +142,8 @@ class PostProcessing:
             steps.append(f"components under {self.min_size} voxels removed")
         if self.keep_largest:
             steps.append("largest component kept")
+        if self.keep_fraction is not None:
+            steps.append(f"components under {self.keep_fraction:g} of the heaviest's probability mass removed")
         if not steps:
             return "none"
         as_stack = self.stack_slices if stacked is None else self.stack_slices and stacked
@@ -163,12 +178,15 @@ class PostProcessing:
             if large.any():
                 footprint = disk(self.open_radius) if mask.ndim == 2 else ball(self.open_radius)
                 mask = (mask & ~large) | opening(large, footprint)
-        if self.min_size > 0 or self.keep_largest:
+        if self.min_size > 0 or self.keep_largest or self.keep_fraction is not None:
             labels, sizes = self._components(mask)
             keep = sizes >= self.min_size
             keep[0] = False
             if self.keep_largest:
                 keep &= np.arange(len(sizes)) == np.argmax(sizes)
+            if self.keep_fraction is not None and keep.any():
+                mass = np.bincount(labels.ravel(), weights=prob.ravel(), minlength=len(sizes)) * keep
+                keep &= mass >= self.keep_fraction * mass.max()
             mask = keep[labels]
         return mask.astype(np.uint8)
 
@@ -228,10 +246,12 @@ def postprocess(
     open_radius: int = 1,
     connectivity: int | None = None,
     keep_largest: bool = False,
+    keep_fraction: float | None = None,
 ) -> np.ndarray:
     """uint8 {0, 1} mask of a 2D or 3D probability map; see :class:`PostProcessing` for the steps and arguments.
 
     Raises:
         ValueError: When an argument is out of range (the message names it) or ``prob`` is not 2D or 3D.
     """
-    return PostProcessing(threshold, min_size, open_above, open_radius, keep_largest, connectivity)(prob)
+    return PostProcessing(threshold, min_size, open_above, open_radius, keep_largest, connectivity,
+                          keep_fraction=keep_fraction)(prob)

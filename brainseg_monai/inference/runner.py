@@ -103,6 +103,8 @@ class InferenceSettings:
     min_size: int | None = None
     open_above: int | None = None
     keep_largest: bool | None = None
+    #: keep the components of at least this fraction of the heaviest one's probability mass (``PostProcessing``)
+    keep_fraction: float | None = None
     stack_slices: bool | None = None
     channels: Mapping[str, str] | None = None
     #: the user's series selection rules (``--series-rules``); None: the documented defaults
@@ -538,7 +540,10 @@ def _run(inputs: Sequence[str | os.PathLike], out: Path, settings: InferenceSett
     device = next(network.parameters()).device
     post = PostProcessing.from_dict(spec.postprocessing)
     overrides = {"threshold": settings.threshold, "min_size": settings.min_size, "open_above": settings.open_above,
-                 "keep_largest": settings.keep_largest, "stack_slices": settings.stack_slices}
+                 "keep_largest": settings.keep_largest, "keep_fraction": settings.keep_fraction,
+                 "stack_slices": settings.stack_slices}
+    if settings.keep_fraction is not None and settings.keep_largest is None:
+        overrides["keep_largest"] = False  # the one asked for replaces the model's way of choosing components
     post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False,
                           precision=settings.precision)

@@ -147,8 +147,9 @@ class TTAPredictor:
         self.dtype = dtype
 
     def __call__(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """The mean of the views' probabilities, ``B1H[WD]``; arguments and errors as :meth:`mean_and_spread`."""
-        return self.mean_and_spread(network_fn, images)[0]
+        """The mean of the views' probabilities, ``B1H[WD]``, without the spread's sums; arguments and errors as
+        :meth:`mean_and_spread`."""
+        return self._average(network_fn, images, with_spread=False)[0]
 
     def mean_and_spread(self, network_fn: Callable[[torch.Tensor], torch.Tensor],
                         images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +166,10 @@ class TTAPredictor:
             ValueError: When ``images`` does not have ``spatial_dims + 2`` dimensions, or ``network_fn`` returns a
                 shape other than ``(N, members, *spatial)`` for its ``N`` inputs.
         """
+        return self._average(network_fn, images, with_spread=True)  # type: ignore[return-value]
+
+    def _average(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                 with_spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"images must have shape (B, C, *spatial) with {self.spatial_dims} spatial dims, "
@@ -177,7 +182,7 @@ class TTAPredictor:
         for view in self.views:
             groups.setdefault(view.spatial_shape(spatial), []).append(view)
         total = torch.zeros((images.shape[0], 1, *spatial), dtype=torch.float32, device=images.device)
-        total_sq = torch.zeros_like(total)
+        total_sq = torch.zeros_like(total) if with_spread else None
         autocast = (torch.autocast(images.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
@@ -185,9 +190,10 @@ class TTAPredictor:
                 self._add_group(network_fn, images, views, shape, total, total_sq)
         count = len(self.views) * self.members
         mean = total / count
+        if total_sq is None:
+            return mean, None
         # E[p^2] - E[p]^2 can come out a rounding error below 0 where the views agree
-        spread = (total_sq / count - mean * mean).clamp_(min=0).sqrt_()
-        return mean, spread
+        return mean, (total_sq / count - mean * mean).clamp_(min=0).sqrt_()
 
     def _add_group(
         self,
@@ -196,10 +202,10 @@ class TTAPredictor:
         views: list[View],
         shape: tuple[int, ...],
         total: torch.Tensor,
-        total_sq: torch.Tensor,
+        total_sq: torch.Tensor | None,
     ) -> None:
         """Add the probabilities of ``views`` (all of the same view ``shape``) of every image, summed over the members,
-        to ``total``, and their squares to ``total_sq``."""
+        to ``total``, and their squares to ``total_sq`` (unless None)."""
         n_images = images.shape[0]
         n_pairs = len(views) * n_images
         step = n_pairs if self.max_batch is None else self.max_batch
@@ -229,10 +235,12 @@ class TTAPredictor:
                 prob = view.inverse(probs[offset : offset + hi - lo])
                 if self.members == 1:
                     total[lo:hi] += prob
-                    total_sq[lo:hi].addcmul_(prob, prob)
+                    if total_sq is not None:
+                        total_sq[lo:hi].addcmul_(prob, prob)
                 else:
                     total[lo:hi] += prob.sum(1, keepdim=True)
-                    total_sq[lo:hi] += (prob * prob).sum(1, keepdim=True)
+                    if total_sq is not None:
+                        total_sq[lo:hi] += (prob * prob).sum(1, keepdim=True)
                 offset += hi - lo
 
 
