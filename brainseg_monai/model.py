@@ -34,6 +34,7 @@ __all__ = [
     "TUNING_KEY",
     "ModelSpec",
     "find_spec",
+    "initial_weights",
     "load_model",
     "load_tuning",
     "model_files",
@@ -290,7 +291,7 @@ def _spec_of(path: Path, values: Mapping[str, Any]) -> ModelSpec:
         raise InputError(path, f"invalid model settings: {err}") from None
 
 
-def _load_weights(network: torch.nn.Module, ckpt: Path, spec: ModelSpec) -> None:
+def _load_weights(network: torch.nn.Module, ckpt: Path, described: str) -> None:
     """Load the weights of ``ckpt`` (a state dict, or a training checkpoint's ``model`` entry) into ``network``."""
     if not ckpt.is_file():
         raise InputError(ckpt, "ensemble member not found (its path is relative to the ensemble's model.json)")
@@ -303,8 +304,7 @@ def _load_weights(network: torch.nn.Module, ckpt: Path, spec: ModelSpec) -> None
     try:
         network.load_state_dict(state)
     except RuntimeError as err:
-        raise InputError(ckpt, f"weights do not fit network '{spec.network_name}' ({spec.spatial_dims}D, "
-                               f"{spec.in_channels} channels): {str(err).splitlines()[0]}") from err
+        raise InputError(ckpt, f"weights do not fit {described}: {str(err).splitlines()[0]}") from err
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, ModelSpec]:
@@ -325,10 +325,28 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
     networks = []
     for path in files:
         network = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
-        _load_weights(network, path, spec)
+        _load_weights(network, path, f"network '{spec.network_name}' ({spec.spatial_dims}D, {spec.in_channels} "
+                                     f"channels)")
         networks.append(network)
     network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks)
     return network.to(dev).eval(), spec
+
+
+def initial_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+    """``network`` with the weights of ``checkpoint`` (a model's ``.pt``, e.g. the shipped one), to train on from
+    there (fine-tuning on one's own scans); ``network`` as it is when ``checkpoint`` is None.
+
+    Raises:
+        InputError: when the checkpoint is missing, unreadable or does not fit ``network`` (the settings differ).
+    """
+    if checkpoint is None or str(checkpoint).strip().lower() in ("", "none", "null"):
+        return network
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "init_from: checkpoint not found")
+    _load_weights(network, ckpt, f"the network of this run ({type(network).__name__}; its settings must be the "
+                                  f"checkpoint's: {sidecar_path(ckpt)})")
+    return network
 
 
 #: settings that may differ between an ensemble's members: each one's tuned post-processing and review threshold

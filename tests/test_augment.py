@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brainseg_monai.augment import AugmentBatch, BatchAugment
+from brainseg_monai.augment import AugmentBatch, BatchAugment, estimate_brain, zscore_within
 
 NONE = {"flip_prob": 0.0, "rot90_prob": 0.0, "affine_prob": 0.0, "elastic_prob": 0.0, "scale_intensity_prob": 0.0,
         "shift_intensity_prob": 0.0, "noise_prob": 0.0}
@@ -135,3 +135,71 @@ def test_missing_channels_on_impossible_batches_are_refused() -> None:
     image, label = _batch(n=2)
     with pytest.raises(ValueError, match="needs images of 2 or more channels"):
         BatchAugment(2, **NONE, missing_channel_prob=0.5, missing_channel_fill=0)(image[:, :1], label)
+
+
+def _phantom_head(size: int = 96) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A z-scored 3-channel slice of a head: noisy air, a bright 5-pixel scalp ring, a dark skull ring, the brain
+    (a disk of radius 30) with a dark ventricle and a bright tumour; the brain's truth mask and the tumour's."""
+    generator = torch.Generator().manual_seed(3)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
+    raw = 3 + 2 * torch.rand(size, size, generator=generator)  # air: the scanner's noise
+    brain = r <= 30
+    raw = torch.where((r > 36) & (r <= 42), 120.0, raw)  # scalp
+    raw = torch.where((r > 30) & (r <= 36), 15.0, raw)  # skull
+    raw = torch.where(brain, 60 + 5 * torch.rand(size, size, generator=generator), raw)
+    raw = torch.where(((yy - 48) ** 2 + (xx - 45) ** 2) < 16, 8.0, raw)  # ventricle, as dark as the skull
+    tumour = ((yy - 40) ** 2 + (xx - 60) ** 2) < 36
+    raw = torch.where(tumour, 110.0, raw)
+    from brainseg_monai.normalisation import zscore
+
+    image = zscore(torch.stack([raw, 0.8 * raw + 1, raw.sqrt()])[None])[0]
+    return image, brain[None], tumour[None]
+
+
+def test_the_brain_is_estimated_inside_the_skull_with_its_holes_filled() -> None:
+    image, brain, _ = _phantom_head()
+    estimated = estimate_brain(image, margin=6)  # scalp 6, skull 6: eroding the head by 6 leaves brain and skull
+    assert estimated.dtype == torch.bool and estimated.shape == brain.shape
+    # the head (radius 42) eroded by 6 is the disk of radius 36: the brain and the skull ring, ventricle included
+    inside = brain | (estimate_brain(image, margin=0) & ~_ring(36, 42, image.shape[-1]))
+    agreement = (estimated == inside).float().mean()
+    assert agreement > 0.99
+    assert estimated[brain].all()  # the dark ventricle is a hole filled, not left out
+    assert not estimate_brain(torch.zeros(3, 32, 32), 4).any()  # no head: nothing
+
+
+def _ring(inner: float, outer: float, size: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
+    return ((r > inner) & (r <= outer))[None]
+
+
+def test_zscore_within_equals_z_scoring_the_region_alone() -> None:
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 16, 16, generator=generator) * 4 + 7
+    masks = torch.rand(2, 1, 16, 16, generator=generator) > 0.4
+    out = zscore_within(images, masks)
+    for n in range(2):
+        for c in range(3):
+            region = images[n, c][masks[n, 0]]
+            expected = (images[n, c] - region.mean()) / region.std(correction=0)
+            torch.testing.assert_close(out[n, c][masks[n, 0]], expected[masks[n, 0]])
+            assert torch.count_nonzero(out[n, c][~masks[n, 0]]) == 0
+
+
+def test_skull_strip_keeps_the_brain_z_scored_over_itself_and_cuts_the_label_to_it() -> None:
+    image, brain, tumour = _phantom_head()
+    label = tumour.float()[None].clone()
+    label[0, 0, 2, 2] = 1  # a label pixel in the air is cut with the air
+    batch = image[None].repeat(2, 1, 1, 1)
+    labels = label.repeat(2, 1, 1, 1)
+    out, out_label = BatchAugment(2, **NONE, skull_strip_prob=1.0, skull_strip_margin=(6, 6))(batch, labels)
+    kept = out[0, 0] != 0
+    assert kept[brain[0]].all() and not kept[_ring(37, 42, 96)[0]].any()  # the scalp is gone (to a pixel)
+    region = out[0][:, kept]
+    torch.testing.assert_close(region.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(region.std(1, correction=0), torch.ones(3), atol=1e-4, rtol=0)
+    assert torch.equal(out_label[0, 0], tumour[0].float()) and torch.equal(out[0], out[1])
+    untouched, _ = BatchAugment(2, **NONE, skull_strip_prob=0.0)(batch, labels)
+    assert torch.equal(untouched, batch)

@@ -18,6 +18,7 @@ from brainseg_monai.model import (
     TUNING_KEY,
     ModelSpec,
     find_spec,
+    initial_weights,
     load_model,
     load_tuning,
     model_files,
@@ -206,3 +207,21 @@ def test_an_ensemble_is_refused_clearly(tmp_path: Path) -> None:
     shutil.copy(path, tmp_path / "a" / MODEL_SIDECAR)
     with pytest.raises(InputError, match="describes an ensemble of 2 models: pass that model.json"):
         load_model(a, "cpu")
+
+
+def test_training_can_start_from_a_model_s_weights(tmp_path: Path) -> None:
+    """train.json's init_from: the run's network starts from a checkpoint's weights (fine-tuning the shipped model
+    on one's own scans); a checkpoint of other settings is refused naming it."""
+    checkpoint = _small_model(tmp_path / "shipped", 0)
+    spec = find_spec(checkpoint)
+    fresh = get_network(spec.network_name, spec.spatial_dims, spec.in_channels, 1, **spec.network_kwargs)
+    assert initial_weights(fresh, None) is fresh and initial_weights(fresh, "null") is fresh
+    started = initial_weights(fresh, checkpoint)
+    stored = torch.load(checkpoint, weights_only=True)
+    assert all(torch.equal(started.state_dict()[k], v) for k, v in stored.items())
+    other = get_network("unet", 2, 1, 1, channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+    with pytest.raises(InputError, match="weights do not fit the network of this run") as caught:
+        initial_weights(other, checkpoint)
+    assert caught.value.path == str(checkpoint)
+    with pytest.raises(InputError, match="init_from: checkpoint not found"):
+        initial_weights(fresh, tmp_path / "none.pt")
