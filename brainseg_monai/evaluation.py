@@ -49,9 +49,10 @@ from brainseg_monai.io import (
     NIFTI_SUFFIXES,
     file_stem,
     find_dicom_series,
+    json_ready,
     natural_key,
     read_mask,
-    write_text_atomic,
+    write_json_atomic,
 )
 from brainseg_monai.metrics import RATIO_METRICS, describe, image_metrics, patient_metrics, pooled_metrics, summarise
 
@@ -62,7 +63,6 @@ __all__ = [
     "SPLITS",
     "aggregate_folds",
     "evaluate_predictions",
-    "json_ready",
     "write_metrics_json",
 ]
 
@@ -257,24 +257,7 @@ def _leave_out_unpredicted(by_patient: dict[str, list[tuple[dict[str, Any], Path
 
 def write_metrics_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``result`` as strict JSON (nan and inf as null), atomically: a temporary file then a rename."""
-    return write_text_atomic(path, json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with numpy scalars as Python numbers, paths as strings and non-finite floats as None."""
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return value
+    return write_json_atomic(path, result)
 
 
 def aggregate_folds(fold_dirs_or_metrics: Sequence[str | os.PathLike]) -> dict[str, Any]:

@@ -11,12 +11,13 @@ slice are left out), and places the frames of an Enhanced (multi-frame) DICOM fi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "check_image_values",
     "file_stem",
     "find_dicom_series",
+    "json_ready",
     "natural_key",
     "planar_to_volume_affine",
     "read_header",
@@ -62,6 +64,7 @@ __all__ = [
     "voxel_spacing",
     "write_atomic",
     "write_image",
+    "write_json_atomic",
     "write_text_atomic",
 ]
 
@@ -1236,3 +1239,25 @@ def write_atomic(path: PathLike, write: Callable[[Path], object], suffix: str = 
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through `write_atomic`."""
     return write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers, paths as strings and non-finite floats as None."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: PathLike, values: Any) -> Path:
+    """Write ``values`` as indented JSON (:func:`json_ready`: no NaN, no numpy types) through `write_atomic`."""
+    return write_text_atomic(path, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")

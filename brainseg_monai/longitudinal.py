@@ -37,12 +37,12 @@ from matplotlib.patches import Patch
 
 from brainseg_monai.channel_roles import InputRoles, role_from_name
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.cases import MASK_STEM_SUFFIXES, Case, discover_cases
 from brainseg_monai.inference.outputs import CASE_MARKER, VOLUME_MASK, slice_output_names
 from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.inference.writers import grey_window, overlay_slice
-from brainseg_monai.io import IMAGE_2D_SUFFIXES, ImageHeader, read_header, read_sitk, write_text_atomic
+from brainseg_monai.io import (IMAGE_2D_SUFFIXES, ImageHeader, json_ready, read_header, read_sitk, write_json_atomic,
+                               write_text_atomic)
 from brainseg_monai.report import save_figure
 from brainseg_monai.sequences import ROLES, classify_series
 
@@ -625,7 +625,7 @@ def compare_studies(
         "picture": picture,
         "notes": _notes(scans, same_patient, days),
     })
-    write_text_atomic(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out / "compare.json", result)
     write_text_atomic(out / "compare.md", _markdown(result))
     return result
 

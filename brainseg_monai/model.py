@@ -22,9 +22,8 @@ import torch
 
 from brainseg_monai.devices import as_bool, resolve_device
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import json_ready
 from brainseg_monai.inference.postprocess import PostProcessing
-from brainseg_monai.io import write_text_atomic
+from brainseg_monai.io import write_json_atomic
 from brainseg_monai.networks import get_network
 from brainseg_monai.networks.ensemble import EnsembleNetwork
 from brainseg_monai.normalisation import check_normalisation
@@ -180,7 +179,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_sidecar(path: str | os.PathLike, values: Mapping[str, Any]) -> Path:
     """Write ``values`` as the ``model.json`` at ``path`` (atomically: a reader never sees half a file)."""
-    return write_text_atomic(path, json.dumps(json_ready(values), indent=2, allow_nan=False) + "\n")
+    return write_json_atomic(path, values)
 
 
 def write_model_sidecar(

@@ -22,9 +22,9 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from brainseg_monai.errors import InputError
-from brainseg_monai.evaluation import METRICS_FILE, json_ready, write_metrics_json
+from brainseg_monai.evaluation import METRICS_FILE, write_metrics_json
 from brainseg_monai.inference.writers import write_overlay_png
-from brainseg_monai.io import read_mask, read_sitk, write_atomic, write_text_atomic
+from brainseg_monai.io import json_ready, read_mask, read_sitk, write_atomic, write_text_atomic
 from brainseg_monai.model import MODEL_SIDECAR, load_tuning
 
 __all__ = [
