@@ -41,9 +41,9 @@ __all__ = [
     "read_sidecar",
     "sidecar_path",
     "store_tuning",
+    "write_ensemble",
     "write_model_sidecar",
     "write_sidecar",
-    "write_ensemble",
     "write_untuned_sidecar",
 ]
 
