@@ -423,6 +423,25 @@ def _dicom_study(series: Path, dest: Path, slices: int, size: int) -> Path:
     return folder.parent
 
 
+def _interleaved(parts: Mapping[str, Callable[[], tuple[float, PeakMemory]]], repeats: int
+                 ) -> tuple[dict[str, list[float]], dict[str, PeakMemory]]:
+    """Each part's seconds over ``repeats`` rounds and its highest peak memory, after one warm-up round (allocator,
+    oneDNN kernels, file cache). The parts are interleaved, so a change in machine load hits every part alike, and
+    their order rotates each round, so does what runs before each."""
+    runs: dict[str, list[float]] = {name: [] for name in parts}
+    peaks: dict[str, PeakMemory] = {}
+    names = list(parts)
+    for repeat in range(repeats + 1):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            seconds, peak = parts[name]()
+            if repeat == 0:
+                continue
+            runs[name].append(seconds)
+            if name not in peaks or peak.peak_mb > peaks[name].peak_mb:
+                peaks[name] = peak
+    return runs, peaks
+
+
 def _bench_dicom(sizes: BenchmarkSizes, device: torch.device, dicom: Path, work: Path, checkpoint: Path,
                  precision: str) -> dict:
     """``brainseg infer``'s path end to end (dihedral TTA, default settings) on a DICOM study built from ``dicom``:
@@ -437,14 +456,7 @@ def _bench_dicom(sizes: BenchmarkSizes, device: torch.device, dicom: Path, work:
     parts = {"dicom_tta_dihedral": timed(precision)}
     if fast_path(precision, device) != fast_path("fp32", device):
         parts["dicom_tta_dihedral_fp32"] = timed("fp32")
-    runs: dict[str, list[float]] = {name: [] for name in parts}
-    peaks: dict[str, PeakMemory] = {}
-    for repeat in range(sizes.repeats + 1):  # the first round warms up, as in the TTA part
-        for name, part in parts.items():
-            seconds, peak = part()
-            if repeat:
-                runs[name].append(seconds)
-                peaks[name] = max(peaks.get(name, peak), peak, key=lambda p: p.peak_mb)
+    runs, peaks = _interleaved(parts, sizes.repeats)
     n_slices = sizes.dicom_slices
     return {
         "parts": {name: {"seconds": _stats(runs[name]), "slices_per_s": _stats([n_slices / s for s in runs[name]]),
@@ -589,18 +601,7 @@ def _bench_tta(sizes: BenchmarkSizes, device: torch.device, data: Path | None, w
         fast = _forward_of(predictor)
         parts["forward_fast"] = lambda: _timed_forward(fast, inputs, device)
         parts["ours_fp32"] = lambda: _timed_infer(cases, work / "out_fp32", settings("dihedral", "fp32"), device)
-    runs: dict[str, list[float]] = {name: [] for name in parts}
-    peaks: dict[str, PeakMemory] = {}
-    names = list(parts)
-    for repeat in range(sizes.repeats + 1):  # the first round warms up (allocator, oneDNN kernels, file cache)
-        # interleaved, so a change in machine load hits every part alike; the order rotates, so does what runs before
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            seconds, peak = parts[name]()
-            if repeat == 0:
-                continue
-            runs[name].append(seconds)
-            if name not in peaks or peak.peak_mb > peaks[name].peak_mb:
-                peaks[name] = peak
+    runs, peaks = _interleaved(parts, sizes.repeats)
 
     flops = _forward_flops(reference.network, inputs)
     forward_rates = [flops / s for s in runs["forward"]]
