@@ -25,7 +25,9 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-__all__ = ["AugmentBatch", "BatchAugment", "estimate_brain", "zscore_within"]
+from brainseg_monai.normalisation import zscore
+
+__all__ = ["AugmentBatch", "BatchAugment", "estimate_brain"]
 
 
 def estimate_brain(image: torch.Tensor, margin: int) -> torch.Tensor:
@@ -48,20 +50,6 @@ def estimate_brain(image: torch.Tensor, margin: int) -> torch.Tensor:
     filled = ndimage.binary_fill_holes(largest)
     brain = ndimage.binary_erosion(filled, structure=disk(margin).astype(bool)) if margin > 0 else filled
     return torch.as_tensor(brain[None], device=image.device)
-
-
-def zscore_within(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) images z-scored per sample and channel over their ``masks`` (N, 1, H, W); 0 outside.
-
-    z-scoring is affine, so z-scoring a z-scored image again over a region equals z-scoring the raw image over it:
-    what inference does to a skull-stripped image, whose zero background is left out of the statistics.
-    """
-    mask = masks.to(images.dtype)
-    count = mask.sum((2, 3), keepdim=True).clamp_min(1)
-    mean = (images * mask).sum((2, 3), keepdim=True) / count
-    std = (((images - mean) * mask).square().sum((2, 3), keepdim=True) / count).sqrt()
-    std = torch.where(std == 0, torch.ones_like(std), std)
-    return (images - mean) / std * mask
 
 
 def _check_prob(name: str, value: float) -> float:
@@ -282,7 +270,8 @@ class BatchAugment:
         low, high = self.skull_strip_margin
         margins = torch.randint(low, high + 1, (len(index),)).tolist()
         brain = torch.stack([estimate_brain(sample, margin) for sample, margin in zip(chosen, margins)])
-        image[index] = zscore_within(chosen, brain)
+        # z-scoring is affine, so z-scoring the z-scored slice again over its brain equals z-scoring the raw one there
+        image[index] = zscore(chosen * brain, where=brain)
         if label is not None:
             label[index] *= brain.to(label.dtype)
 

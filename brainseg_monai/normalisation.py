@@ -67,8 +67,13 @@ def channel_statistics(images: Sequence[torch.Tensor]) -> dict[str, list[float]]
     return {STATS_KEYS[0]: mean.tolist(), STATS_KEYS[1]: std.tolist()}
 
 
-def zscore(images: torch.Tensor, stats: Mapping[str, Sequence[float]] | None = None) -> torch.Tensor:
+def zscore(images: torch.Tensor, stats: Mapping[str, Sequence[float]] | None = None,
+           where: torch.Tensor | None = None) -> torch.Tensor:
     """z-score each channel of each ``(N, C, *spatial)`` float image over its non-zero pixels; zeros stay 0.
+
+    ``where`` (boolean, ``(N, 1 or C, *spatial)``) names the pixels to z-score over instead of the non-zero ones; the
+    others keep their values (the skull-strip augmentation z-scores a slice over its brain alone, as a
+    skull-stripped image is at inference).
 
     With ``stats`` (``norm_mean``/``norm_std`` per channel, see :func:`channel_statistics`) every image is z-scored
     with those instead: the "case" normalisation. Without, it equals MONAI's ``NormalizeIntensity(nonzero=True,
@@ -89,7 +94,7 @@ def zscore(images: torch.Tensor, stats: Mapping[str, Sequence[float]] | None = N
         s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
         return torch.where(images != 0, (images - m) / s, images)
     dims = tuple(range(2, images.ndim))
-    mask = images != 0
+    mask = images != 0 if where is None else where.expand_as(images)
     count = mask.sum(dims, keepdim=True).clamp_min(1)
     own_mean = torch.where(mask, images, 0.0).sum(dims, keepdim=True) / count
     own_std = (torch.where(mask, images - own_mean, 0.0).square().sum(dims, keepdim=True) / count).sqrt()

@@ -90,8 +90,8 @@ def tune_model_threshold(
         batch_size: images or slices per forward pass.
         thresholds: candidate thresholds in (0, 1); default 0.05 to 0.95 by 0.05.
         write: store the result in ``model.json``: ``postprocessing`` gets the threshold and the chosen candidate's
-            ``keep_largest``, ``keep_fraction`` and ``stack_slices`` (replacing what was there; the previous settings are kept in
-            ``tuning.previous_postprocessing``); other keys kept.
+            ``keep_largest``, ``keep_fraction`` and ``stack_slices`` (replacing what was there; the previous settings
+            are kept in ``tuning.previous_postprocessing``); other keys kept.
 
     Returns:
         ``{"threshold", "postprocessing" (the chosen candidate's settings), "dice" (mean patient Dice with both),
@@ -180,11 +180,12 @@ def tune_threshold_out_of_fold(
     before = target_spec.postprocessor  # its other steps (size filter, opening) stay
     candidates = []
     for settings in POSTPROCESSING_CANDIDATES:
-        curve = [(float(t), _mean_patient_dice(probs, truths, paths, replace(before, threshold=float(t), **settings)))
-                 for t in grid]
+        per_patient = {float(t): _patient_dice(probs, truths, paths, replace(before, threshold=float(t), **settings))
+                       for t in grid}
+        curve = [(t, float(np.mean(list(dice.values())))) for t, dice in per_patient.items()]
         best = best_on_curve(curve)
         # the patients lost or nearly lost with this candidate at its threshold: a mean can hide them
-        at_best = np.array(list(_patient_dice(probs, truths, paths, replace(before, threshold=best, **settings)).values()))
+        at_best = np.array(list(per_patient[best].values()))
         candidates.append({"settings": dict(settings), "threshold": best, "dice": dict(curve)[best],
                            "worst": float(at_best.min()), "below_0.5": int((at_best < 0.5).sum()),
                            "below_0.7": int((at_best < 0.7).sum()), "threshold_curve": [[t, d] for t, d in curve]})

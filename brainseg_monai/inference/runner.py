@@ -719,16 +719,11 @@ def _model_fingerprint(checkpoint: str, spec: ModelSpec) -> dict:
     record: dict[str, Any] = {"spec": {key: value for key, value in spec.to_dict().items() if key != "postprocessing"}}
     if not Path(checkpoint).is_file():  # only a stand-in network (tests) comes without one
         return record
-    files = model_files(checkpoint)
-    digests = [_file_digest(path) for path in files]
-    if len(files) == 1:
-        (info, digest), = digests
-        size, newest = info.st_size, info.st_mtime_ns
-    else:
-        combined = hashlib.sha256("".join(f"{d}\n" for _, d in digests).encode())
-        size, newest, digest = sum(i.st_size for i, _ in digests), max(i.st_mtime_ns for i, _ in digests), \
-            combined.hexdigest()
-    record.update(file=os.path.abspath(checkpoint), bytes=size, mtime=_when(newest), sha256=digest)
+    infos, digests = zip(*(_file_digest(path) for path in model_files(checkpoint)))
+    combined = hashlib.sha256("".join(f"{d}\n" for d in digests).encode()).hexdigest()
+    digest = digests[0] if len(digests) == 1 else combined  # one file keeps its own: earlier runs' fingerprints match
+    record.update(file=os.path.abspath(checkpoint), bytes=sum(i.st_size for i in infos),
+                  mtime=_when(max(i.st_mtime_ns for i in infos)), sha256=digest)
     return record
 
 
