@@ -82,7 +82,7 @@ class ModelSpec:
     #: typed settings are :attr:`postprocessor`
     postprocessing: dict = field(default_factory=dict)
     #: `brainseg_monai.uncertainty`'s settings: ``review_above``, the case score above which a case is flagged for
-    #: review, with how it was chosen (``chosen_on``)
+    #: review, the ``score`` it was chosen for and how it was chosen (``chosen_on``)
     uncertainty: dict = field(default_factory=dict)
     #: an ensemble's weight files, relative to its ``model.json``; empty for a single model (the checkpoint itself)
     members: list[str] = field(default_factory=list)
@@ -115,8 +115,8 @@ class ModelSpec:
             raise ValueError(f"pixel_spacing is two positive in-plane sizes (mm) of a 2D model, not "
                              f"{self.pixel_spacing!r}.")
         above = self.uncertainty.get("review_above")
-        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or not 0 <= above <= 0.5):
-            raise ValueError(f"uncertainty's review_above is a score in [0, 0.5], not {above!r}.")
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or not 0 <= above <= 1):
+            raise ValueError(f"uncertainty's review_above is a score in [0, 1], not {above!r}.")
         try:
             PostProcessing.from_dict(self.postprocessing)
         except ValueError as err:

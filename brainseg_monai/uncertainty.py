@@ -1,29 +1,39 @@
-"""How sure the model is about a case: the disagreement of its test-time views, per voxel and per case.
+"""How sure the model is about a case: the disagreement of its test-time views per voxel, and one score per case.
 
 The voxel map is the standard deviation of the TTA views' probabilities
-(:meth:`~brainseg_monai.inference.tta.TTAPredictor.mean_and_spread`): 0 where the 8 views agree, at most 0.5. The case
-score is the mean of that map over the predicted tumour and a ring of :data:`RING_PIXELS` pixels around it in each
-slice, where a mask that the views do not agree on shows its doubt: a confident mask has a thin band of disagreement
-at its edge, a doubtful one a wide band or disagreement inside. A case the model predicts no tumour in scores the mean
-over the pixels any view would have called tumour (probability above the threshold's half), so a tumour some views
-see and the average misses is not scored as certain.
+(:meth:`~brainseg_monai.inference.tta.TTAPredictor.mean_and_spread`): 0 where the 8 views agree, at most 0.5.
+
+The case score (:data:`SCORE`) is one minus the mask's *expected Dice*: the Dice it would reach if the tumour were
+drawn voxel by voxel from the views' mean probability, ``2 sum(p m) / (sum(p) + sum(m))``. It is low where the
+probability mass sits inside the mask, and high where the mask holds doubtful voxels, where mass lies outside it (a
+tumour the threshold or the post-processing dropped) or where the tumour is small beside its band of doubt. The sums
+run over the mask and the voxels any view would have called tumour (probability above the threshold's half), grown by
+:data:`RING_PIXELS` in each slice, so the faint probabilities of the rest of the scan do not add up. A case with no
+predicted tumour scores the chance that there is one there after all, ``1 - prod(1 - p)``. On the 31 LGG patients the
+shipped model never saw it ranked the masks better than the mean spread over the mask and its ring, the score before
+it (Spearman rho with their Dice -0.64 against -0.50; bundle/docs/README.md, "How sure the model is").
 
 A case whose score is above the model's ``review_above`` (``model.json``, ``uncertainty`` block, chosen on patients
-the model never saw: bundle/docs/README.md, "How sure the model is") is flagged ``review``.
+the model never saw, with ``score`` naming this score) is flagged ``review``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
 
-__all__ = ["RING_PIXELS", "case_score", "needs_review", "validate"]
+__all__ = ["RING_PIXELS", "SCORE", "case_score", "needs_review", "validate"]
 
-#: width (pixels, in-plane) of the band around the predicted tumour that the case score includes
+#: width (pixels, in-plane) of the band around the predicted tumour and the views' doubt that the case score includes
 RING_PIXELS = 2
+
+#: the name of the case score, stored beside ``review_above`` in ``model.json``: a threshold chosen for another score
+#: (a model.json before it, whose ``review_above`` was a mean spread) is not applied to this one
+SCORE = "1 - expected Dice"
 
 
 def _planes(values: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -33,43 +43,58 @@ def _planes(values: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(v) for v in values]
 
 
-def case_score(prob: np.ndarray | Sequence[np.ndarray], spread: np.ndarray | Sequence[np.ndarray],
-               mask: np.ndarray | Sequence[np.ndarray], threshold: float) -> float:
-    """The case's uncertainty: the mean TTA standard deviation over its predicted tumour and ring (see the module).
+def case_score(prob: np.ndarray | Sequence[np.ndarray], mask: np.ndarray | Sequence[np.ndarray],
+               threshold: float) -> float:
+    """The case's uncertainty in [0, 1]: one minus the mask's expected Dice under the views' mean probability (see
+    the module).
 
-    The ring is grown in each (x, y) plane alone (slices are thick); without a predicted tumour anywhere in the case,
-    the region grows from where the probability passes half the threshold.
+    The region is grown in each (x, y) plane alone (slices are thick).
 
     Args:
-        prob, spread, mask: one (x, y[, z]) array each, or one (x, y) array per slice of a slice folder.
+        prob, mask: one (x, y[, z]) array each, or one (x, y) array per slice of a slice folder; ``prob`` is the mean
+            of the test-time views (and of an ensemble's members).
         threshold: the probability threshold of the post-processing that made ``mask``.
 
-    Returns 0.0 when no pixel is in the region: every view is sure there is no tumour.
+    Returns 0.0 when no voxel is in the region: every view is sure there is no tumour.
 
     Raises:
-        ValueError: when the three do not have one shape, plane by plane.
+        ValueError: when the two do not have one shape, plane by plane.
     """
-    probs, spreads, masks = _planes(prob), _planes(spread), _planes(mask)
-    shapes = [[a.shape for a in planes] for planes in (probs, spreads, masks)]
-    if not shapes[0] == shapes[1] == shapes[2]:
-        raise ValueError(f"prob, spread and mask must have one shape but have {shapes}.")
-    from_mask = any(m.any() for m in masks)
+    probs, masks = _planes(prob), _planes(mask)
+    if [a.shape for a in probs] != [m.shape for m in masks]:
+        raise ValueError(f"prob and mask must have one shape but have {[a.shape for a in probs]} and "
+                         f"{[m.shape for m in masks]}.")
     ring = np.ones((2 * RING_PIXELS + 1,) * 2, dtype=bool)
-    total, count = 0.0, 0
-    for p, s, m in zip(probs, spreads, masks):
-        seed = m.astype(bool) if from_mask else p > threshold / 2
-        if seed.any():
-            region = ndimage.binary_dilation(seed, structure=ring)
-            total += float(s[region].sum(dtype=np.float64))
-            count += int(region.sum())
-    return total / count if count else 0.0
+    overlap = mass = predicted = log_none = 0.0
+    for p, m in zip(probs, masks):
+        m = m.astype(bool)
+        seed = m | (p > threshold / 2)
+        if not seed.any():
+            continue
+        region = ndimage.binary_dilation(seed, structure=ring)
+        inside = np.clip(p[region].astype(np.float64), 0.0, 1.0)
+        overlap += float(inside[m[region]].sum())
+        mass += float(inside.sum())
+        predicted += float(m.sum())
+        log_none += float(np.log1p(-np.minimum(inside, 1.0 - 1e-12)).sum())
+    if predicted:
+        return 1.0 - 2.0 * overlap / (mass + predicted)
+    return float(-np.expm1(log_none))  # no mask: the chance that some voxel of the region is tumour
 
 
 def needs_review(score: float, settings: Mapping[str, Any]) -> bool | None:
     """Whether a case with ``score`` is to be reviewed by a person: above the model's ``review_above``; None when the
-    model's ``uncertainty`` settings hold no threshold."""
+    model's ``uncertainty`` settings hold no threshold, or one chosen for another score (with a warning)."""
     above = settings.get("review_above")
-    return None if above is None else bool(score > float(above))
+    if above is None:
+        return None
+    if settings.get("score") != SCORE:
+        warnings.warn(f"the model's review_above {above} was chosen for another case score "
+                      f"({settings.get('score') or 'the mean TTA spread of earlier versions'}), not {SCORE!r}: no "
+                      "case is flagged for review; choose it again with scripts/uncertainty_validation.py and store "
+                      "it with its score name in model.json.", stacklevel=2)
+        return None
+    return bool(score > float(above))
 
 
 def validate(scores: Mapping[str, float], dice: Mapping[str, float], failure_below: float = 0.7,
@@ -78,7 +103,8 @@ def validate(scores: Mapping[str, float], dice: Mapping[str, float], failure_bel
     failures (Dice below ``failure_below``) are among the ``top_fraction`` most uncertain cases.
 
     ``review_above`` is the score that flags that top fraction on these cases (the score of the least uncertain case
-    in it, less half the gap to the next): chosen on cases a model never saw, it is the threshold to store with it.
+    in it, less half the gap to the next): chosen on cases a model never saw, it is the threshold to store with it,
+    beside ``score``, the name of the score it was chosen for (:data:`SCORE`).
 
     Args:
         scores, dice: by case id; only the cases in both are used.
@@ -100,6 +126,7 @@ def validate(scores: Mapping[str, float], dice: Mapping[str, float], failure_bel
     lowest_flagged = score[top].min()
     review_above = (lowest_flagged + score[rest].max()) / 2 if rest.size else lowest_flagged
     return {
+        "score": SCORE,
         "cases": len(cases),
         "spearman_rho": float(stats.spearmanr(score, quality).statistic),
         "failure_below": failure_below,

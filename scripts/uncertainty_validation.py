@@ -6,7 +6,8 @@ evaluate``'s per-patient Dice, and writes the figures (`brainseg_monai.uncertain
     python scripts/uncertainty_validation.py --pred PRED --report REPORT --out VALIDATION
 
 Writes ``VALIDATION/validation.json`` (Spearman rho between the score and the Dice, the failures with Dice < 0.7 among
-the 20% most uncertain, the ``review_above`` threshold that flags that 20%) and ``VALIDATION/uncertainty_vs_dice.png``.
+the 20% most uncertain, the ``review_above`` threshold that flags that 20% and the ``score`` it is for: store both in
+``model.json``'s ``uncertainty`` block) and ``VALIDATION/uncertainty_vs_dice.png``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
                edgecolors="#d62728", label=f"Dice < {args.failure_below:g} ({len(failed)})")
     ax.axvline(result["review_above"], color="#555", linestyle="--", linewidth=1,
                label=f"review above {result['review_above']:.3f} (top {args.top_fraction:.0%})")
-    ax.set_xlabel("case uncertainty (mean TTA std over the mask and its ring)")
+    ax.set_xlabel(f"case uncertainty ({result['score']}: the mask against the views' mean probability)")
     ax.set_ylabel("per-patient Dice")
     ax.set_title(f"Spearman rho {result['spearman_rho']:.2f}; {result['failures_in_top']} of {result['failures']} "
                  f"failures in the top {args.top_fraction:.0%}", fontsize=10)

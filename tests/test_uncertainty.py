@@ -21,7 +21,7 @@ from brainseg_monai.inference.writers import (
     write_uncertainty_png,
 )
 from brainseg_monai.model import ModelSpec
-from brainseg_monai.uncertainty import RING_PIXELS, case_score, needs_review, validate
+from brainseg_monai.uncertainty import RING_PIXELS, SCORE, case_score, needs_review, validate
 
 
 def _square(shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
@@ -30,57 +30,81 @@ def _square(shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
     return mask
 
 
-def test_score_is_the_mean_spread_over_the_mask_and_its_ring() -> None:
+def _expected_dice_score(prob: np.ndarray, mask: np.ndarray, region: np.ndarray) -> float:
+    """One minus 2 sum(p m) / (sum(p) + sum(m)) over ``region``, written out for the tests."""
+    return 1.0 - 2.0 * float((prob * mask)[region].sum()) / (float(prob[region].sum()) + float(mask.sum()))
+
+
+def test_score_is_one_minus_the_masks_expected_dice() -> None:
     mask = _square((32, 32), 10, 20)  # 100 pixels; with a 2-pixel ring 14 x 14 = 196
-    spread = np.where(mask, 0.4, 0.0).astype(np.float32)
-    spread[0, 0] = 0.5  # far from the tumour: not counted
+    prob = np.full((32, 32), 0.01, np.float32)  # faint everywhere: counted only in the ring
+    prob[mask] = 0.8
+    prob[10:20, 20] = 0.2  # doubt just outside the mask, below half the threshold: in the ring
+    expected = 1.0 - 2 * 80.0 / (100 + 80 + 10 * 0.2 + 0.01 * (196 - 100 - 10))
+    assert case_score(prob, mask, threshold=0.5) == pytest.approx(expected)
+    assert case_score(mask.astype(np.float32), mask, threshold=0.5) == 0.0, "every view sure of the mask"
+    assert case_score(np.where(mask, 0.5, 0.0), mask, threshold=0.5) == pytest.approx(1 - 2 * 50 / 150)
+
+
+def test_doubt_away_from_the_mask_counts_above_half_the_threshold() -> None:
+    """A blob the views half saw (above half the threshold) is a tumour the mask may have missed; fainter is not."""
+    mask = _square((48, 48), 10, 20)
     prob = mask.astype(np.float32)
-    assert (2 * RING_PIXELS + 10) ** 2 == 196
-    assert case_score(prob, spread, mask, threshold=0.5) == pytest.approx(0.4 * 100 / 196)
+    prob[35:37, 35:37] = 0.2  # below 0.25: not counted
+    assert case_score(prob, mask, threshold=0.5) == 0.0
+    prob[35:37, 35:37] = 0.4  # above 0.25: the blob and its ring (6 x 6) join the region
+    assert case_score(prob, mask, threshold=0.5) == pytest.approx(1 - 2 * 100 / (100 + 100 + 4 * 0.4))
 
 
 def test_slices_are_stacked_and_the_ring_stays_in_plane() -> None:
-    """Two slices of a slice folder: the ring does not reach the other slice, whose high spread is not counted."""
+    """Two slices of a slice folder: the region does not reach the other slice, whose faint probability is not
+    counted."""
     masks = [_square((32, 32), 10, 20), np.zeros((32, 32), dtype=bool)]
-    spreads = [np.full((32, 32), 0.1, np.float32), np.full((32, 32), 0.5, np.float32)]
-    probs = [m.astype(np.float32) for m in masks]
-    assert case_score(probs, spreads, masks, threshold=0.5) == pytest.approx(0.1)
+    probs = [np.where(masks[0], 0.9, 0.0).astype(np.float32), np.full((32, 32), 0.2, np.float32)]
+    assert case_score(probs, masks, threshold=0.5) == pytest.approx(1 - 2 * 90 / (100 + 90))
 
 
 def test_slices_of_different_sizes_are_scored_together() -> None:
-    """A slice folder may hold slices of several sizes: each is scored in its own plane, the means pooled."""
+    """A slice folder may hold slices of several sizes: each is grown in its own plane, the sums pooled."""
     masks = [_square((32, 32), 10, 20), _square((48, 40), 10, 20)]
-    spreads = [np.where(ndimage_ring(m), 0.2, 0.0).astype(np.float32) for m in masks]
-    spreads[1][masks[1]] = 0.4
-    probs = [m.astype(np.float32) for m in masks]
-    expected = (0.2 * 196 + (0.4 * 100 + 0.2 * 96)) / (196 + 196)
-    assert case_score(probs, spreads, masks, threshold=0.5) == pytest.approx(expected)
+    probs = [np.where(ndimage_ring(m), 0.1, 0.0).astype(np.float32) for m in masks]
+    probs[0][masks[0]] = 0.9
+    probs[1][masks[1]] = 0.6
+    overlap, mass = 90 + 60, (90 + 0.1 * 96) + (60 + 0.1 * 96)
+    assert case_score(probs, masks, threshold=0.5) == pytest.approx(1 - 2 * overlap / (mass + 200))
+    volume = np.stack([probs[0], probs[0]], axis=-1)  # the same in (x, y, z): each z plane grown alone
+    region = np.stack([ndimage_ring(masks[0])] * 2, axis=-1)
+    both = np.stack([masks[0]] * 2, axis=-1)
+    assert case_score(volume, both, 0.5) == pytest.approx(_expected_dice_score(volume, both, region))
 
 
 def ndimage_ring(mask: np.ndarray) -> np.ndarray:
-    """The mask grown by RING_PIXELS in-plane: the region the score averages over."""
+    """The mask grown by RING_PIXELS in-plane: the region the score sums over."""
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask, structure=np.ones((2 * RING_PIXELS + 1,) * 2, dtype=bool))
 
 
-def test_no_predicted_tumour_scores_what_some_views_saw() -> None:
+def test_no_predicted_tumour_scores_the_chance_of_one() -> None:
     mask = np.zeros((16, 16, 3), dtype=bool)
     prob = np.zeros(mask.shape, np.float32)
-    spread = np.full(mask.shape, 0.3, np.float32)
-    assert case_score(prob, spread, mask, threshold=0.5) == 0.0, "every view sure there is nothing"
+    assert case_score(prob, mask, threshold=0.5) == 0.0, "every view sure there is nothing"
     prob[8, 8, 1] = 0.3  # above half the threshold: some views called it tumour
-    assert case_score(prob, spread, mask, threshold=0.5) == pytest.approx(0.3)
+    assert case_score(prob, mask, threshold=0.5) == pytest.approx(0.3)
+    prob[2, 2, 0] = 0.4  # and another, in another slice: tumour somewhere unless both are not
+    assert case_score(prob, mask, threshold=0.5) == pytest.approx(1 - 0.7 * 0.6)
 
 
-def test_shapes_must_agree_and_review_needs_a_threshold() -> None:
+def test_shapes_must_agree_and_review_needs_a_threshold_of_this_score() -> None:
     with pytest.raises(ValueError, match="one shape"):
-        case_score(np.zeros((4, 4)), np.zeros((4, 5)), np.zeros((4, 4), bool), 0.5)
+        case_score(np.zeros((4, 4)), np.zeros((4, 5), bool), 0.5)
     assert needs_review(0.2, {}) is None
-    assert needs_review(0.2, {"review_above": 0.1}) is True
-    assert needs_review(0.05, {"review_above": 0.1}) is False
+    assert needs_review(0.2, {"review_above": 0.1, "score": SCORE}) is True
+    assert needs_review(0.05, {"review_above": 0.1, "score": SCORE}) is False
+    with pytest.warns(UserWarning, match="chosen for another case score"):  # an earlier model.json's mean spread
+        assert needs_review(0.9, {"review_above": 0.1}) is None
     with pytest.raises(ValueError, match="review_above"):
-        ModelSpec(uncertainty={"review_above": 0.9})
+        ModelSpec(uncertainty={"review_above": 1.5})
 
 
 def test_spread_writers_keep_values_and_geometry(tmp_path: Path) -> None:
@@ -126,12 +150,13 @@ def _expected_views(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(probs, axis=0), np.std(probs, axis=0)
 
 
-@pytest.mark.parametrize("review_above, flagged", [(None, ""), (0.01, "yes"), (0.49, "no")])
+@pytest.mark.parametrize("review_above, flagged", [(None, ""), (0.01, "yes"), (0.95, "no")])
 def test_infer_writes_the_views_spread_and_the_case_score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           review_above: float | None, flagged: str) -> None:
     import brainseg_monai.inference.runner as runner
 
-    uncertainty = {} if review_above is None else {"review_above": review_above, "chosen_on": "a test"}
+    uncertainty = {} if review_above is None else {"review_above": review_above, "score": SCORE,
+                                                   "chosen_on": "a test"}
     spec = ModelSpec(spatial_dims=2, in_channels=1, roi_size=[32, 32], channels=["image"], uncertainty=uncertainty)
     monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_Ramp().eval(), spec))
     image = np.random.default_rng(0).integers(10, 200, size=(32, 32)).astype(np.uint8)
@@ -151,7 +176,7 @@ def test_infer_writes_the_views_spread_and_the_case_score(tmp_path: Path, monkey
     masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case" / f"{name}_pred.png"))).T > 0
              for name in ("s_1", "s_2")]
     np.testing.assert_array_equal(masks[0], mean > 0.6)
-    expected = case_score([mean, mean], [std, std], masks, 0.6)
+    expected = case_score([mean, mean], masks, 0.6)
     assert float(rows[0]["uncertainty"]) == pytest.approx(expected, abs=1e-4) and expected > 0.05
     assert rows[0]["review"] == flagged
     assert (out / "case" / "uncertainty.png").is_file()
@@ -218,5 +243,5 @@ def test_a_slice_folder_of_mixed_sizes_is_scored(tmp_path: Path, monkeypatch: py
     rows = run_inference([folder], tmp_path / "pred", InferenceSettings("unused.pt", tta="dihedral", threshold=0.6,
                                                                         progress=False, device="cpu"))
     assert rows[0]["status"] == "ok", rows
-    assert 0.0 < float(rows[0]["uncertainty"]) <= 0.5
+    assert 0.0 < float(rows[0]["uncertainty"]) <= 1.0
     assert {p.name for p in (tmp_path / "pred" / "case").glob("*_unc.png")} == {"s_1_unc.png", "s_2_unc.png"}

@@ -198,10 +198,10 @@ class _CaseWriter:
 
 def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any]) -> dict:
     """The summary's ``uncertainty`` (the case score) and ``review`` (yes/no; empty when the model has no threshold);
-    both empty without TTA, where nothing was measured."""
+    both empty with one view (``--tta none``, one model), whose probability is not what the score was validated on."""
     if spread is None:
         return {"uncertainty": "", "review": ""}
-    score = case_score(prob, spread, masks, post.threshold)
+    score = case_score(prob, masks, post.threshold)
     flagged = needs_review(score, review)
     return {"uncertainty": round(score, 5), "review": "" if flagged is None else ("yes" if flagged else "no")}
 
