@@ -95,6 +95,18 @@ class BatchAugment:
             is cut to what is left.
         skull_strip_margin: (low, high) of the erosion in pixels, drawn per sample (the skull and scalp are about
             7-17 mm, 8-20 pixels at the LGG slices' 0.86 mm).
+        gamma_prob: probability of a contrast change per sample: each channel, rescaled to [0, 1] between its
+            minimum and maximum, is raised to a power drawn log-uniformly from ``gamma_range`` (one per channel, as
+            scanners and sites differ sequence by sequence).
+        gamma_range: (low, high) of the power; nnU-Net's (0.7, 1.5) by default.
+        bias_field_prob: probability of a smooth multiplicative intensity field per sample, as a receive coil's
+            sensitivity makes: ``exp`` of a polynomial of degree 3 in the slice plane with coefficients drawn from
+            ``U(-bias_field, bias_field)`` (no constant term), the same for every channel and slice of the sample.
+        bias_field: largest coefficient of the field's polynomial (0.2: typically +-20% across a slice).
+
+    Contrast and field change the image above its darkest level (the background of the scans stays the background)
+    and each channel is then brought back to the mean and standard deviation it had, as the z-scoring at inference
+    would; they run first, before the skull is stripped.
 
     Raises:
         ValueError: for ``spatial_dims`` other than 2 or 3, a probability outside [0, 1] or a negative range.
@@ -121,6 +133,10 @@ class BatchAugment:
         missing_channel_fill: int = 1,
         skull_strip_prob: float = 0.0,
         skull_strip_margin: Sequence[int] = (8, 20),
+        gamma_prob: float = 0.0,
+        gamma_range: Sequence[float] = (0.7, 1.5),
+        bias_field_prob: float = 0.0,
+        bias_field: float = 0.2,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3 but is {spatial_dims}.")
@@ -142,9 +158,15 @@ class BatchAugment:
             raise ValueError(f"skull_strip_margin must be (low, high) pixels with 0 <= low <= high but is "
                              f"{tuple(skull_strip_margin)}.")
         self.skull_strip_margin = margin
+        self.gamma_prob = _check_prob("gamma_prob", gamma_prob)
+        self.gamma_range = tuple(float(v) for v in gamma_range)
+        if len(self.gamma_range) != 2 or not 0 < self.gamma_range[0] <= self.gamma_range[1]:
+            raise ValueError(f"gamma_range must be (low, high) with 0 < low <= high but is {tuple(gamma_range)}.")
+        self.bias_field_prob = _check_prob("bias_field_prob", bias_field_prob)
         low, high = (float(v) for v in elastic_magnitude)
         ranges = {"rotate_degrees": rotate_degrees, "scale_range": scale_range, "scale_intensity": scale_intensity,
-                  "shift_intensity": shift_intensity, "noise_std": noise_std, "elastic_magnitude": low}
+                  "shift_intensity": shift_intensity, "noise_std": noise_std, "elastic_magnitude": low,
+                  "bias_field": bias_field}
         for name, value in ranges.items():
             if float(value) < 0:
                 raise ValueError(f"{name} must be >= 0 but is {value}.")
@@ -160,6 +182,7 @@ class BatchAugment:
         self.scale_intensity = float(scale_intensity)
         self.shift_intensity = float(shift_intensity)
         self.noise_std = float(noise_std)
+        self.bias_field = float(bias_field)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Augmented copies of ``image`` (``B, C, *spatial``) and ``label`` (``B, 1, *spatial``, or ``None``)."""
@@ -169,6 +192,7 @@ class BatchAugment:
             raise ValueError(f"label {tuple(label.shape)} does not match image {tuple(image.shape)} in batch and size.")
         image = image.clone()
         label = None if label is None else label.clone()
+        self._contrast_and_field(image)
         self._skull_strip(image, label)
         self._flip_and_rotate90(image, label)
         self._resample(image, label)
@@ -259,6 +283,39 @@ class BatchAugment:
         for j, c in enumerate(others):
             index = replace[:, j].nonzero().flatten().to(image.device)
             image[index, c] = image[index, self.missing_channel_fill]
+
+    def _contrast_and_field(self, image: torch.Tensor) -> None:
+        """In place, on the samples that draw either: gamma per channel and a smooth field per sample, applied above
+        each channel's minimum, then each channel brought back to its mean and standard deviation."""
+        n, channels = image.shape[:2]
+        gamma, field = self._draw(self.gamma_prob, n), self._draw(self.bias_field_prob, n)
+        index = (gamma | field).nonzero().flatten()
+        if not len(index):
+            return
+        chosen = image[index.to(image.device)].float()
+        axes = tuple(range(2, chosen.ndim))
+        low = chosen.amin(axes, keepdim=True)
+        span = (chosen.amax(axes, keepdim=True) - low).clamp_min(1e-6)
+        mean, std = chosen.mean(axes, keepdim=True), chosen.std(axes, keepdim=True)
+        unit = (chosen - low) / span
+        lo, hi = (math.log(v) for v in self.gamma_range)
+        power = torch.exp(lo + torch.rand(len(index), channels) * (hi - lo)) ** gamma[index].float().unsqueeze(1)
+        unit = unit.clamp_min(0) ** power.to(unit).view(*power.shape, *(1,) * len(axes))
+        unit = unit * self._bias_fields(field[index], chosen.shape[2:], unit)
+        changed = low + unit * span
+        spread = changed.std(axes, keepdim=True).clamp_min(1e-6)
+        image[index.to(image.device)] = ((changed - changed.mean(axes, keepdim=True)) / spread * std + mean).to(image)
+
+    def _bias_fields(self, chosen: torch.Tensor, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """(m, 1, *size) multiplicative fields, smooth in the slice plane (the first two spatial axes): ``exp`` of a
+        polynomial of degree 3 with random coefficients; 1 where not chosen."""
+        m = len(chosen)
+        y = torch.linspace(-1, 1, int(size[0]), device=like.device, dtype=like.dtype).view(-1, 1)
+        x = torch.linspace(-1, 1, int(size[1]), device=like.device, dtype=like.dtype).view(1, -1)
+        terms = torch.stack([y**i * x**j for i in range(4) for j in range(4 - i) if i + j > 0])  # 9 (H, W) monomials
+        coefficients = (torch.rand(m, len(terms)) * 2 - 1) * self.bias_field * chosen.float().unsqueeze(1)
+        log_field = torch.einsum("mt,thw->mhw", coefficients.to(like), terms)
+        return torch.exp(log_field).view(m, 1, *log_field.shape[1:], *(1,) * (len(size) - 2))
 
     def _skull_strip(self, image: torch.Tensor, label: torch.Tensor | None) -> None:
         """In place, on the 2D samples that draw it: only the estimated brain kept, z-scored over itself; the label

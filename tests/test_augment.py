@@ -92,6 +92,11 @@ def test_3d_batches_keep_shape_and_binary_labels() -> None:
     out_image, out_label = BatchAugment(3, affine_prob=1.0)(image, label)
     assert out_image.shape == image.shape and out_label.shape == label.shape
     assert set(out_label.unique().tolist()) <= {0.0, 1.0}
+    flat = torch.zeros(2, 1, 24, 24, 8)
+    flat[:, :, 4:20, 4:20] = 1.0
+    fielded, _ = BatchAugment(3, **{**NONE, "bias_field_prob": 1.0})(flat)
+    assert torch.allclose(fielded, fielded[..., :1].expand_as(fielded), atol=1e-5), "one field through the slices"
+    assert fielded[:, :, 4:20, 4:20].std() > 0.01
 
 
 def test_prepare_batch_moves_and_augments_a_loader_batch() -> None:
@@ -104,11 +109,52 @@ def test_prepare_batch_moves_and_augments_a_loader_batch() -> None:
     "kwargs, message",
     [({"spatial_dims": 4}, "spatial_dims"), ({"flip_prob": 1.5}, "flip_prob"), ({"rotate_degrees": -1}, "rotate_degrees"),
      ({"scale_range": 1.0}, "scale_range"), ({"elastic_magnitude": (2, 1)}, "elastic_magnitude"),
-     ({"missing_channel_prob": -0.1}, "missing_channel_prob"), ({"missing_channel_fill": -1}, "missing_channel_fill")],
+     ({"missing_channel_prob": -0.1}, "missing_channel_prob"), ({"missing_channel_fill": -1}, "missing_channel_fill"),
+     ({"gamma_range": (0.0, 1.5)}, "gamma_range"), ({"gamma_range": (1.5, 0.7)}, "gamma_range"),
+     ({"bias_field": -0.1}, "bias_field"), ({"gamma_prob": 2}, "gamma_prob")],
 )
 def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BatchAugment(**kwargs)
+
+
+def test_gamma_is_monotonic_per_channel_and_keeps_each_channels_mean_and_std() -> None:
+    torch.manual_seed(0)
+    image = torch.rand(8, 3, 24, 24) * 3 - 1
+    out, _ = BatchAugment(2, **{**NONE, "gamma_prob": 1.0})(image)
+    axes = (2, 3)
+    assert torch.allclose(out.mean(axes), image.mean(axes), atol=1e-4)
+    assert torch.allclose(out.std(axes), image.std(axes), atol=1e-4)
+    flat_in, flat_out = image.flatten(2), out.flatten(2)
+    assert torch.equal(flat_in.argsort(-1), flat_out.argsort(-1)), "a power keeps the order of every channel's values"
+    assert (out - image).abs().amax(axes).min() > 1e-3, "every sample and channel changed"
+    # one power per channel: the change differs between the channels of a sample given the same values
+    same = image[:, :1].expand(-1, 3, -1, -1).contiguous()
+    out, _ = BatchAugment(2, **{**NONE, "gamma_prob": 1.0})(same)
+    assert (out[:, 0] - out[:, 1]).abs().amax() > 1e-3
+    untouched, _ = BatchAugment(2, **{**NONE, "gamma_prob": 1.0, "gamma_range": (1.0, 1.0)})(image)
+    assert torch.allclose(untouched, image, atol=1e-5)
+
+
+def test_bias_field_is_smooth_shared_by_the_channels_and_leaves_the_background_flat() -> None:
+    torch.manual_seed(0)
+    size = 48
+    head = torch.zeros(size, size)
+    head[8:40, 8:40] = 1.0
+    image = torch.stack([head * 2.0 - 0.5, head * 5.0 - 1.0])[None].repeat(6, 1, 1, 1)  # background -0.5 and -1
+    out, _ = BatchAugment(2, **{**NONE, "bias_field_prob": 1.0, "bias_field": 0.2})(image)
+    inside, outside = head.bool(), ~head.bool()
+    for sample in out:
+        background = sample[:, outside]
+        assert (background.amax(1) - background.amin(1)).abs().max() < 1e-4, "the background stays one level"
+        # above the background the field multiplies: its ratio between two channels' brains is the same pattern
+        above = sample[:, inside] - background[:, :1]
+        pattern = above / above.mean(1, keepdim=True)
+        assert torch.allclose(pattern[0], pattern[1], atol=1e-4)
+        assert 0.02 < float(pattern[0].std()) < 0.6 and float(pattern[0].min()) > 0
+        field = pattern[0].view(32, 32)
+        assert float((field[1:] - field[:-1]).abs().max()) < 0.05, "smooth: neighbours differ little"
+    assert torch.allclose(out.mean((2, 3)), image.mean((2, 3)), atol=1e-4)
 
 
 def test_a_label_that_does_not_match_the_image_is_refused() -> None:
