@@ -287,6 +287,8 @@ class BatchAugment:
     def _contrast_and_field(self, image: torch.Tensor) -> None:
         """In place, on the samples that draw either: gamma per channel and a smooth field per sample, applied above
         each channel's minimum, then each channel brought back to its mean and standard deviation."""
+        if self.gamma_prob == 0 and self.bias_field_prob == 0:
+            return  # drawing nothing keeps the random stream, so runs without them repeat earlier runs exactly
         n, channels = image.shape[:2]
         gamma, field = self._draw(self.gamma_prob, n), self._draw(self.bias_field_prob, n)
         index = (gamma | field).nonzero().flatten()

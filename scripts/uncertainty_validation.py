@@ -31,11 +31,20 @@ def main() -> None:
     parser.add_argument("--top-fraction", type=float, default=0.2, help="share of the most uncertain cases flagged")
     args = parser.parse_args()
 
-    with open(Path(args.pred) / "summary.csv", newline="") as f:
-        scores = {row["case"]: float(row["uncertainty"]) for row in csv.DictReader(f) if row["status"] == "ok"}
+    pred = Path(args.pred)
+    with open(pred / "summary.csv", newline="") as f:
+        scores = {row["case"]: float(row["uncertainty"]) for row in csv.DictReader(f)
+                  if row["status"] == "ok" and row["uncertainty"] != ""}
+    if not scores:
+        raise SystemExit(f"{pred / 'summary.csv'}: no case has an uncertainty (was it run with --tta none?)")
+    # which score the cases hold (a single model's expected Dice, an ensemble's members' disagreement): case.json says
+    names = {json.loads((pred / case / "case.json").read_text()).get("uncertainty_score") for case in scores}
+    if len(names) != 1 or not next(iter(names)):
+        raise SystemExit(f"{pred}: the cases hold {sorted(map(str, names))} as their score's name; validate the "
+                         "cases of one model, run with this version of brainseg infer")
     metrics = json.loads((Path(args.report) / "metrics.json").read_text())
     dice = {p["patient"]: float(p["dice"]) for p in metrics["per_patient"]}
-    result = validate(scores, dice, args.failure_below, args.top_fraction)
+    result = validate(scores, dice, args.failure_below, args.top_fraction, score_name=next(iter(names)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -50,7 +59,7 @@ def main() -> None:
                edgecolors="#d62728", label=f"Dice < {args.failure_below:g} ({len(failed)})")
     ax.axvline(result["review_above"], color="#555", linestyle="--", linewidth=1,
                label=f"review above {result['review_above']:.3f} (top {args.top_fraction:.0%})")
-    ax.set_xlabel(f"case uncertainty ({result['score']}: the mask against the views' mean probability)")
+    ax.set_xlabel(f"case uncertainty ({result['score']})")
     ax.set_ylabel("per-patient Dice")
     ax.set_title(f"Spearman rho {result['spearman_rho']:.2f}; {result['failures_in_top']} of {result['failures']} "
                  f"failures in the top {args.top_fraction:.0%}", fontsize=10)

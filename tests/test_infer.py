@@ -26,6 +26,7 @@ from brainseg_monai.inference.runner import InferenceSettings, run_inference
 from brainseg_monai.model import MODEL_SIDECAR, ModelSpec
 from brainseg_monai.networks import get_network
 from brainseg_monai.synth import make_dataset
+from brainseg_monai.uncertainty import members_score
 from conftest import REPO_ROOT, shared_path
 from infer_helpers import (THREE_CHANNELS, BrightVoxels, bright_per_slice, infer_cli, infer_settings, output_hashes,
                            pred_png, random_image, stand_in, summary_rows, untrained_one_channel_model, write_image, xyz)
@@ -214,7 +215,15 @@ def test_an_ensemble_segments_a_real_series_and_resume_notices_a_changed_member(
     _assert_same_geometry(sitk.ReadImage(str(case / "mask.nii.gz")), _read_series(series_dir))
     spread = sitk.ReadImage(str(case / "uncertainty.nii.gz"))
     _assert_same_geometry(spread, _read_series(series_dir))
-    assert float(rows[0]["uncertainty"]) > 0 and sitk.GetArrayViewFromImage(spread).max() > 0
+    assert sitk.GetArrayViewFromImage(spread).max() > 0
+    # the case score is the members' disagreement: one minus the Dice of the masks each makes alone
+    alone = []
+    for k, member in enumerate(members):
+        row = run_inference([series_dir], tmp_path / f"alone{k}", InferenceSettings(
+            str(member), tta="none", threshold=0.5, progress=False, device="cpu"))[0]
+        alone.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"alone{k}" / row["case"] / "mask.nii.gz"))))
+    assert float(rows[0]["uncertainty"]) == pytest.approx(members_score(alone), abs=1e-5)
+    assert 0 < float(rows[0]["uncertainty"]) < 1
     settings.resume = True
     finished = (case / "case.json").stat().st_mtime_ns
     assert run_inference([series_dir], out, settings)[0]["status"] == "ok"

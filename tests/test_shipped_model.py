@@ -98,3 +98,39 @@ def test_torchscript_export_gives_the_same_masks(tmp_path: Path) -> None:
     threshold = spec.postprocessing["threshold"]
     assert torch.equal(ours >= threshold, theirs >= threshold)
     assert (ours - theirs).abs().max() < 1e-4
+
+
+ENSEMBLE = BUNDLE / "models" / "ensemble.json"
+
+
+def test_the_shipped_ensemble_names_its_members_and_the_score_its_review_threshold_is_for() -> None:
+    """bundle/models/ensemble.json: the shipped model and a second of the same recipe (seed 1), each at most 25 MB,
+    with a review threshold chosen for the members' disagreement."""
+    from brainseg_monai.uncertainty import MEMBERS_DICE
+
+    stored = json.loads(ENSEMBLE.read_text())
+    assert stored["members"] == ["model.pt", "model_seed1.pt"]
+    for member in stored["members"]:
+        assert (ENSEMBLE.parent / member).stat().st_size <= 25 * 2**20
+    network, spec = load_model(ENSEMBLE, "cpu")
+    assert spec.members == stored["members"] and spec.uncertainty["score"] == MEMBERS_DICE
+    assert spec.postprocessing == json.loads((MODEL.parent / MODEL_SIDECAR).read_text())["postprocessing"]
+    with torch.no_grad():
+        assert network(torch.zeros(1, 3, 256, 256)).shape == (1, 2, 256, 256)
+
+
+@pytest.mark.realdata
+def test_the_shipped_ensemble_segments_a_shared_patient_and_scores_its_members_disagreement(tmp_path: Path) -> None:
+    from brainseg_monai.uncertainty import MEMBERS_DICE
+
+    root = shared_path("lgg", "kaggle_3m")
+    patients = tmp_path / "patients"
+    patients.mkdir()
+    (patients / PATIENTS[0]).symlink_to(root / PATIENTS[0], target_is_directory=True)
+    rows = run_inference([patients], tmp_path / "pred", InferenceSettings(str(ENSEMBLE), device="cpu", progress=False))
+    assert rows[0]["status"] == "ok", rows
+    dice = evaluate_predictions(tmp_path / "pred", patients, source="lgg")["per_patient"][0]["dice"]
+    assert dice >= DICE_BAR
+    marker = json.loads((tmp_path / "pred" / PATIENTS[0] / "case.json").read_text())
+    assert marker["uncertainty_score"] == MEMBERS_DICE and 0.0 <= float(rows[0]["uncertainty"]) < 0.2
+    assert rows[0]["review"] in ("yes", "no")

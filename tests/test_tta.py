@@ -175,6 +175,15 @@ def test_an_ensemble_is_averaged_over_every_view_of_every_member(spatial_dims, m
     # the members disagree beyond what the views of one do
     one_spread = TTAPredictor(mode, spatial_dims).mean_and_spread(members[0], images)[1]
     assert spread.mean() > one_spread.mean()
+    # each member's own mean over the views, from the same forwards
+    counted = CountingFn(lambda x: torch.cat([m(x) for m in members], dim=1))
+    same_mean, same_spread, own = TTAPredictor(mode, spatial_dims, max_batch=max_batch,
+                                               members=3).mean_spread_and_members(counted, images)
+    assert counted.batch_sizes == single.batch_sizes and own.shape == (3, 3, *images.shape[2:])
+    torch.testing.assert_close(same_mean, mean, rtol=0, atol=0)
+    torch.testing.assert_close(same_spread, spread, rtol=0, atol=0)
+    for k in range(3):
+        torch.testing.assert_close(own[:, k : k + 1], views[k::3].mean(0), rtol=0, atol=1e-6)
 
 
 def test_an_ensemble_without_views_still_has_a_spread():

@@ -21,7 +21,8 @@ from brainseg_monai.inference.writers import (
     write_uncertainty_png,
 )
 from brainseg_monai.model import ModelSpec
-from brainseg_monai.uncertainty import RING_PIXELS, SCORE, case_score, needs_review, validate
+from brainseg_monai.uncertainty import EXPECTED_DICE as SCORE
+from brainseg_monai.uncertainty import MEMBERS_DICE, RING_PIXELS, case_score, members_score, needs_review, validate
 
 
 def _square(shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
@@ -95,6 +96,22 @@ def test_no_predicted_tumour_scores_the_chance_of_one() -> None:
     assert case_score(prob, mask, threshold=0.5) == pytest.approx(1 - 0.7 * 0.6)
 
 
+def test_an_ensembles_score_is_one_minus_its_members_mean_pairwise_dice() -> None:
+    a = _square((32, 32), 10, 20)  # 100 pixels
+    b = np.roll(a, 2, axis=0)  # 80 shared
+    assert members_score([a, b]) == pytest.approx(1 - 0.8)
+    c = np.zeros_like(a)
+    assert members_score([a, b, c]) == pytest.approx(1 - (0.8 + 0 + 0) / 3)
+    assert members_score([c, c]) == 0.0, "two members that both see nothing agree"
+    # slice folders: each member's slices pooled over the case
+    slices_a, slices_b = [a, np.zeros((16, 24), bool)], [b, _square((16, 24), 2, 6)]
+    assert members_score([slices_a, slices_b]) == pytest.approx(1 - 2 * 80 / (100 + 100 + 16))
+    with pytest.raises(ValueError, match="two or more"):
+        members_score([a])
+    with pytest.raises(ValueError, match="one shape"):
+        members_score([a, a[:16]])
+
+
 def test_shapes_must_agree_and_review_needs_a_threshold_of_this_score() -> None:
     with pytest.raises(ValueError, match="one shape"):
         case_score(np.zeros((4, 4)), np.zeros((4, 5), bool), 0.5)
@@ -103,6 +120,9 @@ def test_shapes_must_agree_and_review_needs_a_threshold_of_this_score() -> None:
     assert needs_review(0.05, {"review_above": 0.1, "score": SCORE}) is False
     with pytest.warns(UserWarning, match="chosen for another case score"):  # an earlier model.json's mean spread
         assert needs_review(0.9, {"review_above": 0.1}) is None
+    with pytest.warns(UserWarning, match="chosen for another case score"):  # a single model's, on an ensemble's
+        assert needs_review(0.9, {"review_above": 0.1, "score": SCORE}, MEMBERS_DICE) is None
+    assert needs_review(0.9, {"review_above": 0.1, "score": MEMBERS_DICE}, MEMBERS_DICE) is True
     with pytest.raises(ValueError, match="review_above"):
         ModelSpec(uncertainty={"review_above": 1.5})
 
@@ -183,7 +203,8 @@ def test_infer_writes_the_views_spread_and_the_case_score(tmp_path: Path, monkey
     with open(out / "summary.csv", newline="") as f:
         summary = next(csv.DictReader(f))
     assert float(summary["uncertainty"]) == pytest.approx(expected, abs=1e-4) and summary["review"] == flagged
-    assert json.loads((out / "case" / "case.json").read_text())["uncertainty"] == pytest.approx(expected, abs=1e-4)
+    marker = json.loads((out / "case" / "case.json").read_text())
+    assert marker["uncertainty"] == pytest.approx(expected, abs=1e-4) and marker["uncertainty_score"] == SCORE
 
 
 def test_volume_gets_an_uncertainty_map_on_the_mask_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

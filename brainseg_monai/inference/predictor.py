@@ -215,8 +215,9 @@ class Predictor:
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"``: how the forward runs, see :func:`fast_path`
             (``fast_path`` holds the one chosen).
         spread: also compute the standard deviation of the TTA views and members where there is more than one
-            (``self.spread`` says whether it is); False spares its sums and its resampling where only the
-            probability is used (tuning, the bundle's evaluation).
+            (``self.spread`` says whether it is), and for an ensemble each member's own probability (its mean over
+            the views; ``self.member_maps``), for the case's uncertainty; False spares their sums and their
+            resampling where only the probability is used (tuning, the bundle's evaluation).
 
     Raises:
         ValueError: for a ``batch_size`` below 1, an unknown ``precision``, or ``"bf16"`` on a device without
@@ -233,6 +234,10 @@ class Predictor:
         self.members = members_of(self.network)
         # one view of one model cannot disagree with itself: its zeros would read as certainty
         self.spread = bool(spread) and (tta != "none" or self.members > 1)
+        self.member_maps = self.spread and self.members > 1
+        #: maps per pixel: the probability, the spread (with :attr:`spread`), each member's probability (with
+        #: :attr:`member_maps`)
+        self.channels = 1 + self.spread + (self.members if self.member_maps else 0)
         self.tta, self.batch_size = tta, int(batch_size)
         roi = list(spec.roi_size)
         self.window = SlidingWindowInferer(roi_size=roi, sw_batch_size=self.batch_size, overlap=0.25, mode="gaussian")
@@ -258,16 +263,19 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) normalised images -> (B, 2, *spatial): the tumour probability (the mean of the TTA views
-        and ensemble members) and, with :attr:`spread`, their standard deviation (else (B, 1, *spatial)); all views of
-        the batch stacked into its forwards."""
+        """(B, C, *spatial) normalised images -> (B, :attr:`channels`, *spatial): the tumour probability (the mean
+        of the TTA views and ensemble members), with :attr:`spread` their standard deviation and with
+        :attr:`member_maps` each member's probability; all views of the batch stacked into its forwards."""
         spatial = images.shape[2:]
         pad = DivisiblePad(k=_DIVISOR, mode="constant")
         padded = torch.stack([pad(im) for im in images]) if any(s % _DIVISOR for s in spatial) else images
         tta = TTAPredictor(self.tta, self.spec.spatial_dims, self._forward_images(padded.shape[2:]),
                            self.fast_path.autocast, self.members)
         network_fn, inputs = self._network_fn(padded.shape[2:]), padded.to(self.device)
-        maps = torch.cat(tta.mean_and_spread(network_fn, inputs), dim=1) if self.spread else tta(network_fn, inputs)
+        if self.member_maps:
+            maps = torch.cat(tta.mean_spread_and_members(network_fn, inputs), dim=1)
+        else:
+            maps = torch.cat(tta.mean_and_spread(network_fn, inputs), dim=1) if self.spread else tta(network_fn, inputs)
         maps = maps.float().cpu()
         if maps.shape[2:] != spatial:
             starts = [(p - s) // 2 for p, s in zip(maps.shape[2:], spatial)]
@@ -281,19 +289,22 @@ class Predictor:
 
     def predict_case(self, loaded: LoadedCase) -> CasePrediction:
         """The probabilities and the spread of the TTA views (and ensemble members) of a case :func:`load_for_case`
-        read, on its input grid; the spread None without :attr:`spread`."""
+        read, on its input grid; the spread None without :attr:`spread`, the members' own None without
+        :attr:`member_maps`."""
         if loaded.slices is not None:
             maps = self.predict_slices(loaded.slices, loaded.images)
-            return CasePrediction([m[0] for m in maps], [m[1] for m in maps] if self.spread else None)
+            return CasePrediction([m[0] for m in maps], [m[1] for m in maps] if self.spread else None,
+                                  [m[2:] for m in maps] if self.member_maps else None)
         if loaded.data is not None:
             volume = self.predict_volume_3d(loaded.data, loaded.preprocessing)
         else:
             volume = self.predict_volume_by_slices(loaded.volume, loaded.source, resample=not loaded.planar)
-        return CasePrediction(volume[0], volume[1] if self.spread else None)
+        return CasePrediction(volume[0], volume[1] if self.spread else None, volume[2:] if self.member_maps else None)
 
     def predict_slices(self, images: Sequence[torch.Tensor], sources: Sequence[str]) -> list[np.ndarray]:
-        """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns a (2, x, y) array per
-        image: the probability and the TTA views' standard deviation (only the probability without :attr:`spread`)."""
+        """2D model over normalised (C, x, y) images; equal-sized ones are batched. Returns a (:attr:`channels`, x, y)
+        array per image: the probability, the TTA views' standard deviation and the members' probabilities (see
+        :meth:`predict_batch`)."""
         for image, source in zip(images, sources):
             self._check_channels(image, source)
         out: list[np.ndarray | None] = [None] * len(images)
@@ -305,8 +316,7 @@ class Predictor:
 
     def predict_volume_by_slices(self, volume: torch.Tensor, source: str, resample: bool = True) -> np.ndarray:
         """2D model over a raw (C, x, y, z) volume: each axial slice normalised as in training, slices batched.
-        Returns (2, x, y, z): the probability and the TTA views' standard deviation ((1, x, y, z) without
-        :attr:`spread`).
+        Returns (:attr:`channels`, x, y, z): the maps of :meth:`predict_batch`.
 
         A volume read with its affine (a MetaTensor) is first turned so that its last axis runs foot to head, with
         the in-plane layout of an axial DICOM slice and of a 2D image (MONAI ``Orientation`` to LPS, which leaves
@@ -340,12 +350,12 @@ class Predictor:
         return Spacing(pixdim=(float(target[0]), float(target[1]), 0.0), mode="bilinear", padding_mode="zeros")
 
     def _predict_axial_slices(self, volume: torch.Tensor, source: str) -> np.ndarray:
-        """2D model over the last axis of a (C, x, y, z) volume: (2, x, y, z) probability and spread (or (1, ...)).
+        """2D model over the last axis of a (C, x, y, z) volume: the (:attr:`channels`, x, y, z) maps.
 
         Slices outside the head hold only noise; z-scoring them per slice (as training does) would blow that noise
         up into texture the network was never shown, so they get probability 0 (see :func:`noise_only_slices`).
         """
-        maps = np.zeros((1 + self.spread, *volume.shape[1:]), dtype=np.float32)
+        maps = np.zeros((self.channels, *volume.shape[1:]), dtype=np.float32)
         noise = set(noise_only_slices(volume))
         keep = [z for z in range(volume.shape[-1]) if z not in noise]
         kept = volume[..., keep]
@@ -356,8 +366,8 @@ class Predictor:
         return maps
 
     def predict_volume_3d(self, data: dict, preprocessing: Any) -> np.ndarray:
-        """3D model: ``data`` from :func:`infer_transforms`; the (2, x, y, z) probability and spread (or (1, ...)) are
-        inverted back to the source grid."""
+        """3D model: ``data`` from :func:`infer_transforms`; the (:attr:`channels`, x, y, z) maps are inverted back to
+        the source grid."""
         image = data["image"]
         self._check_channels(image, str(image.meta.get("filename_or_obj", "")))
         maps = self.predict_batch(image[None])[0]
@@ -518,10 +528,12 @@ class LoadedCase:
 @dataclass
 class CasePrediction:
     """A case's tumour probabilities and the TTA views' standard deviation at each pixel on its input grid: one
-    (x, y) array per slice of a slice folder, else one (x, y, z) volume; ``spread`` is None without TTA."""
+    (x, y) array per slice of a slice folder, else one (x, y, z) volume; ``spread`` is None without TTA.
+    ``members``: an ensemble's members' own probabilities, (M, x, y) per slice or (M, x, y, z); None otherwise."""
 
     prob: np.ndarray | list[np.ndarray]
     spread: np.ndarray | list[np.ndarray] | None
+    members: np.ndarray | list[np.ndarray] | None = None
 
 
 def load_for_case(kind: str, images: Sequence[str], spec: ModelSpec, series: Sequence[DicomSeries] = (),

@@ -58,7 +58,7 @@ from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import LoadedCase, Predictor, load_for_case
 from brainseg_monai.io import ATOMIC_TEMPORARY, voxel_spacing, write_text_atomic
 from brainseg_monai.model import ModelSpec, load_model, model_files
-from brainseg_monai.uncertainty import case_score, needs_review
+from brainseg_monai.uncertainty import EXPECTED_DICE, MEMBERS_DICE, case_score, members_score, needs_review
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
     SegNotWritten,
@@ -196,14 +196,21 @@ class _CaseWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any]) -> dict:
-    """The summary's ``uncertainty`` (the case score) and ``review`` (yes/no; empty when the model has no threshold);
-    both empty with one view (``--tta none``, one model), whose probability is not what the score was validated on."""
+def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any],
+               member_masks: Sequence[Any] | None = None) -> dict:
+    """The summary's ``uncertainty`` (the case score: an ensemble's members' disagreement where their masks are
+    given, else the expected Dice) and ``review`` (yes/no; empty when the model has no threshold); both empty with
+    one view (``--tta none``, one model), whose probability is not what the score was validated on. With them
+    ``uncertainty_score``, the score's name, for ``case.json``."""
     if spread is None:
-        return {"uncertainty": "", "review": ""}
-    score = case_score(prob, masks, post.threshold)
-    flagged = needs_review(score, review)
-    return {"uncertainty": round(score, 5), "review": "" if flagged is None else ("yes" if flagged else "no")}
+        return {"uncertainty": "", "review": "", "uncertainty_score": ""}
+    if member_masks is not None:
+        score, name = members_score(member_masks), MEMBERS_DICE
+    else:
+        score, name = case_score(prob, masks, post.threshold), EXPECTED_DICE
+    flagged = needs_review(score, review, name)
+    return {"uncertainty": round(score, 5), "review": "" if flagged is None else ("yes" if flagged else "no"),
+            "uncertainty_score": name}
 
 
 def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: PostProcessing,
@@ -231,7 +238,10 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
             "tumour_voxels": voxels,
             "slices_with_tumour": int(sum(bool(m.any()) for m in masks)),
             "coverage_pct": round(100.0 * voxels / total, 4),
-            **_certainty(prediction.prob, prediction.spread, masks, post, review),
+            **_certainty(prediction.prob, prediction.spread, masks, post, review,
+                         None if prediction.members is None else
+                         [post.apply_to_slices([m[k] for m in prediction.members], case.images)
+                          for k in range(len(prediction.members[0]))]),
         }
     prob, spread = prediction.prob, prediction.spread
     affine = np.asarray(loaded.data["image"].meta["original_affine"] if loaded.data is not None
@@ -254,7 +264,8 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
             warnings.append(f"SEG not written: {err}")
     # a 2D image has no slice thickness, so no volume in ml
     stats = _volume_stats(mask, None if loaded.planar else voxel_spacing(affine))
-    return {**stats, **_certainty(prob, spread, mask, post, review), "warnings": "; ".join(warnings)}
+    member_masks = None if prediction.members is None else [post(member) for member in prediction.members]
+    return {**stats, **_certainty(prob, spread, mask, post, review, member_masks), "warnings": "; ".join(warnings)}
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping]) -> None:
@@ -857,7 +868,8 @@ def _run_case(case: Case, future: Future | None, job: _Job, started: float) -> t
         writer = _CaseWriter(job.out, case.case_id)
         values = _predict_case(case, prepared.loaded, job.predictor, job.post, writer)
         row = _row(case, "ok", seconds=round(time.perf_counter() - started, 3), **values)
-        writer.commit(row, case.inputs(), {"fingerprint": prepared.fingerprint, **_case_details(case, prepared.loaded)})
+        writer.commit(row, case.inputs(), {"fingerprint": prepared.fingerprint, **_case_details(case, prepared.loaded),
+                                           "uncertainty_score": values.get("uncertainty_score", "")})
         # why it was redone is this run's news: the marker's row, which a later --resume reports, does not repeat it
         return {**row, "warnings": "; ".join(filter(None, [prepared.note, row["warnings"]]))}, ""
     except BaseException as err:

@@ -166,10 +166,17 @@ class TTAPredictor:
             ValueError: When ``images`` does not have ``spatial_dims + 2`` dimensions, or ``network_fn`` returns a
                 shape other than ``(N, members, *spatial)`` for its ``N`` inputs.
         """
-        return self._average(network_fn, images, with_spread=True)  # type: ignore[return-value]
+        return self._average(network_fn, images, with_spread=True)[:2]  # type: ignore[return-value]
+
+    def mean_spread_and_members(self, network_fn: Callable[[torch.Tensor], torch.Tensor],
+                                images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`mean_and_spread`, and each member's own mean over the views, ``BMH[WD]``: where an ensemble's
+        members disagree (`brainseg_monai.uncertainty.members_score`); the views are run once for all three."""
+        return self._average(network_fn, images, with_spread=True, per_member=True)  # type: ignore[return-value]
 
     def _average(self, network_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 with_spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 with_spread: bool, per_member: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"images must have shape (B, C, *spatial) with {self.spatial_dims} spatial dims, "
@@ -183,17 +190,21 @@ class TTAPredictor:
             groups.setdefault(view.spatial_shape(spatial), []).append(view)
         total = torch.zeros((images.shape[0], 1, *spatial), dtype=torch.float32, device=images.device)
         total_sq = torch.zeros_like(total) if with_spread else None
+        members = (torch.zeros((images.shape[0], self.members, *spatial), dtype=torch.float32, device=images.device)
+                   if per_member else None)
         autocast = (torch.autocast(images.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             for shape, views in groups.items():
-                self._add_group(network_fn, images, views, shape, total, total_sq)
+                self._add_group(network_fn, images, views, shape, total, total_sq, members)
         count = len(self.views) * self.members
         mean = total / count
+        if members is not None:
+            members /= len(self.views)
         if total_sq is None:
-            return mean, None
+            return mean, None, members
         # E[p^2] - E[p]^2 can come out a rounding error below 0 where the views agree
-        return mean, (total_sq / count - mean * mean).clamp_(min=0).sqrt_()
+        return mean, (total_sq / count - mean * mean).clamp_(min=0).sqrt_(), members
 
     def _add_group(
         self,
@@ -203,9 +214,10 @@ class TTAPredictor:
         shape: tuple[int, ...],
         total: torch.Tensor,
         total_sq: torch.Tensor | None,
+        members: torch.Tensor | None = None,
     ) -> None:
         """Add the probabilities of ``views`` (all of the same view ``shape``) of every image, summed over the members,
-        to ``total``, and their squares to ``total_sq`` (unless None)."""
+        to ``total``, their squares to ``total_sq`` and each member's own to ``members`` (each unless None)."""
         n_images = images.shape[0]
         n_pairs = len(views) * n_images
         step = n_pairs if self.max_batch is None else self.max_batch
@@ -241,6 +253,8 @@ class TTAPredictor:
                     total[lo:hi] += prob.sum(1, keepdim=True)
                     if total_sq is not None:
                         total_sq[lo:hi] += (prob * prob).sum(1, keepdim=True)
+                if members is not None:
+                    members[lo:hi] += prob
                 offset += hi - lo
 
 
