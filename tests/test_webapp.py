@@ -154,7 +154,7 @@ def test_good_slice_with_truth_gives_known_mask_and_metrics(client: TestClient, 
     assert set(files) == {"case7_pred.png", "case7_unc.png", "overlay.png", "uncertainty.png"}
     # the views' disagreement: a layer to show over the slice, its file, and the case's score
     assert result["slices"][0]["unc"].startswith("data:image/png;base64,")
-    assert 0.0 <= result["stats"]["uncertainty"] <= 1.0
+    assert 0.0 <= result["stats"]["uncertainty"] <= 1.0 and result["stats"]["uncertainty_score"] == "1 - expected Dice"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(files["case7_pred.png"]))), mask)
     red = np.asarray(Image.open(io.BytesIO(decode(result["slices"][0]["pred"]))))[..., 0]
     np.testing.assert_array_equal(red, mask)  # shown rows x columns as uploaded

@@ -160,6 +160,7 @@ def test_browser_shipped_model_on_an_lgg_patient(tmp_path: Path) -> None:
         assert stat_row(page, "Post-processing") == "largest component kept (a patient's numbered slices as one stack)"
         # how sure the model is: the case score, the flag from the model's review threshold, and the map on request
         assert 0.0 < float(stat_row(page, "Uncertainty").split()[0]) < 1.0
+        assert stat_row(page, "Uncertainty").endswith("(1 - expected Dice)")  # the score's name, as the model scores
         assert stat_row(page, "Review") in ("no", "yes: the model is less sure of this mask than usual, check it")
         plain = page.evaluate("() => document.getElementById('view').toDataURL()")
         page.check("#showunc")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from skimage.segmentation import find_boundaries
 
 from brainseg_monai.errors import InputError
 from brainseg_monai.inference.outputs import (
+    CASE_MARKER,
     OVERLAY,
     SEG,
     SLICE_SPREAD_SUFFIX,
@@ -120,10 +122,13 @@ def _binary(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
     return values
 
 
-def _stats(row: Mapping[str, Any]) -> dict:
+def _stats(row: Mapping[str, Any], case_dir: Path) -> dict:
+    """The summary row's figures, with the name of the case score (from ``case.json``: an ensemble's differs)."""
     keys = ("tumour_voxels", "tumour_ml", "slices_with_tumour", "coverage_pct", "uncertainty")
     stats: dict[str, Any] = {k: float(row[k]) if "." in str(row[k]) else int(row[k]) for k in keys
                              if str(row.get(k, "")) != ""}
+    if "uncertainty" in stats:
+        stats["uncertainty_score"] = json.loads((case_dir / CASE_MARKER).read_text()).get("uncertainty_score", "")
     if row.get("review"):
         stats["review"] = row["review"]
     return stats
@@ -162,7 +167,7 @@ def case_view(
     Raises:
         InputError: when a truth mask does not match its image's shape.
     """
-    stats = _stats(row)
+    stats = _stats(row, case_dir)
     if kind == "slices":
         # no area in mm^2: TIF/PNG/JPG/BMP slices hold no scanner pixel size (a dpi tag, if any, is a print setting)
         preds, refs, layers = [], [], []
