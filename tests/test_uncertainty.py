@@ -266,3 +266,26 @@ def test_a_slice_folder_of_mixed_sizes_is_scored(tmp_path: Path, monkeypatch: py
     assert rows[0]["status"] == "ok", rows
     assert 0.0 < float(rows[0]["uncertainty"]) <= 1.0
     assert {p.name for p in (tmp_path / "pred" / "case").glob("*_unc.png")} == {"s_1_unc.png", "s_2_unc.png"}
+
+
+def test_resume_scores_again_a_case_scored_by_an_earlier_definition(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summary must not mix two meanings of ``uncertainty``: a case finished before the score changed is redone."""
+    import brainseg_monai.inference.runner as runner
+
+    spec = ModelSpec(spatial_dims=2, in_channels=1, roi_size=[32, 32], channels=["image"])
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, device: (_Ramp().eval(), spec))
+    folder = tmp_path / "case"
+    folder.mkdir()
+    image = np.random.default_rng(3).integers(10, 200, size=(32, 32)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "s_1.png"))
+    settings = InferenceSettings("unused.pt", tta="dihedral", threshold=0.6, progress=False, device="cpu")
+    run_inference([folder], tmp_path / "pred", settings)
+    marker_path = tmp_path / "pred" / "case" / "case.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["fingerprint"]["settings"]["case_scores"]  # as an earlier version recorded it
+    marker_path.write_text(json.dumps(marker))
+    settings.resume = True
+    rows = run_inference([folder], tmp_path / "pred", settings)
+    assert rows[0]["status"] == "ok" and "settings changed" in rows[0]["warnings"]
+    assert json.loads(marker_path.read_text())["fingerprint"]["settings"]["case_scores"] == [SCORE, MEMBERS_DICE]

@@ -740,10 +740,11 @@ def _model_fingerprint(checkpoint: str, spec: ModelSpec) -> dict:
 
 def _settings_fingerprint(settings: InferenceSettings, post: PostProcessing, roles: InputRoles) -> dict:
     """The settings that change a case's outputs: TTA, the forward's precision, the post-processing applied
-    (threshold included) and how inputs become channels (``--channel``, ``--series-rules``). Device and batch size
-    do not."""
+    (threshold included), how inputs become channels (``--channel``, ``--series-rules``) and the case scores'
+    names (a case scored by an earlier definition is scored again). Device and batch size do not."""
     return {"tta": settings.tta, "precision": settings.precision, "postprocessing": post.to_dict(),
-            "channels": dict(roles.overrides), "series_rules": asdict(roles.rules)}
+            "channels": dict(roles.overrides), "series_rules": asdict(roles.rules),
+            "case_scores": [EXPECTED_DICE, MEMBERS_DICE]}
 
 
 #: what ``--resume`` compares of each part of a fingerprint: contents, not paths or times (a copied or touched file
