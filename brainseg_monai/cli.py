@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fraction", type=float, metavar="F",
                    help="keep the tumour components whose probability mass (sum of probabilities) is at least F of "
                         "the heaviest one's, 0 < F <= 1, instead of the largest alone: a small tumour the model is "
-                        "sure of survives a larger, fainter false positive (default: the model's setting; the "
-                        "shipped model: none)")
+                        "sure of survives a larger, fainter false positive; 0 keeps every component (default: the "
+                        "model's setting; the shipped model: none)")
     p.add_argument("--stack-slices", action=argparse.BooleanOptionalAction,
                    help="post-process the numbered slices of one patient (<patient>_<n>.tif, as in an LGG folder) as "
                         "one stacked volume: components, --min-size and --open-above count voxels of the stack "

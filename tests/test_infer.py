@@ -707,3 +707,28 @@ def test_untrusted_refuses_a_header_naming_a_file_outside_its_input_before_readi
     # trusted (the default) it is read as any other file; a lone file of the folder passes the check on its own
     assert {r["status"] for r in run_inference([inbox], tmp_path / "trusted", infer_settings())} == {"ok"}
     assert run_inference([image], tmp_path / "alone", infer_settings(untrusted=True))[0]["status"] == "ok"
+
+
+def test_component_flags_replace_a_stored_keep_fraction(tmp_path: Path) -> None:
+    """A model tuned to keep components by probability mass: --keep-largest and --keep-fraction 0 replace that
+    choice (they crashed or were ignored once), and asking for both ways at once is refused by name."""
+    checkpoint = untrained_one_channel_model(tmp_path / "model")
+    sidecar = checkpoint.parent / MODEL_SIDECAR
+    spec = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**spec, "postprocessing": {"threshold": 0.5, "keep_fraction": 0.3}}))
+    image = tmp_path / "in" / "slice.png"
+    image.parent.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)),
+                    str(image))
+    expected = {None: (False, 0.3), (True, None): (True, None), (None, 0.0): (False, None), (None, 0.5): (False, 0.5)}
+    for k, (flags, (largest, fraction)) in enumerate(expected.items()):
+        keep_largest, keep_fraction = flags or (None, None)
+        out = tmp_path / f"pred{k}"
+        rows = run_inference([image], out, InferenceSettings(str(checkpoint), tta="none", progress=False, device="cpu",
+                                                             keep_largest=keep_largest, keep_fraction=keep_fraction))
+        assert rows[0]["status"] == "ok", rows
+        post = json.loads((out / rows[0]["case"] / "case.json").read_text())["fingerprint"]["settings"]["postprocessing"]
+        assert (post["keep_largest"], post["keep_fraction"]) == (largest, fraction), flags
+    with pytest.raises(ValueError, match="set one"):
+        run_inference([image], tmp_path / "both", InferenceSettings(str(checkpoint), tta="none", progress=False,
+                                                                    device="cpu", keep_largest=True, keep_fraction=0.3))

@@ -396,6 +396,6 @@ def test_tuned_threshold_is_what_infer_applies(tmp_path: Path) -> None:
     for candidate in tuned["postprocessing_candidates"]:
         run_inference([str(data)], tmp_path / "forced", InferenceSettings(
             checkpoint=str(checkpoint), tta="none", device="cpu", progress=False, threshold=candidate["threshold"],
-            **candidate["settings"]))
+            **{**candidate["settings"], "keep_fraction": candidate["settings"]["keep_fraction"] or 0}))
         forced = evaluate_predictions(tmp_path / "forced", tmp_path / "run" / "datalist.json")
         assert forced["summary"]["patient_dice_mean"] == pytest.approx(candidate["dice"], abs=1e-3), candidate

@@ -103,7 +103,8 @@ class InferenceSettings:
     min_size: int | None = None
     open_above: int | None = None
     keep_largest: bool | None = None
-    #: keep the components of at least this fraction of the heaviest one's probability mass (``PostProcessing``)
+    #: keep the components of at least this fraction of the heaviest one's probability mass (``PostProcessing``);
+    #: 0 keeps every component
     keep_fraction: float | None = None
     stack_slices: bool | None = None
     channels: Mapping[str, str] | None = None
@@ -553,9 +554,14 @@ def _run(inputs: Sequence[str | os.PathLike], out: Path, settings: InferenceSett
     overrides = {"threshold": settings.threshold, "min_size": settings.min_size, "open_above": settings.open_above,
                  "keep_largest": settings.keep_largest, "keep_fraction": settings.keep_fraction,
                  "stack_slices": settings.stack_slices}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # the way of choosing components asked for replaces the model's: --keep-fraction, --keep-largest, or
+    # --keep-fraction 0 (every component, as "the threshold alone" among tuning's candidates)
     if settings.keep_fraction is not None and settings.keep_largest is None:
-        overrides["keep_largest"] = False  # the one asked for replaces the model's way of choosing components
-    post = PostProcessing.from_dict({**post.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        overrides["keep_largest"] = False
+    if (settings.keep_largest and settings.keep_fraction is None) or settings.keep_fraction == 0:
+        overrides["keep_fraction"] = None
+    post = PostProcessing.from_dict({**post.to_dict(), **overrides})
     predictor = Predictor(network, spec, device, tta=settings.tta, batch_size=settings.batch_size, copy_network=False,
                           precision=settings.precision)
     roles = InputRoles.of(spec, settings.channels, settings.series_rules)
