@@ -298,15 +298,14 @@ class BatchAugment:
         axes = tuple(range(2, chosen.ndim))
         low = chosen.amin(axes, keepdim=True)
         span = (chosen.amax(axes, keepdim=True) - low).clamp_min(1e-6)
-        mean, std = chosen.mean(axes, keepdim=True), chosen.std(axes, keepdim=True)
+        mean, std = chosen.mean(axes, keepdim=True), chosen.std(axes, keepdim=True, correction=0)
         unit = (chosen - low) / span
         lo, hi = (math.log(v) for v in self.gamma_range)
         power = torch.exp(lo + torch.rand(len(index), channels) * (hi - lo)) ** gamma[index].float().unsqueeze(1)
         unit = unit.clamp_min(0) ** power.to(unit).view(*power.shape, *(1,) * len(axes))
         unit = unit * self._bias_fields(field[index], chosen.shape[2:], unit)
-        changed = low + unit * span
-        spread = changed.std(axes, keepdim=True).clamp_min(1e-6)
-        image[index.to(image.device)] = ((changed - changed.mean(axes, keepdim=True)) / spread * std + mean).to(image)
+        changed = zscore(low + unit * span, where=torch.ones_like(chosen, dtype=torch.bool))
+        image[index.to(image.device)] = (changed * std + mean).to(image)
 
     def _bias_fields(self, chosen: torch.Tensor, size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """(m, 1, *size) multiplicative fields, smooth in the slice plane (the first two spatial axes): ``exp`` of a

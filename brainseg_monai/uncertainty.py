@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
-__all__ = ["EXPECTED_DICE", "MEMBERS_DICE", "RING_PIXELS", "case_score", "members_score", "needs_review", "validate"]
+__all__ = ["EXPECTED_DICE", "MEMBERS_DICE", "RING_PIXELS", "SCORES", "case_score", "members_score", "needs_review", "validate"]
 
 #: width (pixels, in-plane) of the band around the predicted tumour and the views' doubt that the case score includes
 RING_PIXELS = 2
@@ -40,6 +40,8 @@ RING_PIXELS = 2
 #: (a model.json before them, whose ``review_above`` was a mean spread) is not applied
 EXPECTED_DICE = "1 - expected Dice"
 MEMBERS_DICE = "1 - members' Dice"
+#: every case score's name: a case scored under other names is scored again on ``--resume``
+SCORES = (EXPECTED_DICE, MEMBERS_DICE)
 
 
 def _planes(values: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -70,19 +72,21 @@ def case_score(prob: np.ndarray | Sequence[np.ndarray], mask: np.ndarray | Seque
     if [a.shape for a in probs] != [m.shape for m in masks]:
         raise ValueError(f"prob and mask must have one shape but have {[a.shape for a in probs]} and "
                          f"{[m.shape for m in masks]}.")
+    masks = [m.astype(bool) for m in masks]
+    predicted = sum(int(m.sum()) for m in masks)
     ring = np.ones((2 * RING_PIXELS + 1,) * 2, dtype=bool)
-    overlap = mass = predicted = log_none = 0.0
+    overlap = mass = log_none = 0.0
     for p, m in zip(probs, masks):
-        m = m.astype(bool)
         seed = m | (p > threshold / 2)
         if not seed.any():
             continue
         region = ndimage.binary_dilation(seed, structure=ring)
         inside = np.clip(p[region].astype(np.float64), 0.0, 1.0)
-        overlap += float(inside[m[region]].sum())
-        mass += float(inside.sum())
-        predicted += float(m.sum())
-        log_none += float(np.log1p(-np.minimum(inside, 1.0 - 1e-12)).sum())
+        if predicted:
+            overlap += float(inside[m[region]].sum())
+            mass += float(inside.sum())
+        else:
+            log_none += float(np.log1p(-np.minimum(inside, 1.0 - 1e-12)).sum())
     if predicted:
         return 1.0 - 2.0 * overlap / (mass + predicted)
     return float(-np.expm1(log_none))  # no mask: the chance that some voxel of the region is tumour

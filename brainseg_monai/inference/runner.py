@@ -58,7 +58,7 @@ from brainseg_monai.inference.postprocess import PostProcessing
 from brainseg_monai.inference.predictor import LoadedCase, Predictor, load_for_case
 from brainseg_monai.io import ATOMIC_TEMPORARY, voxel_spacing, write_text_atomic
 from brainseg_monai.model import ModelSpec, load_model, model_files
-from brainseg_monai.uncertainty import EXPECTED_DICE, MEMBERS_DICE, case_score, members_score, needs_review
+from brainseg_monai.uncertainty import EXPECTED_DICE, MEMBERS_DICE, SCORES, case_score, members_score, needs_review
 from brainseg_monai.untrusted import check_detached_data
 from brainseg_monai.inference.writers import (
     SegNotWritten,
@@ -197,6 +197,16 @@ class _CaseWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _member_masks(members: Any, post: PostProcessing, images: Sequence[str] | None) -> list | None:
+    """Each ensemble member's own masks, post-processed as the ensemble's (slices of a folder with their ``images``,
+    else one volume each); None for a single model."""
+    if members is None:
+        return None
+    if images is None:
+        return [post(member) for member in members]
+    return [post.apply_to_slices([maps[k] for maps in members], images) for k in range(len(members[0]))]
+
+
 def _certainty(prob: Any, spread: Any, masks: Any, post: PostProcessing, review: Mapping[str, Any],
                member_masks: Sequence[Any] | None = None) -> dict:
     """The summary's ``uncertainty`` (the case score: an ensemble's members' disagreement where their masks are
@@ -240,9 +250,7 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
             "slices_with_tumour": int(sum(bool(m.any()) for m in masks)),
             "coverage_pct": round(100.0 * voxels / total, 4),
             **_certainty(prediction.prob, prediction.spread, masks, post, review,
-                         None if prediction.members is None else
-                         [post.apply_to_slices([m[k] for m in prediction.members], case.images)
-                          for k in range(len(prediction.members[0]))]),
+                         _member_masks(prediction.members, post, case.images)),
         }
     prob, spread = prediction.prob, prediction.spread
     affine = np.asarray(loaded.data["image"].meta["original_affine"] if loaded.data is not None
@@ -265,7 +273,7 @@ def _predict_case(case: Case, loaded: LoadedCase, predictor: Predictor, post: Po
             warnings.append(f"SEG not written: {err}")
     # a 2D image has no slice thickness, so no volume in ml
     stats = _volume_stats(mask, None if loaded.planar else voxel_spacing(affine))
-    member_masks = None if prediction.members is None else [post(member) for member in prediction.members]
+    member_masks = _member_masks(prediction.members, post, None)
     return {**stats, **_certainty(prob, spread, mask, post, review, member_masks), "warnings": "; ".join(warnings)}
 
 
@@ -750,7 +758,7 @@ def _settings_fingerprint(settings: InferenceSettings, post: PostProcessing, rol
     names (a case scored by an earlier definition is scored again). Device and batch size do not."""
     return {"tta": settings.tta, "precision": settings.precision, "postprocessing": post.to_dict(),
             "channels": dict(roles.overrides), "series_rules": asdict(roles.rules),
-            "case_scores": [EXPECTED_DICE, MEMBERS_DICE]}
+            "case_scores": list(SCORES)}
 
 
 #: what ``--resume`` compares of each part of a fingerprint: contents, not paths or times (a copied or touched file
